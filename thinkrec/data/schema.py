@@ -1,0 +1,111 @@
+"""Every table's columns, defined once. Stages import names from here, never spell them."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# -- column names ---------------------------------------------------------------------------------
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+RAW_USER_ID = "raw_user_id"
+RAW_ITEM_ID = "raw_item_id"
+RATING = "rating"
+LABEL = "label"
+TIMESTAMP = "timestamp"
+SPLIT = "split"
+HISTORY_ITEMS = "history_items"
+HISTORY_LABELS = "history_labels"
+NOT_COLD = "not_cold"
+TITLE = "title"
+KEYWORDS = "keywords"
+GROUP = "group"
+SCORE = "score"
+P_YES = "p_yes"
+GATE = "gate"
+VERSION = "version"
+CF_SCORE = "cf_score"
+REASONING = "reasoning"
+TEACHER = "teacher"
+EXPLANATION = "explanation"
+
+SPLITS = ("train", "valid", "test")
+
+# -- table schemas (under the output root) --------------------------------------------------------
+INTERACTIONS = pa.schema(
+    [
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (RATING, pa.float32()),
+        (LABEL, pa.int8()),
+        (TIMESTAMP, pa.int64()),
+        (SPLIT, pa.string()),
+        (HISTORY_ITEMS, pa.list_(pa.int64())),
+        (HISTORY_LABELS, pa.list_(pa.int8())),
+        (NOT_COLD, pa.bool_()),
+    ]
+)
+"""prepare/interactions: one row per (user, item, time) sample, with its history and split."""
+
+ITEMS = pa.schema(
+    [
+        (ITEM_ID, pa.int64()),
+        (RAW_ITEM_ID, pa.string()),
+        (TITLE, pa.string()),
+        (KEYWORDS, pa.list_(pa.string())),
+    ]
+)
+"""prepare/items: remapped id, original id, title and keywords."""
+
+USERS = pa.schema([(USER_ID, pa.int64()), (RAW_USER_ID, pa.string())])
+"""prepare/users: remapped id and original id."""
+
+CF_SCORES = pa.schema(
+    [
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (LABEL, pa.int8()),
+        (SPLIT, pa.string()),
+        (CF_SCORE, pa.float32()),
+    ]
+)
+"""cf/scores: the CF model's logit for each valid/test sample."""
+
+REASONING_TABLE = pa.schema(
+    [
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (TIMESTAMP, pa.int64()),
+        (LABEL, pa.int8()),
+        (REASONING, pa.string()),
+        (TEACHER, pa.string()),
+    ]
+)
+"""reason/traces: a reasoning trace for each hard training sample."""
+
+SCORES = pa.schema(
+    [
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (LABEL, pa.int8()),
+        (SCORE, pa.float32()),
+        (P_YES, pa.float32()),
+        (GATE, pa.string()),
+        (VERSION, pa.string()),
+    ]
+)
+"""score/scores: the Yes logit, P(Yes) over {Yes, No}, the adapter or mixture used, model version.
+``label`` is null when the candidate table has none."""
+
+EXPLANATIONS = pa.schema(
+    [
+        (USER_ID, pa.int64()),
+        (ITEM_ID, pa.int64()),
+        (LABEL, pa.int8()),
+        (EXPLANATION, pa.string()),
+        (REASONING, pa.string()),
+    ]
+)
+"""explain/explanations: generated text, with the reference reasoning when one exists."""
+
+CANDIDATE_COLUMNS = (USER_ID, ITEM_ID)
+"""Required columns of a candidate table; ``label`` is optional."""

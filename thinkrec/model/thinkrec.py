@@ -1,0 +1,175 @@
+"""The ThinkRec LLM pieces shared by training and scoring: CF tables, the CF-token projector,
+batching of encoded prompts, and the forward pass that reads only the positions it needs.
+
+CF tokens (CoLLM lineage): frozen CF embeddings of the user, the target item and each history item
+are mapped by Linear(d, 10d) -> ReLU -> Linear(10d, hidden) and written over the placeholder token
+embeddings right after the embedding layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from thinkrec.model.base import decoder_and_head
+from thinkrec.model.prompt import CF_ITEM, CF_USER, Encoded
+
+ADAPTERS = "adapters"
+GLOBAL = "global"
+PROJECTOR = "projector.safetensors"
+FUSION = "fusion.json"
+
+
+def expert_name(group: int) -> str:
+    return f"expert-{group}"
+
+
+class CFProjector(nn.Module):
+    def __init__(self, cf_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.cf_dim, self.hidden_size = cf_dim, hidden_size
+        self.net = nn.Sequential(
+            nn.Linear(cf_dim, 10 * cf_dim), nn.ReLU(), nn.Linear(10 * cf_dim, hidden_size)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (n, H)
+        return self.net(x)
+
+    def save(self, path: str) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, path, metadata={"cf_dim": str(self.cf_dim), "hidden_size": str(self.hidden_size)})
+
+    @classmethod
+    def load(cls, path: str) -> CFProjector:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        proj = cls(int(meta["cf_dim"]), int(meta["hidden_size"]))
+        proj.load_state_dict(load_file(path))
+        return proj
+
+
+@dataclass
+class CFTable:
+    """Frozen CF embeddings, row 0 = padding / unknown (zeros)."""
+
+    user: torch.Tensor  # (U+1, d)
+    item: torch.Tensor  # (I+1, d)
+
+    @property
+    def dim(self) -> int:
+        return int(self.user.shape[1])
+
+    @classmethod
+    def load(cls, path: str) -> CFTable:
+        t = load_file(path)
+        return cls(t["user"].float(), t["item"].float())
+
+    def save(self, path: str) -> None:
+        save_file({"user": self.user.contiguous(), "item": self.item.contiguous()}, path)
+
+    def lookup(self, kinds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) kinds and ids -> (n, d). Ids beyond the table (unknown) read the zero row."""
+        out = torch.zeros(len(ids), self.dim, dtype=self.user.dtype)
+        for kind, table in ((CF_USER, self.user), (CF_ITEM, self.item)):
+            m = kinds == kind
+            if m.any():
+                idx = ids[m].clamp(min=0)
+                idx = torch.where(idx < len(table), idx, torch.zeros_like(idx))
+                out[m] = table[idx]
+        return out
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids with CF slot coordinates."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    lengths: torch.Tensor  # (B,)
+    cf_row: torch.Tensor  # (n,) batch row of each CF slot
+    cf_col: torch.Tensor  # (n,) position of each CF slot
+    cf_kind: torch.Tensor  # (n,)
+    cf_id: torch.Tensor  # (n,)
+
+
+def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
+    lengths = torch.tensor([len(e.ids) for e in encoded])
+    T = int(lengths.max())
+    ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    rows, cols, kinds, cids = [], [], [], []
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+        rows += [i] * len(e.cf_pos)
+        cols += e.cf_pos
+        kinds += e.cf_kind
+        cids += e.cf_id
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(ids, mask, lengths, as_long(rows), as_long(cols), as_long(kinds), as_long(cids))
+
+
+def input_embeddings(
+    model: Any, batch: Batch, cf: CFTable | None = None, projector: CFProjector | None = None
+) -> torch.Tensor:
+    """Token embeddings with CF slots overwritten by projected CF embeddings. (B, T, H)"""
+    embed = model.get_input_embeddings()
+    ids = batch.input_ids.clamp(max=embed.num_embeddings - 1).to(embed.weight.device)
+    x = embed(ids)  # (B, T, H)
+    if projector is not None and cf is not None and len(batch.cf_row):
+        vec = cf.lookup(batch.cf_kind, batch.cf_id).to(
+            device=x.device, dtype=next(projector.parameters()).dtype
+        )
+        proj = projector(vec).to(x.dtype)  # (n, H)
+        x = x.index_put((batch.cf_row.to(x.device), batch.cf_col.to(x.device)), proj)
+    return x
+
+
+def hidden_states(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
+    """Run the transformer body only (no vocabulary projection). Returns the body's output."""
+    body, _ = decoder_and_head(model)
+    return body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)
+
+
+def logits_at(model: Any, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits at selected positions only: (n, V). The full (B, T, V) tensor is never built."""
+    _, head = decoder_and_head(model)
+    return head(hidden[rows, cols])
+
+
+def yes_no_scores(logits: torch.Tensor, yes_id: int, no_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score = Yes logit, P(Yes) over {Yes, No}) from answer-position logits (n, V)."""
+    yes, no = logits[:, yes_id].float(), logits[:, no_id].float()
+    return yes, torch.sigmoid(yes - no)
+
+
+def save_fusion(
+    path: str, prototypes: torch.Tensor, fusion_cfg: Any, groups: list[str], extra: dict[str, Any]
+) -> None:
+    doc = {
+        "tau": fusion_cfg.tau,
+        "single_base": fusion_cfg.single_base,
+        "single_per_group": fusion_cfg.single_per_group,
+        "entropy_frac": fusion_cfg.entropy_frac,
+        "experts": groups,
+        "prototypes": prototypes.tolist(),
+        **extra,
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def load_fusion(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
