@@ -63,10 +63,12 @@ def build_user_samples(
 ) -> pd.DataFrame:
     """One user's rows -> samples with split and history. Duplicated (item, timestamp) rows are kept
     once; the copies get a ``duplicate`` reason. Runs inside Ray Data's map_groups."""
-    g = group.sort_values([S.TIMESTAMP, S.RAW_ITEM_ID], kind="stable").reset_index(drop=True)
-    dup = g.duplicated([S.RAW_ITEM_ID, S.TIMESTAMP], keep="first").to_numpy()
+    # Order within a second by the remapped item id, so "the last N" is well defined under ties.
+    g = group.assign(_item=group[S.RAW_ITEM_ID].map(item_map))
+    g = g.sort_values([S.TIMESTAMP, "_item"], kind="stable").reset_index(drop=True)
+    dup = g.duplicated(["_item", S.TIMESTAMP], keep="first").to_numpy()
     ts = g[S.TIMESTAMP].to_numpy(np.int64)
-    items = g[S.RAW_ITEM_ID].map(item_map).to_numpy(np.int64)
+    items = g["_item"].to_numpy(np.int64)
     labels = (g[S.RATING].to_numpy() >= threshold).astype(np.int8)
     keep = ~dup
     kts, kitems, klabels = ts[keep], items[keep], labels[keep]
@@ -115,6 +117,7 @@ def run(cfg: Config) -> dict[str, Any]:
         df.loc[unknown, REASON] = ml.UNKNOWN_ITEM
         return df
 
+    # Whitespace-only lines carry no data; Ray Data's text reader skips them.
     parsed = ray.data.read_text(inter_path).map_batches(parse, batch_format="pandas").materialize()
     ok = parsed.filter(lambda r: r[REASON] is None)
     users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
