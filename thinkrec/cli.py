@@ -23,6 +23,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "explain": ("thinkrec.scoring.explain:run", "generate explanations for sampled test rows -> explain/"),
     "evaluate": ("eval.report:run", "metrics, plots and the report -> report/"),
     "pipeline": ("thinkrec.pipeline:run", "every stage above, in order, skipping finished work"),
+    "ablation": (
+        "thinkrec.ablation:run",
+        "TALLRec / CoLLM / ThinkRec-without-experts / ThinkRec on one split",
+    ),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "scoring": (

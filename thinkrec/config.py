@@ -112,18 +112,37 @@ class CFConfig:
     dim: int = Field(64, ge=2)
     """Embedding size (the paper's MF uses 256; the demo uses 64)."""
     epochs: int = Field(20, ge=1)
+    """Training epochs; the epoch with the best validation AUC is kept."""
     batch_size: int = Field(1024, ge=1)
+    """Global batch size, split evenly over the workers."""
     lr: float = Field(1e-2, gt=0)
+    """AdamW learning rate."""
     weight_decay: float = Field(1e-4, ge=0)
+    """AdamW (decoupled) weight decay."""
     num_workers: int = Field(2, ge=1)
+    """Ray Train workers (DDP over gloo on CPU)."""
+    bias: bool = False
+    """Add user, item and global biases to <u, i> (the reference MF has none); saved beside the
+    embeddings in cf/model/bias.safetensors."""
+    max_failures: int = Field(2, ge=0)
+    """Times Ray Train restarts the workers from the last checkpoint after a worker fails."""
 
 
 @dataclass(config=_STRICT)
 class ReasonConfig:
-    teacher: Literal["grounded"] = "grounded"
-    """``grounded``: a rationale written from the user's history, labels and keywords (no LLM)."""
+    teacher: str = Field("grounded", min_length=1)
+    """A registered teacher name (``grounded``: a rationale written from the user's history, labels
+    and keywords, no LLM) or ``package.module:Class`` for a teacher class outside thinkrec."""
     max_traces: int = Field(2000, ge=0)
     """Upper bound on hard samples given a trace."""
+    model: str = ""
+    """Model id or path for an LLM teacher (unused by ``grounded``)."""
+    batch_size: int = Field(64, ge=1)
+    """Rows per teacher call (Ray Data map_batches batch size)."""
+    concurrency: int = Field(1, ge=1)
+    """Teacher actors (each loads its model once)."""
+    num_gpus_per_actor: float = Field(0, ge=0)
+    """GPUs per teacher actor (an LLM teacher on a GPU cluster)."""
 
 
 @dataclass(config=_STRICT)
@@ -169,6 +188,13 @@ class TrainConfig:
     selection: tuple[float, float] = (0.25, 1 / 3)
     """Validation score = a * AUC + b * UAUC (reference code: AUC/4 + UAUC/3)."""
     max_valid_samples: int = Field(512, ge=1)
+    use_gpu: bool = False
+    """One GPU per Ray Train worker (NCCL; bf16 under DeepSpeed). False: CPU workers over gloo."""
+    max_failures: int = Field(2, ge=0)
+    """Worker-group restarts from the last checkpoint before a training phase fails."""
+    fail_at_step: int | None = Field(None, ge=1)
+    """Chaos-test hook: in the global phase, the last worker exits its process once at this
+    optimizer step (never after a resume). Leave unset outside fault-tolerance tests."""
 
 
 @dataclass(config=_STRICT)
@@ -201,6 +227,35 @@ class ScoreConfig:
     max_mixtures: int = Field(8, ge=1)
     """vLLM: pre-merged exact mixtures kept (weights quantised to mixture_step)."""
     mixture_step: float = Field(0.1, gt=0, le=0.5)
+    """vLLM: grid of the mixture weights; 1 / mixture_step must be an integer so grid points sum to 1."""
+    block_rows: int = Field(1024, ge=1)
+    """Rows handed to one prompt-builder or scorer call; a user's candidates share one prefix pass
+    only within a call, so keep it well above the candidates per user."""
+    prompt_concurrency: int = Field(1, ge=1)
+    """Prompt-builder actors (CPU: tokenization, histories, gates)."""
+    prompt_cpus: float = Field(0.5, gt=0)
+    """CPUs reserved per prompt-builder actor."""
+    shards_per_wave: int = Field(64, ge=1)
+    """Output shards written per pass over the candidates; a resubmitted job resumes at wave granularity."""
+    torch_threads: int = Field(0, ge=0)
+    """Intra-op threads per scorer on CPU (0: torch's default, Ray sets it from the actor's num_cpus)."""
+    vllm_max_model_len: int | None = Field(None, ge=16)
+    """vLLM: longest prompt + 1 answer token. None: the model's own maximum."""
+    vllm_kv_cache_gib: float | None = Field(None, gt=0)
+    """vLLM: KV cache size in GiB (CPU backend: host memory). None: vLLM's default share of memory."""
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vLLM: share of accelerator memory the engine may use (ignored when vllm_kv_cache_gib is set)."""
+    vllm_max_loras: int | None = Field(None, ge=1)
+    """vLLM: adapters resident in one batch. None: all adapters plus max_mixtures."""
+    vllm_enforce_eager: bool = False
+    """vLLM: skip CUDA graphs / compilation (faster start, slower steady state)."""
+
+    @model_validator(mode="after")
+    def _mixture_grid(self) -> ScoreConfig:
+        units = 1 / self.mixture_step
+        if abs(units - round(units)) > 1e-6:
+            raise ValueError(f"score.mixture_step: 1 / {self.mixture_step} is not an integer")
+        return self
 
 
 @dataclass(config=_STRICT)

@@ -1,0 +1,46 @@
+"""pipeline: every stage in order on one output root. Finished stages skip themselves (their output
+holds the config and input hashes it was made from), so rerunning after a failure resumes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from thinkrec.cli import STAGES, _resolve
+from thinkrec.config import Config
+from thinkrec.io.fs import Storage
+
+log = logging.getLogger("thinkrec.pipeline")
+
+ORDER = ("prepare", "cf", "reason", "train", "score", "explain", "evaluate")
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    storage = Storage.from_config(cfg)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for i, name in enumerate(ORDER, 1):
+        log.info("[%d/%d] %s: %s", i, len(ORDER), name, STAGES[name][1])
+        t0 = time.perf_counter()
+        _resolve(STAGES[name][0])(cfg)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("[%d/%d] %s done in %.1fs", i, len(ORDER), name, timings[name])
+    report = storage.uri("report")
+    metrics = storage.read_json(f"{report}/metrics.json")
+    print(summary(report, metrics, timings, time.perf_counter() - t_all))
+    return {"report": report, "metrics": metrics, "timings": timings}
+
+
+def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], total: float) -> str:
+    lines = ["", f"Report: {report}/report.html  (also report.md, metrics.json)"]
+    for model in ("mf", "thinkrec"):
+        m = metrics.get("models", {}).get(model)
+        if m:
+            lines.append(
+                f"  {model:>9}: AUC {m['auc']:.4f}  UAUC {m['uauc']:.4f}  ({m.get('rows', '?')} test rows)"
+            )
+    lines.append(
+        "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"
+    )
+    return "\n".join(lines)
