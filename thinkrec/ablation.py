@@ -25,6 +25,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 and with experts."""
 
 
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "n/a"
+
+
 def variant_config(cfg: Config, name: str) -> Config:
     storage = Storage.from_config(cfg)
     return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
@@ -38,7 +42,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for name in VARIANTS:
         log.info("ablation: %s (%s)", name, VARIANTS[name])
         out = pipeline.run(variant_config(cfg, name))
-        models = out["metrics"].get("models", {})
+        models = out["metrics"].get("metrics", {}).get("all", {})
         rows[name] = {"thinkrec": models.get("thinkrec", {}), "mf": models.get("mf", {})}
     lines = [
         "# Ablations",
@@ -53,7 +57,7 @@ def run(cfg: Config) -> dict[str, Any]:
         m = r["thinkrec"]
         lines.append(
             f"| {name} | {v['model.cf_tokens']} | {v['train.reasoning']} | {v['train.experts']} "
-            f"| {m.get('auc', float('nan')):.4f} | {m.get('uauc', float('nan')):.4f} | {r['mf'].get('auc', float('nan')):.4f} |"
+            f"| {_fmt(m.get('auc'))} | {_fmt(m.get('uauc'))} | {_fmt(r['mf'].get('auc'))} |"
         )
     table = "\n".join(lines) + "\n"
     storage.write_bytes(storage.uri("ablation", "comparison.md"), table.encode())
