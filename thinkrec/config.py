@@ -235,6 +235,9 @@ class ScoreConfig:
     """Prompt-builder actors (CPU: tokenization, histories, gates)."""
     prompt_cpus: float = Field(0.5, gt=0)
     """CPUs reserved per prompt-builder actor."""
+    read_cpus: float = Field(0.25, gt=0)
+    """CPUs reserved per candidate-read task; below one, so reads still run while the actor pools
+    hold the other CPUs (on a 2-CPU machine a 1-CPU read would wait forever)."""
     shards_per_wave: int = Field(64, ge=1)
     """Output shards written per pass over the candidates; a resubmitted job resumes at wave granularity."""
     torch_threads: int = Field(0, ge=0)

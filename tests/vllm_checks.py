@@ -1,0 +1,132 @@
+"""Runs the vLLM scorer in its own process (vLLM starts worker processes and needs a __main__ guard)
+and writes what it returned to a JSON file for tests/test_scoring_vllm.py to check.
+
+    python tests/vllm_checks.py --base <tiny model dir> --root <output root with artifacts> --out out.json
+
+``build_rows`` is shared with the test, so both sides score the very same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+# Row sets: (name, user_id, gate over [global, expert-0, expert-1, expert-2], cf_tokens)
+ROW_SETS: list[tuple[str, int, list[float], bool]] = [
+    ("global", 1, [1, 0, 0, 0], True),
+    ("expert", 2, [0, 0, 1, 0], True),
+    ("mix_grid", 3, [0, 0.5, 0.3, 0.2], True),  # on the 0.1 grid: served exactly
+    ("mix_off", 4, [0, 0.47, 0.33, 0.2], True),  # off the grid: served as [0, .5, .3, .2]
+    ("mix_global", 5, [0.2, 0.4, 0, 0.4], True),  # the global adapter inside a mixture
+    ("text_global", 6, [1, 0, 0, 0], False),  # token ids, no CF slots (model.cf_tokens=false)
+    ("text_mix", 6, [0, 0.6, 0.4, 0], False),
+]
+N_CANDIDATES = 3
+
+
+def checks_config(base: str, root: str) -> Any:
+    from thinkrec import config as C
+
+    return C.load(
+        "configs/demo.yaml",
+        {
+            "storage.output_root": root,
+            "model.base": base,
+            "score.backend": "vllm",
+            "score.mixture_step": 0.1,
+            "score.max_mixtures": 16,
+            "score.vllm_kv_cache_gib": 0.25,
+            "score.vllm_max_model_len": 1024,
+            "score.vllm_enforce_eager": True,
+        },
+    )
+
+
+def build_rows(cfg: Any) -> tuple[list[Any], list[str]]:
+    """The rows every check scores, and the row-set name of each."""
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.prompt import ItemInfo, PromptBuilder
+    from thinkrec.scoring.base import ScoreRow
+
+    tok = load_tokenizer(cfg.model.base)
+    builders = {cf: PromptBuilder(tok, cf_tokens=cf) for cf in (True, False)}
+    genres = ["drama", "comedy", "thriller", "romance", "action"]
+    rows, names = [], []
+    for name, user, gate, cf in ROW_SETS:
+        pb = builders[cf]
+        history = [
+            (i, ItemInfo(f"Movie number {i}", (genres[i % 5], genres[(i + 2) % 5])), (user + i) % 2)
+            for i in range(1 + user, 4 + user)
+        ]
+        prefix = pb.encode_prefix(user, history)
+        for c in range(N_CANDIDATES):
+            item = 10 + c + user
+            cand = pb.encode_candidate(item, ItemInfo(f"Film {item}", (genres[c % 5],)))
+            rows.append(ScoreRow(user, item, prefix, cand, np.array(gate, dtype=np.float64), name))
+            names.append(name)
+    return rows, names
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--root", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from thinkrec.scoring.base import load_artifacts
+    from thinkrec.scoring.vllm import VLLMScorer
+
+    cfg = checks_config(args.base, args.root)
+    rows, _ = build_rows(cfg)
+    t0 = time.perf_counter()
+    scorer = VLLMScorer(cfg, load_artifacts(cfg))
+    start_s = time.perf_counter() - t0
+    seeded = dict(scorer.mixtures)
+    served = scorer.adapters_for(rows)
+    report = scorer.mixture_report.to_dict()  # this one call; it accumulates over calls
+    t1 = time.perf_counter()
+    score, p_yes = scorer.score(rows)
+    first_s = time.perf_counter() - t1
+    first_cached = scorer.last_cached_tokens
+    # The same rows again, shuffled: results must follow the caller's order and hit the prefix cache.
+    perm = np.random.default_rng(0).permutation(len(rows))
+    score2, p2 = scorer.score([rows[i] for i in perm])
+    result = {
+        "start_s": start_s,
+        "first_call_s": first_s,
+        "score": score.tolist(),
+        "p_yes": p_yes.tolist(),
+        "perm": perm.tolist(),
+        "score_perm": score2.tolist(),
+        "p_yes_perm": p2.tolist(),
+        "served": served,
+        "served_weights": {name: [u * scorer.step for u in key] for key, name in scorer.mixtures.items()},
+        "seeded": [name for name in seeded.values()],
+        "mixture_report": report,
+        "mixture_report_total": scorer.mixture_report.to_dict(),
+        "cached_tokens": [first_cached, scorer.last_cached_tokens],
+        "yes_no_ids": [scorer.yes_id, scorer.no_id],
+        "use_embeds": scorer.use_embeds,
+    }
+    # A scorer must reject a gate of the wrong width with the row named.
+    try:
+        bad = rows[0]
+        scorer.adapters_for([type(bad)(bad.user_id, bad.item_id, bad.prefix, bad.candidate, np.ones(2), "x")])
+        result["bad_gate_error"] = ""
+    except ValueError as e:
+        result["bad_gate_error"] = str(e)
+    scorer.close()
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
