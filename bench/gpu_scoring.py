@@ -1,0 +1,181 @@
+"""GPU scoring benchmark for a Llama-3-8B-shaped model with random bf16 weights (torch + transformers only).
+
+    python bench/gpu_scoring.py            # on a CUDA machine (H100/H200): prints JSON
+    python bench/gpu_scoring.py --tiny     # CPU smoke test with a tiny model (what CI runs)
+
+Measures, in one run:
+- ``matmul_tflops``: a bf16 GEMM ceiling (8192^3) measured here, the FLOP floor's denominator;
+- ``full_prompt``: pairs/s scoring 256-token prompts at batch 64 (one forward, ``use_cache=False``,
+  last position projected onto two vocabulary rows only), and that rate as a fraction of the FLOP
+  floor (2 * params * tokens + causal attention FLOPs per pair, at the measured GEMM rate). Target >= 0.85;
+- ``prefix_shared``: pairs/s when a 200-token user prefix runs once and its key/value cache is
+  expanded over 100 candidates of 56 tokens each, over full 256-token prompts. Target >= 3.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def llama8b_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+        )
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    )
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, iters: int) -> float:
+    """Best seconds per call over ``iters`` calls after one warm-up."""
+    fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def matmul_tflops(device: str, dtype: torch.dtype, n: int, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    s = timed(lambda: a @ b, device, iters)
+    return 2 * n**3 / s / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
+    ap.add_argument("--iters", type=int, default=None)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    tiny = args.tiny or not torch.cuda.is_available()
+    device = "cpu" if tiny else "cuda"
+    dtype = torch.float32 if tiny else torch.bfloat16
+    iters = args.iters or (2 if tiny else 5)
+    batch, prompt_len, prefix_len, cand_len, per_user = (
+        (4, 32, 24, 8, 10) if tiny else (64, 256, 200, 56, 100)
+    )
+
+    torch.manual_seed(0)
+    config = llama8b_config(tiny)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    body, head = model.model, model.get_output_embeddings()
+    w_yn = head.weight[[1, 2]]  # (2, H): the two answer-token rows stand in for Yes / No
+    n_params = sum(p.numel() for n, p in body.named_parameters() if "embed_tokens" not in n) + w_yn.numel()
+    L, H = config.num_hidden_layers, config.hidden_size
+
+    ceiling = matmul_tflops(device, dtype, 256 if tiny else 8192, iters)
+
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+
+    def full() -> torch.Tensor:
+        with torch.inference_mode():
+            h = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, -1]  # (B, H)
+            return h @ w_yn.T  # (B, 2)
+
+    s_full = timed(full, device, iters)
+    full_rate = batch / s_full
+    # FLOPs per pair: 2 per parameter per token, plus causal attention (QK^T and AV: 2 * T^2 * H per layer).
+    flops_pair = 2 * n_params * prompt_len + 2 * L * prompt_len**2 * H
+    floor_rate = ceiling * 1e12 / flops_pair
+
+    prefix = torch.randint(3, config.vocab_size, (1, prefix_len), device=device)
+    cands = torch.randint(3, config.vocab_size, (per_user, cand_len), device=device)
+    full_user = torch.cat([prefix.expand(per_user, -1), cands], dim=1)  # (per_user, prefix + cand)
+
+    def shared() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = body(input_ids=prefix, use_cache=True).past_key_values
+            kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (1, kvh, P, d)
+            out = []
+            for s in range(0, per_user, batch):
+                c = cands[s : s + batch]
+                n = c.shape[0]
+                past = DynamicCache(
+                    ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv]
+                )
+                pos = torch.arange(prefix_len, prefix_len + cand_len, device=device)[None].expand(n, -1)
+                m = torch.ones(n, prefix_len + cand_len, dtype=torch.long, device=device)
+                h = body(
+                    input_ids=c, attention_mask=m, position_ids=pos, past_key_values=past, use_cache=True
+                )
+                out.append(h.last_hidden_state[:, -1] @ w_yn.T)
+            return torch.cat(out)
+
+    def full_user_prompts() -> torch.Tensor:
+        with torch.inference_mode():
+            out = []
+            for s in range(0, per_user, batch):
+                x = full_user[s : s + batch]
+                h = body(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).last_hidden_state[
+                    :, -1
+                ]
+                out.append(h @ w_yn.T)
+            return torch.cat(out)
+
+    # The shared path must score exactly what full prompts score.
+    a, b = shared().float(), full_user_prompts().float()
+    max_diff = (a - b).abs().max().item()
+    s_shared = timed(shared, device, iters)
+    s_user_full = timed(full_user_prompts, device, iters)
+    result = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (tiny smoke test)",
+        "dtype": str(dtype),
+        "model": {"layers": L, "hidden": H, "params_non_embedding": n_params, "tiny": tiny},
+        "matmul_tflops": ceiling,
+        "full_prompt": {
+            "batch": batch,
+            "tokens": prompt_len,
+            "pairs_per_s": full_rate,
+            "floor_pairs_per_s": floor_rate,
+            "fraction_of_floor": full_rate / floor_rate,
+            "target": ">= 0.85",
+        },
+        "prefix_shared": {
+            "prefix_tokens": prefix_len,
+            "candidate_tokens": cand_len,
+            "candidates_per_user": per_user,
+            "pairs_per_s": per_user / s_shared,
+            "full_prompt_pairs_per_s": per_user / s_user_full,
+            "speedup": s_user_full / s_shared,
+            "max_abs_logit_diff_vs_full": max_diff,
+            "target": ">= 3.5",
+        },
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

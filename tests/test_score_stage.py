@@ -1,0 +1,221 @@
+"""The score stage end to end on real local Ray: exact output rows, manifest, quarantine, cold start,
+skip when complete, and resubmission that recomputes only the missing shard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from thinkrec.data import schema as S
+from thinkrec.data.prepare import INTERACTIONS
+from thinkrec.io.commit import MANIFEST, SUCCESS, part_name, read_table
+from thinkrec.io.fs import Storage
+from thinkrec.scoring import stage
+from thinkrec.scoring.base import load_artifacts
+
+pytestmark = pytest.mark.integration
+N_ITEMS = 1682  # ML-100K
+
+
+@pytest.fixture(scope="module")
+def artifact_dirs(prepared, tiny_qwen, tmp_path_factory) -> str:
+    """Random model artifacts (cf/model, train/) built once and copied into each test's root."""
+    from artifacts import make_artifacts
+    from conftest import small_config
+
+    root = str(tmp_path_factory.mktemp("score-artifacts"))
+    make_artifacts(
+        small_config(root, **{"model.base": tiny_qwen}), tiny_qwen, n_users=40, n_items=N_ITEMS, n_experts=3
+    )
+    return root
+
+
+def scoring_root(prepared, tiny_qwen, artifact_root: str, root: str, **overrides):
+    """A copy of the prepared run plus the shared random model artifacts, under ``root``."""
+    from conftest import small_config
+
+    storage = Storage.from_config(prepared)
+    shutil.copytree(storage.local_path(storage.uri("prepare")), os.path.join(root, "prepare"))
+    for d in ("cf", "train"):
+        shutil.copytree(os.path.join(artifact_root, d), os.path.join(root, d))
+    return small_config(
+        root,
+        **{"model.base": tiny_qwen, "score.batch_size": 16, "score.torch_threads": 1, **overrides},
+    )
+
+
+def sorted_rows(table: pa.Table) -> pa.Table:
+    return table.sort_by([(S.USER_ID, "ascending"), (S.ITEM_ID, "ascending"), (S.SCORE, "ascending")])
+
+
+@pytest.fixture(scope="module")
+def scored(prepared, tiny_qwen, artifact_dirs, tmp_path_factory):
+    cfg = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path_factory.mktemp("score")))
+    manifest = stage.run(cfg)
+    storage = Storage.from_config(cfg)
+    return cfg, manifest, read_table(storage, storage.uri(stage.SCORES))
+
+
+def test_scores_every_test_row(scored):
+    cfg, man, table = scored
+    storage = Storage.from_config(cfg)
+    inter = read_table(storage, storage.uri(INTERACTIONS), [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT])
+    test = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "test")).drop_columns([S.SPLIT])
+    assert table.schema == S.SCORES
+    assert man["rows"] == test.num_rows > 0 and man["rows_quarantined"] == 0
+
+    def key(t):
+        return sorted(zip(*(t.column(c).to_pylist() for c in (S.USER_ID, S.ITEM_ID, S.LABEL)), strict=True))
+
+    assert key(table) == key(test)
+    assert np.isfinite(table.column(S.SCORE).to_numpy()).all()
+    p = table.column(S.P_YES).to_numpy()
+    assert ((p > 0) & (p < 1)).all()
+    art = load_artifacts(cfg)
+    assert set(table.column(S.VERSION).to_pylist()) == {art.version} and man["version"] == art.version
+    assert set(table.column(S.GATE).to_pylist()) <= {"global", "expert-0", "expert-1", "expert-2"} | {
+        g for g in table.column(S.GATE).to_pylist() if g.startswith("mix:")
+    }
+    out = storage.local_path(storage.uri(stage.SCORES))
+    names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
+    shards = cfg.storage.num_shards
+    assert names == {SUCCESS, MANIFEST, "_config.json"} | {part_name(s) for s in range(shards)} | {
+        f"quarantine/{part_name(s)}" for s in range(shards)
+    }
+    # Skip when complete: same manifest, nothing rewritten.
+    mtime = os.path.getmtime(os.path.join(out, part_name(0)))
+    assert stage.run(cfg) == man
+    assert os.path.getmtime(os.path.join(out, part_name(0))) == mtime
+
+
+def test_stage_scores_equal_direct_scorer(scored):
+    """The stage's scores equal the HF scorer on the same prompts with full prompts and no Ray
+    (float32, atol 1e-4: prefix sharing vs full prompt)."""
+    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.prompts import PromptStep, rows_from_table
+
+    cfg, _, table = scored
+    storage = Storage.from_config(cfg)
+    inter = read_table(storage, storage.uri(INTERACTIONS))
+    test = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "test")).slice(0, 12)
+    prompts = PromptStep(cfg.to_dict())(test)
+    rows = rows_from_table(prompts)
+    s, _ = HFScorer(cfg.replace(**{"score.prefix_sharing": False}), load_artifacts(cfg)).score(rows)
+    got = {
+        (u, i): v
+        for u, i, v in zip(
+            *(table.column(c).to_pylist() for c in (S.USER_ID, S.ITEM_ID, S.SCORE)), strict=True
+        )
+    }
+    for r, v in zip(rows, s, strict=True):
+        assert abs(got[(r.user_id, r.item_id)] - v) < 1e-4
+
+
+def test_resubmission_recomputes_only_missing_shard(scored):
+    cfg, man, before = scored
+    storage = Storage.from_config(cfg)
+    out = storage.local_path(storage.uri(stage.SCORES))
+    kept = os.path.join(out, part_name(0))
+    kept_stat = os.stat(kept)
+    os.remove(os.path.join(out, part_name(1)))
+    os.remove(os.path.join(out, SUCCESS))
+    again = stage.run(cfg)
+    after = read_table(storage, storage.uri(stage.SCORES))
+    assert again["rows"] == man["rows"] == after.num_rows  # no duplicates
+    assert os.stat(kept).st_mtime_ns == kept_stat.st_mtime_ns  # shard 0 untouched
+    assert again["files"][part_name(0)] == man["files"][part_name(0)]
+    a, b = sorted_rows(before), sorted_rows(after)
+    for c in (S.USER_ID, S.ITEM_ID, S.LABEL, S.GATE, S.VERSION):
+        assert a.column(c).to_pylist() == b.column(c).to_pylist()
+    np.testing.assert_allclose(a.column(S.SCORE).to_numpy(), b.column(S.SCORE).to_numpy(), atol=1e-5, rtol=0)
+
+
+def write_candidates(path: str, rows: list[dict], fmt: str) -> str:
+    table = pa.Table.from_pylist(
+        rows, schema=pa.schema([(S.USER_ID, pa.int64()), (S.ITEM_ID, pa.int64()), (S.LABEL, pa.int64())])
+    )
+    if fmt == "csv":
+        pacsv.write_csv(table, path)
+    else:
+        pq.write_table(table, path)
+    return path
+
+
+GOOD = [{S.USER_ID: u, S.ITEM_ID: i, S.LABEL: (u + i) % 2} for u in (1, 2, 3) for i in (10, 20, 30)]
+
+
+@pytest.mark.parametrize(
+    "bad, reason, fmt",
+    [
+        # Each kind is a full Ray Data run (about a minute on 2 shared cores): two by default, the
+        # rest with -m slow.
+        ({S.USER_ID: 999, S.ITEM_ID: 10, S.LABEL: 1}, "unknown_user", "parquet"),
+        pytest.param(
+            {S.USER_ID: 1, S.ITEM_ID: 99999, S.LABEL: 0}, "unknown_item", "csv", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            {S.USER_ID: None, S.ITEM_ID: 10, S.LABEL: 1}, "null_id", "parquet", marks=pytest.mark.slow
+        ),
+        ({S.USER_ID: 2, S.ITEM_ID: None, S.LABEL: 1}, "null_id", "csv"),
+    ],
+)
+def test_bad_rows_are_quarantined(prepared, tiny_qwen, artifact_dirs, tmp_path, bad, reason, fmt):
+    path = write_candidates(str(tmp_path / f"cands.{fmt}"), GOOD + [bad], fmt)
+    cfg = scoring_root(
+        prepared,
+        tiny_qwen,
+        artifact_dirs,
+        str(tmp_path / "run"),
+        **{"score.candidates": path, "data.max_quarantine_rate": 0.2},
+    )
+    man = stage.run(cfg)
+    assert (man["rows"], man["rows_quarantined"], man["quarantine_reasons"]) == (9, 1, {reason: 1})
+    storage = Storage.from_config(cfg)
+    q = read_table(storage, storage.uri(stage.SCORES), quarantine=True)
+    assert q.column("reason").to_pylist() == [reason]
+    out = read_table(storage, storage.uri(stage.SCORES))
+    assert sorted(
+        zip(out.column(S.USER_ID).to_pylist(), out.column(S.ITEM_ID).to_pylist(), strict=True)
+    ) == sorted((r[S.USER_ID], r[S.ITEM_ID]) for r in GOOD)
+
+
+@pytest.mark.slow
+def test_quarantine_rate_over_threshold_fails_without_success(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    from thinkrec.io.commit import CommitError
+
+    path = write_candidates(
+        str(tmp_path / "c.parquet"), GOOD + [{S.USER_ID: 999, S.ITEM_ID: 10, S.LABEL: 1}], "parquet"
+    )
+    cfg = scoring_root(
+        prepared, tiny_qwen, artifact_dirs, str(tmp_path / "run"), **{"score.candidates": path}
+    )  # max 1%
+    with pytest.raises(CommitError, match="quarantined"):
+        stage.run(cfg)
+    assert not os.path.exists(tmp_path / "run" / "score" / "scores" / SUCCESS)
+
+
+def test_cold_path_scores_unknown_ids(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    rows = GOOD + [{S.USER_ID: 999, S.ITEM_ID: 10, S.LABEL: 1}, {S.USER_ID: 1, S.ITEM_ID: 99999, S.LABEL: 0}]
+    path = write_candidates(str(tmp_path / "c.parquet"), rows, "parquet")
+    cfg = scoring_root(
+        prepared,
+        tiny_qwen,
+        artifact_dirs,
+        str(tmp_path / "run"),
+        **{"score.candidates": path, "score.unknown": "cold"},
+    )
+    man = stage.run(cfg)
+    assert (man["rows"], man["rows_quarantined"]) == (11, 0)
+    storage = Storage.from_config(cfg)
+    out = read_table(storage, storage.uri(stage.SCORES)).to_pylist()
+    by = {(r[S.USER_ID], r[S.ITEM_ID]): r for r in out}
+    assert by[(999, 10)][S.GATE] == "global"  # zero CF vector, global adapter
+    assert np.isfinite(by[(1, 99999)][S.SCORE]) and by[(1, 99999)][S.LABEL] == 0
+    # A cold item scores differently from a known one for the same user.
+    assert by[(1, 99999)][S.SCORE] != by[(1, 10)][S.SCORE]

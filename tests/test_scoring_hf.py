@@ -1,0 +1,168 @@
+"""The HF scorer: prefix-shared scores equal full-prompt scores, a row's score does not depend on its
+batch, and the Yes/No-only projection equals the full vocabulary head."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from thinkrec import config as C
+from thinkrec.model.base import load_model, load_tokenizer
+from thinkrec.model.fusion import gate
+from thinkrec.model.prompt import ItemInfo, PromptBuilder
+from thinkrec.model.thinkrec import CFTable, load_fusion
+from thinkrec.scoring.base import ScoreRow, load_artifacts
+
+N_USERS, N_ITEMS = 8, 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.cache
+def tokenizer(path: str):
+    return load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(tiny_qwen, tmp_path_factory):
+    """A config over tiny_qwen and a full set of random artifacts (global + 3 experts)."""
+    from artifacts import make_artifacts
+
+    root = str(tmp_path_factory.mktemp("score-hf"))
+    cfg = C.load(None, {"storage.output_root": root, "model.base": tiny_qwen, "score.batch_size": 3})
+    make_artifacts(cfg, tiny_qwen, n_users=N_USERS, n_items=N_ITEMS, n_experts=3)
+    return cfg, load_artifacts(cfg)
+
+
+def make_rows(
+    cfg: C.Config, artifacts, *, users: int = 5, per_user: int = 4, seed: int = 0, gates: str = "fusion"
+) -> list[ScoreRow]:
+    """Rows for ``users`` users with random histories (0..10 items, so prefixes differ in length) and
+    ``per_user`` candidates each. gates="fusion": the ThinkRec gate from the CF table; "random": a
+    random mixture over all adapters per user."""
+    rng = random.Random(seed)
+    pb = PromptBuilder(tokenizer(artifacts.base_model))
+    items = {
+        i: ItemInfo(f"Film number {i} {'x' * (i % 7)}", (f"genre{i % 5}", "drama"))
+        for i in range(1, N_ITEMS + 1)
+    }
+    cf = CFTable.load(artifacts.cf_embeddings)
+    fusion = load_fusion(artifacts.fusion)
+    rows = []
+    for u in range(1, users + 1):
+        hist = [
+            (i, items[i], rng.randint(0, 1)) for i in rng.sample(range(1, N_ITEMS + 1), rng.randint(0, 10))
+        ]
+        prefix = pb.encode_prefix(u, hist)
+        if gates == "fusion":
+            g, labels = gate(cf.user[u : u + 1], fusion)
+            g, label = g[0].numpy(), labels[0]
+        else:
+            g = np.random.default_rng(seed * 100 + u).dirichlet(np.ones(len(artifacts.adapter_names)))
+            label = "random"
+        for i in rng.sample(range(1, N_ITEMS + 1), per_user):
+            rows.append(ScoreRow(u, i, prefix, pb.encode_candidate(i, items[i]), g, label))
+    return rows
+
+
+def scorer_for(cfg: C.Config, artifacts, **score_overrides):
+    from thinkrec.scoring.hf import HFScorer
+
+    over = {f"score.{k}": v for k, v in score_overrides.items()}
+    return HFScorer(cfg.replace(**over), artifacts, tokenizer=tokenizer(artifacts.base_model))
+
+
+def test_prefix_shared_equals_full_prompt(scoring_setup):
+    """float32, atol 1e-4 on the Yes logit and P(Yes): the only difference is summation order."""
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=5, per_user=4, gates="random")
+    s_full, p_full = scorer_for(cfg, art, prefix_sharing=False).score(rows)
+    s_shared, p_shared = scorer_for(cfg, art, prefix_sharing=True).score(rows)
+    assert s_full.shape == (20,) and s_full.dtype == np.float32
+    np.testing.assert_allclose(s_shared, s_full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(p_shared, p_full, atol=1e-4, rtol=0)
+    assert np.ptp(s_full) > 1e-3, "scores should differ between pairs"
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_row_score_independent_of_batch(scoring_setup, prefix_sharing):
+    """Shuffled rows in batches of other sizes give the same per-row scores (float32, atol 1e-5)."""
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=4, per_user=3, seed=1)
+    base_s, base_p = scorer_for(cfg, art, prefix_sharing=prefix_sharing, batch_size=4).score(rows)
+    perm = np.random.default_rng(7).permutation(len(rows))
+    s, p = scorer_for(cfg, art, prefix_sharing=prefix_sharing, batch_size=5).score([rows[i] for i in perm])
+    np.testing.assert_allclose(s, base_s[perm], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(p, base_p[perm], atol=1e-5, rtol=0)
+    # And one row alone.
+    one_s, _ = scorer_for(cfg, art, prefix_sharing=prefix_sharing, batch_size=1).score([rows[3]])
+    np.testing.assert_allclose(one_s, base_s[3:4], atol=1e-5, rtol=0)
+
+
+def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
+    """Fused mixtures per row == an explicitly merged float64 model (W + sum_n w_n s_n B_n A_n), with the
+    full vocabulary head: the scorer's Yes logit within atol 1e-4 and P(Yes) = softmax over {Yes, No}."""
+    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings
+    from thinkrec.scoring.fused_lora import merge_into
+
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=3, per_user=2, seed=2, gates="random")
+    s, p = scorer_for(cfg, art, prefix_sharing=True).score(rows)
+    proj = CFProjector.load(art.projector).double()
+    cf = CFTable.load(art.cf_embeddings)
+    pb = PromptBuilder(tokenizer(art.base_model))
+    dirs = [f"{art.adapters_dir}/{n}" for n in art.adapter_names]
+    for i, r in enumerate(rows):
+        ref = load_model(art.base_model).double().eval()
+        merge_into(ref, dirs, r.gate.tolist())
+        batch = collate([r.prefix + r.candidate], pb.placeholder_id)
+        with torch.no_grad():
+            emb = input_embeddings(ref, batch, CFTable(cf.user.double(), cf.item.double()), proj)
+            logits = ref(inputs_embeds=emb, attention_mask=batch.attention_mask).logits[0, -1]  # (V,)
+        yes, no = logits[pb.yes_id].item(), logits[pb.no_id].item()
+        assert abs(s[i] - yes) < 1e-4, (i, s[i], yes)
+        assert abs(p[i] - 1 / (1 + np.exp(no - yes))) < 1e-5
+
+
+def test_empty_and_bad_gate(scoring_setup):
+    cfg, art = scoring_setup
+    sc = scorer_for(cfg, art)
+    s, p = sc.score([])
+    assert s.shape == (0,) and p.shape == (0,)
+    row = make_rows(cfg, art, users=1, per_user=1)[0]
+    row.gate = np.array([1.0, 0.0])  # 2 weights for 4 adapters
+    with pytest.raises(ValueError, match="gates over 2 adapters"):
+        sc.score([row])
+
+
+def test_gpu_bench_tiny_smoke():
+    """bench/gpu_scoring.py --tiny runs on CPU and its prefix-shared path scores what full prompts
+    score (max |logit difference| < 1e-4 in float32)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_scoring.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--iters", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    res = json.loads(out.stdout)
+    assert res["model"]["tiny"] is True
+    assert res["prefix_shared"]["max_abs_logit_diff_vs_full"] < 1e-4
+    assert res["full_prompt"]["pairs_per_s"] > 0 and res["matmul_tflops"] > 0

@@ -1,0 +1,434 @@
+"""``thinkrec bench scoring``: scoring throughput ratios, each measured side by side in one run on
+this machine's CPU with the tiny model and random adapters.
+
+- prefix_speedup: pairs/s with prefix sharing over full prompts (20 candidates per user, 10-item
+  histories). Target >= 3.
+- fusion_overhead: time per pair with per-row fused experts (global + 3 experts, mixtures per row)
+  over a single adapter, minus 1. Target <= 0.15.
+- reference_speedup: pairs/s of this scorer over the reference code's way (HF ``generate`` of 16
+  tokens at batch size 2, reading the first step, with the user's adapter mixture merged per user).
+  Target >= 30.
+- rss_ratio_1m_vs_100k: peak RSS (driver + Ray processes) of the real score stage, run as a
+  subprocess, over 1,000,000 pairs vs over 100,000 pairs. Target <= 1.3.
+
+Timings repeat each configuration and keep the best (the machine is shared; the minimum is the
+least disturbed measurement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from thinkrec import config as C
+from thinkrec.model.base import build_tiny_model, load_model, load_tokenizer
+from thinkrec.model.fusion import gate
+from thinkrec.model.prompt import ItemInfo, PromptBuilder
+from thinkrec.model.thinkrec import (
+    ADAPTERS,
+    FUSION,
+    GLOBAL,
+    PROJECTOR,
+    CFProjector,
+    CFTable,
+    collate,
+    expert_name,
+    input_embeddings,
+    load_fusion,
+    save_fusion,
+)
+from thinkrec.scoring.base import Artifacts, ScoreRow
+
+N_EXPERTS = 3
+CF_DIM = 16
+
+
+def hardware() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_artifacts(root: str, base: str, n_users: int, n_items: int, seed: int = 0) -> Artifacts:
+    """Random CF table, projector, global + expert adapters (peft layout) and fusion.json."""
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(os.path.join(root, ADAPTERS), exist_ok=True)
+    table = CFTable(
+        torch.randn(n_users + 1, CF_DIM, generator=g), torch.randn(n_items + 1, CF_DIM, generator=g)
+    )
+    table.user[0] = 0
+    table.item[0] = 0
+    table.save(os.path.join(root, "embeddings.safetensors"))
+    model = load_model(base)
+    torch.manual_seed(seed)
+    proj = CFProjector(CF_DIM, model.config.hidden_size)
+    with torch.no_grad():
+        proj.net[2].weight.mul_(0.1)
+    proj.save(os.path.join(root, PROJECTOR))
+    tcfg = C.Config().train
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=tcfg.lora_r,
+            lora_alpha=tcfg.lora_alpha,
+            target_modules=list(tcfg.lora_targets),
+            init_lora_weights=False,
+        ),
+    )
+    names = [GLOBAL] + [expert_name(i) for i in range(N_EXPERTS)]
+    for name in names:
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        peft_model.save_pretrained(os.path.join(root, ADAPTERS, name))
+    # Prototypes near users 1..3 with a small spread: single, global and mixed users all occur.
+    protos = torch.stack([table.user[1 + i :: N_EXPERTS].mean(0) for i in range(N_EXPERTS)])
+    save_fusion(os.path.join(root, FUSION), protos, C.Config().fusion, names[1:], {"groups": N_EXPERTS})
+    return Artifacts(
+        base_model=base,
+        adapters_dir=os.path.join(root, ADAPTERS),
+        adapter_names=tuple(names),
+        projector=os.path.join(root, PROJECTOR),
+        cf_embeddings=os.path.join(root, "embeddings.safetensors"),
+        fusion=os.path.join(root, FUSION),
+    )
+
+
+def make_rows(pb: PromptBuilder, art: Artifacts, users: int, per_user: int, n_items: int) -> list[ScoreRow]:
+    """``users`` users with 10-item histories and ``per_user`` candidates; ThinkRec gates, except that
+    every user gets a true mixture (the costliest case for reference-style merging)."""
+    rng = np.random.default_rng(0)
+    items = {
+        i: ItemInfo(f"A film title number {i}", ("drama", "comedy", f"genre{i % 9}"))
+        for i in range(1, n_items + 1)
+    }
+    cf = CFTable.load(art.cf_embeddings or "")
+    fusion = load_fusion(art.fusion or "")
+    rows = []
+    for u in range(1, users + 1):
+        hist = [
+            (int(i), items[int(i)], int(rng.integers(2))) for i in rng.choice(n_items, 10, replace=False) + 1
+        ]
+        prefix = pb.encode_prefix(u, hist)
+        g, labels = gate(cf.user[u : u + 1], fusion or {"prototypes": []})
+        w = g[0].numpy()
+        for i in rng.choice(n_items, per_user, replace=False) + 1:
+            rows.append(ScoreRow(u, int(i), prefix, pb.encode_candidate(int(i), items[int(i)]), w, labels[0]))
+    return rows
+
+
+def _best_rate(fn: Any, n: int, repeats: int) -> float:
+    """Best pairs/s over ``repeats`` runs of ``fn`` (which scores ``n`` pairs)."""
+    fn()  # warm-up (allocator, kernels, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
+def reference_rate(base: str, art: Artifacts, pb: PromptBuilder, rows: list[ScoreRow], repeats: int) -> float:
+    """The reference code's way: per user, merge that user's adapter mixture into the weights, then
+    ``generate`` 16 tokens at batch size 2 over full prompts and read the first step's logits."""
+    from thinkrec.scoring.fused_lora import merge_into
+
+    model = load_model(base).eval()
+    proj = CFProjector.load(art.projector or "")
+    cf = CFTable.load(art.cf_embeddings or "")
+    dirs = [os.path.join(art.adapters_dir, n) for n in art.adapter_names]
+    saved = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if n.endswith(("q_proj.weight", "v_proj.weight"))
+    }
+    by_user: dict[int, list[ScoreRow]] = {}
+    for r in rows:
+        by_user.setdefault(r.user_id, []).append(r)
+
+    def run() -> None:
+        for urows in by_user.values():
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in saved:
+                        p.copy_(saved[n])
+            merge_into(model, dirs, urows[0].gate.tolist())
+            for s in range(0, len(urows), 2):
+                pair = [r.prefix + r.candidate for r in urows[s : s + 2]]
+                T = max(len(e.ids) for e in pair)
+                batch = collate(pair, pb.placeholder_id)
+                with torch.no_grad():
+                    emb = input_embeddings(model, batch, cf, proj)  # (b, T, H) right-padded
+                    # generate needs left padding: shift each row right by its padding.
+                    left = torch.zeros_like(emb)
+                    mask = torch.zeros(len(pair), T, dtype=torch.long)
+                    for i, e in enumerate(pair):
+                        n = len(e.ids)
+                        left[i, T - n :] = emb[i, :n]
+                        mask[i, T - n :] = 1
+                    out = model.generate(
+                        inputs_embeds=left,
+                        attention_mask=mask,
+                        max_new_tokens=16,
+                        min_new_tokens=16,
+                        do_sample=False,
+                        output_scores=True,
+                        return_dict_in_generate=True,
+                        pad_token_id=pb.placeholder_id,
+                    )
+                    _ = out.scores[0][:, [pb.yes_id, pb.no_id]]
+
+    return _best_rate(run, len(rows), repeats)
+
+
+def rss_run(n_pairs: int, tiny: dict[str, int], workdir: str) -> dict[str, Any]:
+    """Peak RSS (sum over the job's process tree) of the real score stage over ``n_pairs`` pairs,
+    run as a subprocess (``python -m thinkrec.scoring.bench --rss-job``)."""
+    import psutil
+
+    env = {
+        **os.environ,
+        "THINKREC_PROGRESS": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "thinkrec.scoring.bench",
+        "--rss-job",
+        str(n_pairs),
+        json.dumps(tiny),
+        workdir,
+    ]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+        except psutil.Error:
+            pass
+        peak = max(peak, total)
+        time.sleep(0.2)
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode:
+        raise RuntimeError(f"rss job over {n_pairs} pairs failed:\n{out[-4000:]}")
+    return {"pairs": n_pairs, "peak_rss_mb": peak / 2**20, "seconds": time.perf_counter() - t}
+
+
+def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
+    """Inside the subprocess: a synthetic prepared run, random artifacts, an n-pair candidate table,
+    then the real score stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from thinkrec.data import schema as S
+    from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
+    from thinkrec.io.commit import TableWriter, mark_success
+    from thinkrec.io.fs import Storage
+    from thinkrec.runtime import init_ray
+    from thinkrec.scoring import stage
+
+    users, items, per_user = max(1, n_pairs // 200), 500, 200
+    root = os.path.join(workdir, f"run-{n_pairs}")
+    base = os.path.join(workdir, "base")
+    cfg = C.load(
+        None,
+        {
+            "storage.output_root": root,
+            "storage.num_shards": 4,
+            "ray.num_cpus": 2,
+            "model.base": base,
+            "model.tiny": tiny,
+            "score.batch_size": 200,
+            "score.block_rows": 4000,
+            "score.torch_threads": 1,
+        },
+    )
+    storage = Storage.from_config(cfg)
+    rng = np.random.default_rng(0)
+    it = pa.table(
+        {
+            S.ITEM_ID: np.arange(1, items + 1),
+            S.RAW_ITEM_ID: [str(i) for i in range(1, items + 1)],
+            S.TITLE: [f"A film title number {i}" for i in range(1, items + 1)],
+            S.KEYWORDS: [["drama", f"genre{i % 9}"] for i in range(1, items + 1)],
+        },
+        schema=S.ITEMS,
+    )
+    us = pa.table(
+        {S.USER_ID: np.arange(1, users + 1), S.RAW_USER_ID: [str(u) for u in range(1, users + 1)]},
+        schema=S.USERS,
+    )
+    n_int = users * 12
+    uid = np.repeat(np.arange(1, users + 1), 12)
+    inter = pa.table(
+        {
+            S.USER_ID: uid,
+            S.ITEM_ID: rng.integers(1, items + 1, n_int),
+            S.RATING: rng.integers(1, 6, n_int).astype(np.float32),
+            S.LABEL: rng.integers(0, 2, n_int).astype(np.int8),
+            S.TIMESTAMP: np.tile(np.arange(12), users),
+            S.SPLIT: np.tile(np.array(["train"] * 10 + ["valid", "test"]), users),
+            S.HISTORY_ITEMS: [[] for _ in range(n_int)],
+            S.HISTORY_LABELS: [[] for _ in range(n_int)],
+            S.NOT_COLD: np.ones(n_int, bool),
+        },
+        schema=S.INTERACTIONS,
+    )
+    for uri, table, key in ((INTERACTIONS, inter, S.USER_ID), (ITEMS, it, S.ITEM_ID), (USERS, us, S.USER_ID)):
+        w = TableWriter(storage, storage.uri(uri), num_shards=1, key=key, schema=table.schema)
+        w.write([table])
+        w.commit(rows_in=table.num_rows)
+    art_dir = os.path.join(root, "train")
+    write_artifacts(art_dir, base, users, items)
+    os.makedirs(os.path.join(root, "cf", "model"), exist_ok=True)
+    os.replace(
+        os.path.join(art_dir, "embeddings.safetensors"),
+        os.path.join(root, "cf", "model", "embeddings.safetensors"),
+    )
+    mark_success(storage, storage.uri("cf/model"), {"stage": "bench"})
+    mark_success(storage, storage.uri("train"), {"stage": "bench"})
+    cands = os.path.join(workdir, f"candidates-{n_pairs}.parquet")
+    schema = pa.schema([(S.USER_ID, pa.int64()), (S.ITEM_ID, pa.int64()), (S.LABEL, pa.int8())])
+    with pq.ParquetWriter(cands, schema) as pw:
+        for s in range(0, users, 1000):  # written in slices: the generator's memory stays flat too
+            u = np.repeat(np.arange(s + 1, min(users, s + 1000) + 1), per_user)
+            pw.write_table(
+                pa.table(
+                    {
+                        S.USER_ID: u,
+                        S.ITEM_ID: rng.integers(1, items + 1, len(u)),
+                        S.LABEL: rng.integers(0, 2, len(u)).astype(np.int8),
+                    },
+                    schema=schema,
+                ),
+                row_group_size=50_000,
+            )
+    cfg = cfg.replace(**{"score.candidates": cands})
+    init_ray(cfg)
+    man = stage.run(cfg)
+    print(json.dumps({"rows": man["rows"]}))
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and least disturbed by neighbours
+    repeats = 2 if quick else 3
+    users = 3 if quick else 8
+    n_items = 200
+    with tempfile.TemporaryDirectory(prefix="thinkrec-bench-") as tmp:
+        base = build_tiny_model(os.path.join(tmp, "base"), C.Config().model.tiny)
+        art = write_artifacts(os.path.join(tmp, "art"), base, n_users=users, n_items=n_items)
+        tok = load_tokenizer(base)
+        pb = PromptBuilder(tok)
+        rows = make_rows(pb, art, users, 20, n_items)
+        from thinkrec.scoring.hf import HFScorer
+
+        cfg = C.load(None, {"model.base": base, "score.batch_size": 64})
+        full = HFScorer(cfg.replace(**{"score.prefix_sharing": False}), art, tokenizer=tok)
+        shared = HFScorer(cfg, art, tokenizer=tok)
+        rate_full = _best_rate(lambda: full.score(rows), len(rows), repeats)
+        rate_shared = _best_rate(lambda: shared.score(rows), len(rows), repeats)
+
+        single_art = Artifacts(**{**art.__dict__, "adapter_names": (GLOBAL,)})
+        single = HFScorer(cfg.replace(**{"score.prefix_sharing": False}), single_art, tokenizer=tok)
+        single_rows = [
+            ScoreRow(r.user_id, r.item_id, r.prefix, r.candidate, np.ones(1), "global") for r in rows
+        ]
+        # Interleave fused and single measurements so load changes hit both alike.
+        t_fused, t_single = [], []
+        for _ in range(repeats):
+            t_single.append(len(rows) / _best_rate(lambda: single.score(single_rows), len(rows), 1))
+            t_fused.append(len(rows) / _best_rate(lambda: full.score(rows), len(rows), 1))
+        per_pair_fused, per_pair_single = min(t_fused) / len(rows), min(t_single) / len(rows)
+
+        ref_rows = rows[: 20 * (1 if quick else 2)]
+        rate_ref = reference_rate(base, art, pb, ref_rows, 1)
+
+        rss_pairs = (10_000, 100_000) if quick else (100_000, 1_000_000)
+        # The smallest tiny model (hidden 64, one layer) for the RSS runs: 1M pairs on 2 cores.
+        rss_tiny = {
+            "hidden_size": 64,
+            "num_layers": 1,
+            "num_heads": 1,
+            "num_kv_heads": 1,
+            "intermediate_size": 128,
+        }
+        rss_dir = os.path.join(tmp, "rss")
+        os.makedirs(rss_dir)
+        build_tiny_model(os.path.join(rss_dir, "base"), C.Config(model={"tiny": rss_tiny}).model.tiny)  # type: ignore[arg-type]
+        rss = [rss_run(n, rss_tiny, rss_dir) for n in rss_pairs]
+
+    result = {
+        "prefix_speedup": rate_shared / rate_full,
+        "fusion_overhead": per_pair_fused / per_pair_single - 1,
+        "reference_speedup": rate_shared / rate_ref,
+        "rss_ratio_1m_vs_100k": rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"],
+        "targets": {
+            "prefix_speedup": ">= 3",
+            "fusion_overhead": "<= 0.15",
+            "reference_speedup": ">= 30",
+            "rss_ratio_1m_vs_100k": "<= 1.3",
+        },
+        "raw": {
+            "pairs_per_s_full_prompt_fused_k4": rate_full,
+            "pairs_per_s_prefix_shared_fused_k4": rate_shared,
+            "pairs_per_s_reference_generate16_bs2_merged": rate_ref,
+            "ms_per_pair_fused_k4": per_pair_fused * 1e3,
+            "ms_per_pair_single_adapter": per_pair_single * 1e3,
+            "pairs": len(rows),
+            "users": users,
+            "candidates_per_user": 20,
+            "history_len": 10,
+            "reference_pairs": len(ref_rows),
+            "rss_runs": rss,
+            "rss_model": {**rss_tiny, "note": "smallest tiny model, so 1M pairs finish on 2 cores"},
+            "quick": quick,
+        },
+        "hardware": hardware(),
+    }
+    print(f"{'measure':<24}{'value':>10}  target")
+    for k, t in result["targets"].items():
+        print(f"{k:<24}{result[k]:>10.3f}  {t}")
+    for k, v in result["raw"].items():
+        if isinstance(v, float):
+            print(f"  {k:<44}{v:>12.2f}")
+    print(f"  rss runs: {rss}")
+    print(f"  hardware: {result['hardware']}")
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss-job":
+        _rss_job(int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4])
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

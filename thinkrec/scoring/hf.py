@@ -1,0 +1,168 @@
+"""The Hugging Face scoring backend: one forward pass per pair, the answer position only.
+
+- The base model is loaded once; the K adapters [global, expert-0, ...] are installed as one fused
+  rank-K*r LoRA per target layer (fused_lora.py), and each row's gate mixes them exactly.
+- No decoding: the final hidden state at the answer position (the prompt's last token) is projected
+  onto the Yes and No rows of the output embedding only, ``h @ W[[yes, no]].T`` (2 dot products per
+  row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
+- Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads).
+- Prefix sharing: rows with the same prefix (one user's instruction, history and CF token) are
+  grouped; each prefix runs once, with its user's gate, and its key/value cache is expanded over the
+  user's candidates, which continue at the prefix's positions. Several users' prefixes run in one
+  batch (right-padded; the padding keys are masked out of the candidate pass).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
+from thinkrec.model.prompt import Encoded, PromptBuilder
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, hidden_states, input_embeddings
+from thinkrec.scoring import fused_lora
+from thinkrec.scoring.base import Artifacts, ScoreRow
+
+
+def pick_device(requested: str | None = None) -> str:
+    if requested:
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFScorer:
+    """``Scorer`` over a Hugging Face causal LM with fused per-row LoRA experts."""
+
+    def __init__(
+        self, cfg: Any, artifacts: Artifacts, device: str | None = None, tokenizer: Any | None = None
+    ) -> None:
+        self.device = pick_device(device)
+        if cfg.score.torch_threads and self.device == "cpu":
+            torch.set_num_threads(cfg.score.torch_threads)
+        self.batch_size = int(cfg.score.batch_size)
+        self.prefix_sharing = bool(cfg.score.prefix_sharing)
+        model = load_model(
+            artifacts.base_model,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            device=self.device,
+        )
+        model.eval().requires_grad_(False)
+        self.model = model
+        mode: fused_lora.GateMode = "linear" if cfg.fusion.mode == "linear" else "exact"
+        dirs = [os.path.join(artifacts.adapters_dir, n) for n in artifacts.adapter_names]
+        self.fused = fused_lora.install(model, dirs, mode)
+        self.projector: CFProjector | None = None
+        self.cf: CFTable | None = None
+        if cfg.model.cf_tokens and artifacts.projector and artifacts.cf_embeddings:
+            self.projector = (
+                CFProjector.load(artifacts.projector).to(self.device).eval().requires_grad_(False)
+            )
+            self.cf = CFTable.load(artifacts.cf_embeddings)
+        tok = tokenizer or load_tokenizer(artifacts.base_model, cfg.model.trust_remote_code)
+        pb = PromptBuilder(tok, cf_tokens=cfg.model.cf_tokens, use_chat_template=cfg.model.use_chat_template)
+        self.yes_id, self.no_id, self.pad_id = pb.yes_id, pb.no_id, pb.placeholder_id
+        _, head = decoder_and_head(model)
+        idx = torch.tensor([self.yes_id, self.no_id], device=head.weight.device)
+        self.w_yn = head.weight.index_select(0, idx).detach().float()  # (2, H)
+        bias = getattr(head, "bias", None)
+        self.b_yn = bias.index_select(0, idx).detach().float() if bias is not None else None  # (2,)
+
+    # -- public ---------------------------------------------------------------------------------
+    def score(self, rows: list[ScoreRow]) -> tuple[np.ndarray, np.ndarray]:
+        if not rows:
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        with torch.inference_mode():
+            logits = self._score_shared(rows) if self.prefix_sharing else self._score_full(rows)
+        yes, no = logits[:, 0], logits[:, 1]  # (n,)
+        p_yes = torch.sigmoid(yes - no)  # softmax over {Yes, No}
+        return yes.numpy().astype(np.float32), p_yes.numpy().astype(np.float32)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _gates(self, rows: Sequence[ScoreRow]) -> torch.Tensor:
+        g = torch.as_tensor(np.stack([np.asarray(r.gate, dtype=np.float64) for r in rows]))  # (B, K)
+        if g.shape[1] != self.fused.k:
+            raise ValueError(
+                f"rows carry gates over {g.shape[1]} adapters; the scorer has {list(self.fused.names)}"
+            )
+        return g
+
+    def _answer_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, H) final hidden states -> (n, 2) [Yes, No] logits."""
+        out = h.float() @ self.w_yn.T  # (n, 2)
+        return out + self.b_yn if self.b_yn is not None else out
+
+    def _embed(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = collate(encoded, self.pad_id)
+        emb = input_embeddings(self.model, batch, self.cf, self.projector)  # (B, T, H)
+        return emb, batch.attention_mask.to(emb.device), batch.lengths.to(emb.device)
+
+    def _score_full(self, rows: list[ScoreRow]) -> torch.Tensor:
+        out = torch.empty(len(rows), 2)
+        # Similar lengths together: less padding. A row's result does not depend on its batch.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].prefix.ids) + len(rows[i].candidate.ids))
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            chunk = [rows[i] for i in idx]
+            emb, mask, lengths = self._embed([r.prefix + r.candidate for r in chunk])
+            with self.fused.gates(self._gates(chunk)):
+                hs = hidden_states(self.model, emb, mask, use_cache=False).last_hidden_state  # (B, T, H)
+            last = hs[torch.arange(len(idx), device=hs.device), lengths - 1]  # (B, H)
+            out[idx] = self._answer_logits(last).cpu()
+        return out
+
+    def _score_shared(self, rows: list[ScoreRow]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        # Rows sharing a prefix (same user, same history) form one group.
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, r in enumerate(rows):
+            key = (r.user_id, tuple(r.prefix.ids), tuple(r.prefix.cf_id), tuple(np.asarray(r.gate).tolist()))
+            groups.setdefault(key, []).append(i)
+        members = list(groups.values())
+        out = torch.empty(len(rows), 2)
+        # Prefix batches: groups until their candidates fill a scoring batch (or B prefixes).
+        pos = 0
+        while pos < len(members):
+            end, n = pos, 0
+            while end < len(members) and (
+                end == pos or (n < self.batch_size and end - pos < self.batch_size)
+            ):
+                n += len(members[end])
+                end += 1
+            batch_groups = members[pos:end]
+            pos = end
+            heads = [rows[m[0]] for m in batch_groups]
+            emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
+            with self.fused.gates(self._gates(heads)):
+                cache = hidden_states(self.model, emb, pmask, use_cache=True).past_key_values
+            layers = getattr(cache, "layers", None)
+            if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
+                # Sliding-window caches may drop prefix keys; score these rows without sharing.
+                flat = [i for m in batch_groups for i in m]
+                out[flat] = self._score_full([rows[i] for i in flat])
+                continue
+            kv = [(layer.keys, layer.values) for layer in layers]  # each (G, kv_heads, P, d)
+            flat = [(gi, i) for gi, m in enumerate(batch_groups) for i in m]
+            for s in range(0, len(flat), self.batch_size):
+                part = flat[s : s + self.batch_size]
+                gidx = torch.tensor([g for g, _ in part], device=pmask.device)  # (n,)
+                ridx = [i for _, i in part]
+                chunk = [rows[i] for i in ridx]
+                cemb, cmask, clen = self._embed([r.candidate for r in chunk])  # (n, C, H)
+                C = cemb.shape[1]
+                # Candidate tokens continue at their own prefix's length, not at the padded width.
+                positions = plen[gidx][:, None] + torch.arange(C, device=cemb.device)[None, :]  # (n, C)
+                mask = torch.cat([pmask[gidx], cmask], dim=1)  # (n, P + C)
+                past = DynamicCache(ddp_cache_data=[(k[gidx], v[gidx]) for k, v in kv])
+                with self.fused.gates(self._gates(chunk)):
+                    hs = hidden_states(
+                        self.model, cemb, mask, position_ids=positions, past_key_values=past, use_cache=True
+                    ).last_hidden_state  # (n, C, H)
+                last = hs[torch.arange(len(part), device=hs.device), clen - 1]  # (n, H)
+                out[ridx] = self._answer_logits(last).cpu()
+        return out
