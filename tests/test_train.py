@@ -1,0 +1,405 @@
+"""The train stage: examples, loss, the Ray Train loop (DDP and DeepSpeed on CPU), the stage end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import small_config
+from thinkrec.data import schema as S
+from thinkrec.io.commit import TableWriter, mark_success, read_table
+from thinkrec.io.fs import Storage
+from thinkrec.model.prompt import CF_ITEM, CF_USER, ItemInfo, PromptBuilder
+from thinkrec.model.thinkrec import CFTable
+from thinkrec.train import data as D
+from thinkrec.train.loss import ThinkRecLM, answer_positions, combine, loss_fn, make_batch
+
+CF_DIM = 16
+
+
+def make_train_inputs(prepared, root: str, *, n_traces: int = 40, seed: int = 0):
+    """A fresh output root holding prepare/ (copied from the session's prepared run), a random CF
+    table committed as cf/model, and a reasoning-trace table (what the cf and reason stages write)."""
+    src = Storage.from_config(prepared).local_path(prepared.storage.output_root)
+    shutil.copytree(os.path.join(src, "prepare"), os.path.join(root, "prepare"))
+    storage = Storage(root)
+    n_users = read_table(storage, storage.uri("prepare/users")).num_rows
+    n_items = read_table(storage, storage.uri("prepare/items")).num_rows
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randn(n_users + 1, CF_DIM, generator=g)
+    item = torch.randn(n_items + 1, CF_DIM, generator=g)
+    user[0] = 0
+    item[0] = 0
+    os.makedirs(os.path.join(root, "cf/model"))
+    CFTable(user, item).save(os.path.join(root, "cf/model/embeddings.safetensors"))
+    mark_success(storage, storage.uri("cf/model"), {"stage": "test-cf"})
+    inter = read_table(storage, storage.uri("prepare/interactions"))
+    train = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "train")).slice(0, n_traces)
+    traces = pa.table(
+        {
+            S.USER_ID: train.column(S.USER_ID),
+            S.ITEM_ID: train.column(S.ITEM_ID),
+            S.TIMESTAMP: train.column(S.TIMESTAMP),
+            S.LABEL: train.column(S.LABEL),
+            S.REASONING: [
+                f"the user rated similar titles {'well' if y else 'poorly'}"
+                for y in train.column(S.LABEL).to_pylist()
+            ],
+            S.TEACHER: ["test"] * train.num_rows,
+        }
+    )
+    w = TableWriter(
+        storage,
+        storage.uri("reason/traces"),
+        num_shards=2,
+        schema=S.REASONING_TABLE,
+        meta={"stage": "test-reason"},
+    )
+    w.write([traces])
+    w.commit(rows_in=traces.num_rows)
+    return storage
+
+
+def train_config(root: str, **overrides):
+    base = {
+        "train.num_workers": 2,
+        "train.batch_size": 4,
+        "train.max_train_samples": 32,
+        "train.max_valid_samples": 16,
+        "train.max_answer_tokens": 12,
+        "train.checkpoint_every": 2,
+        "train.warmup_steps": 1,
+        "train.lr": 1e-3,
+        "model.tiny.hidden_size": 64,
+        "model.tiny.num_heads": 1,
+        "model.tiny.num_kv_heads": 1,
+        "model.tiny.intermediate_size": 64,
+    }
+    base.update(overrides)
+    return small_config(root, **base)
+
+
+# -- examples: BOS and chat template -----------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    """Loading the converted BPE vocabulary takes seconds; the tests share one per model."""
+    from thinkrec.model.base import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _sample(label: int = 1, reasoning: str | None = None) -> D.Sample:
+    return D.Sample(7, 3, label, (1, 2), (1, 0), reasoning)
+
+
+ITEMS = {
+    1: ItemInfo("Toy Story", ("Animation",)),
+    2: ItemInfo("Heat", ("Crime",)),
+    3: ItemInfo("Alien", ("Sci-Fi",)),
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "chat", "bos_count"),
+    [("tiny_llama", False, 1), ("tiny_qwen", False, 0), ("tiny_llama", True, 1), ("tiny_qwen", True, 0)],
+)
+@pytest.mark.parametrize("label", [0, 1])
+def test_examples_bos_template_and_answer(request, model, chat, bos_count, label):
+    tok = _tokenizer(request.getfixturevalue(model))
+    pb = PromptBuilder(tok, cf_tokens=True, use_chat_template=chat)
+    (row,) = D.encode_rows(pb, [_sample(label, "liked both")], ITEMS, history_len=10, max_answer_tokens=12)
+    ids = row["prompt_ids"]
+    bos = tok.bos_token_id
+    # BOS exactly once, at the start, for Llama (plain: added by us; chat: spelled by the template).
+    assert (ids.count(bos) if bos is not None else 0) == bos_count
+    if bos_count:
+        assert ids[0] == bos
+    text = tok.decode(ids)
+    if chat:
+        head = "<|start_header_id|>user" if model == "tiny_llama" else "<|im_start|>user"
+        assert head in text and text.rstrip().endswith(
+            "<|start_header_id|>assistant<|end_header_id|>"
+            if model == "tiny_llama"
+            else "<|im_start|>assistant"
+        )
+    else:
+        assert text.endswith("Answer:")
+    ans = row["answer_ids"]
+    assert ans[0] == (pb.yes_id if label else pb.no_id)
+    assert ans[-1] == tok.eos_token_id and len(ans) <= 12
+    assert row["kind"] == D.KIND_REASONING
+    # CF slots: user first, then the 2 history items, then the target, all on placeholder tokens.
+    assert row["cf_kind"] == [CF_USER, CF_ITEM, CF_ITEM, CF_ITEM] and row["cf_id"] == [7, 1, 2, 3]
+    assert all(ids[p] == pb.placeholder_id for p in row["cf_pos"])
+
+
+def test_examples_text_only_have_no_cf_slots(tiny_qwen):
+    pb = PromptBuilder(_tokenizer(tiny_qwen), cf_tokens=False)
+    (row,) = D.encode_rows(pb, [_sample(1)], ITEMS, history_len=10, max_answer_tokens=12)
+    assert row["cf_pos"] == [] and row["kind"] == D.KIND_LABEL
+    assert row["answer_ids"] == [pb.yes_id, pb.tok.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    ("n_label", "n_reason", "ratio", "cap", "want_reason", "want_total"),
+    [
+        (100, 50, 0.2, 40, 8, 40),  # the paper's 0.2 : 0.8 mix
+        (100, 3, 0.2, 40, 3, 40),  # too few traces: all of them, the rest label samples
+        (100, 50, 0.0, 40, 0, 40),  # reasoning off
+        (10, 0, 0.2, None, 0, 10),  # no cap: every label sample once
+    ],
+)
+def test_mix_samples_ratio_and_determinism(n_label, n_reason, ratio, cap, want_reason, want_total):
+    label = [D.Sample(u, 1, 1, (), ()) for u in range(n_label)]
+    reason = [D.Sample(1000 + u, 1, 1, (), (), "why") for u in range(n_reason)]
+    mixed = D.mix_samples(label, reason, ratio=ratio, cap=cap, seed=3)
+    assert len(mixed) == want_total
+    assert sum(s.kind == D.KIND_REASONING for s in mixed) == want_reason
+    assert mixed == D.mix_samples(label, reason, ratio=ratio, cap=cap, seed=3)
+    if want_total > 1:
+        assert mixed != D.mix_samples(label, reason, ratio=ratio, cap=cap, seed=4)
+
+
+# -- loss -------------------------------------------------------------------------------------------
+def _bce(x: float, y: float) -> float:
+    return -(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x))))
+
+
+@pytest.mark.parametrize(
+    ("kinds", "y_hat", "think", "labels"),
+    [
+        ([D.KIND_REASONING], [1.5], [2.0], [1]),
+        ([D.KIND_LABEL], [1.5], [2.0], [1]),
+        ([D.KIND_REASONING, D.KIND_LABEL], [-0.3, 2.2], [0.7, 4.0], [0, 1]),
+        ([D.KIND_LABEL, D.KIND_LABEL], [0.0, -1.0], [1.0, 1.0], [1, 0]),
+    ],
+)
+def test_loss_weights_by_hand(kinds, y_hat, think, labels):
+    rows = [
+        {
+            "prompt_ids": [5, 6],
+            "answer_ids": [9],
+            "cf_pos": [],
+            "cf_kind": [],
+            "cf_id": [],
+            "kind": k,
+            "label": y,
+            "user_id": 1,
+        }
+        for k, y in zip(kinds, labels, strict=True)
+    ]
+    batch = make_batch(rows, 0, rec_weight_reasoning=0.1, rec_weight_label=0.9)
+    loss, _ = combine(torch.tensor(y_hat), torch.tensor(think), batch.label, batch.w_rec)
+    w = [0.1 if k == D.KIND_REASONING else 0.9 for k in kinds]
+    want = sum(
+        wi * _bce(x, y) + (1 - wi) * c for wi, x, y, c in zip(w, y_hat, labels, think, strict=True)
+    ) / len(kinds)
+    assert float(loss) == pytest.approx(want, rel=1e-6)
+
+
+def test_answer_positions():
+    rows, cols, j = answer_positions(torch.tensor([3, 5]), torch.tensor([2, 3]))
+    assert rows.tolist() == [0, 0, 1, 1, 1]
+    assert cols.tolist() == [2, 3, 4, 5, 6]
+    assert j.tolist() == [0, 1, 0, 1, 2]
+
+
+def test_model_loss_matches_full_forward(tiny_qwen):
+    """y_hat and L_think from the position-selective forward equal a plain full-logits forward."""
+    from thinkrec.model.base import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_qwen)
+    pb = PromptBuilder(tok, cf_tokens=False)
+    samples = [_sample(1, "liked both"), _sample(0)]
+    rows = D.encode_rows(pb, samples, ITEMS, history_len=10, max_answer_tokens=8)
+    for r, s in zip(rows, samples, strict=True):
+        r["kind"] = s.kind
+    llm = load_model(tiny_qwen).eval()
+    model = ThinkRecLM(llm, None, None, pb.yes_id)
+    batch = make_batch(rows, pb.placeholder_id, rec_weight_reasoning=0.1, rec_weight_label=0.9)
+    with torch.no_grad():
+        y_hat, think = model(batch)
+        loss, _ = loss_fn(model, batch)
+        want_loss = 0.0
+        for b, r in enumerate(rows):
+            seq = torch.tensor([r["prompt_ids"] + r["answer_ids"]])
+            logits = llm(input_ids=seq).logits[0]  # (T, V)
+            P, A = len(r["prompt_ids"]), len(r["answer_ids"])
+            assert float(y_hat[b]) == pytest.approx(float(logits[P - 1, pb.yes_id]), abs=1e-4)
+            ce = torch.nn.functional.cross_entropy(logits[P - 1 : P - 1 + A], seq[0, P : P + A])
+            assert float(think[b]) == pytest.approx(float(ce), abs=1e-4)
+            w = 0.1 if r["kind"] == D.KIND_REASONING else 0.9
+            want_loss += w * _bce(float(y_hat[b]), r["label"]) + (1 - w) * float(ce)
+    assert float(loss) == pytest.approx(want_loss / len(rows), abs=1e-4)
+
+
+# -- Ray Train: sharding, DeepSpeed ---------------------------------------------------------------------
+def test_data_sharding_gives_workers_distinct_samples(ray_local, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = str(tmp_path)
+
+    def shard_loop(config):  # defined here so Ray ships it by value
+        import ray.train
+
+        rows = D.shard_rows(ray.train.get_dataset_shard("train"))
+        rank = ray.train.get_context().get_world_rank()
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps([int(r["idx"]) for r in rows]))
+        ray.train.report({"n": len(rows)})
+
+    rows = [{"idx": k, "user_id": k % 5, "prompt_ids": [1, 2, k]} for k in range(21)]
+    TorchTrainer(
+        shard_loop,
+        train_loop_config={"out": out},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="shard", storage_path=out),
+        datasets={"train": D.to_dataset(rows, 2)},
+    ).fit()
+    a = json.loads(Path(out, "rank0.json").read_text())
+    b = json.loads(Path(out, "rank1.json").read_text())
+    assert len(a) == len(b) == 10  # 21 rows trimmed to a multiple of 2 workers
+    assert not set(a) & set(b)
+    assert sorted(a + b) == list(range(20))
+
+
+def _lora_b_nonzero(adapter_dir: str) -> bool:
+    w = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    return any(k.endswith("lora_B.weight") and float(v.abs().max()) > 0 for k, v in w.items())
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_cpu_workers(ray_local, tmp_path):
+    """DeepSpeed ZeRO-2 (fp32, torch AdamW, gloo) runs the global phase on 2 CPU workers."""
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.train.bench import synthetic_samples
+    from thinkrec.train.stage import ensure_base_model, fit_phase
+
+    cfg = train_config(
+        str(tmp_path), **{"train.backend": "deepspeed", "train.zero_stage": 2, "train.grad_accum": 2}
+    )
+    base = ensure_base_model(cfg)
+    pb = PromptBuilder(load_tokenizer(base), cf_tokens=False)
+    samples, items = synthetic_samples(16)
+    rows = D.encode_rows(pb, samples, items, history_len=4, max_answer_tokens=4)
+    spec = {
+        "phase": "global",
+        "cf_tokens": False,
+        "lr": 1e-2,
+        "epochs": 1,
+        "base_model": base,
+        "yes_id": pb.yes_id,
+    }
+    d, _ = fit_phase(cfg, spec, rows, rows[:8], "ds-zero2")
+    curves = json.loads(Path(os.path.join(d, "final", "curves.json")).read_text())
+    # 16 rows / 2 workers / batch 4 = 2 micro-batches per worker = 1 optimizer step (grad_accum 2).
+    assert len(curves["loss"]) == 1 and math.isfinite(curves["loss"][0])
+    assert len(curves["valid"]) == 1
+    assert _lora_b_nonzero(os.path.join(d, "final", "adapter"))
+    shutil.rmtree(d)
+
+
+# -- the stage end to end -------------------------------------------------------------------------------
+def _files(root: str) -> set[str]:
+    return {os.path.relpath(os.path.join(dp, f), root) for dp, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_thinkrec(prepared, tmp_path):
+    from peft import PeftModel
+
+    from thinkrec.model.base import load_model
+    from thinkrec.scoring.base import base_model_path
+    from thinkrec.train import stage
+
+    make_train_inputs(prepared, str(tmp_path))
+    cfg = train_config(str(tmp_path), **{"train.n_groups": 2, "train.expert_last_layers": 1})
+    summary = stage.run(cfg)
+    out = os.path.join(str(tmp_path), "train")
+    adapter_files = {"adapter_config.json", "adapter_model.safetensors"}
+    want = {
+        "_SUCCESS",
+        "_manifest.json",
+        "_config.json",
+        "projector.safetensors",
+        "fusion.json",
+        "groups.json",
+        "curves.json",
+    }
+    want |= {f"adapters/{a}/{f}" for a in ("global", "expert-0", "expert-1") for f in adapter_files}
+    assert _files(out) == want
+    assert summary["phases"] == ["global", "projector", "expert-0", "expert-1"]
+    assert summary["reasoning_samples"] == round(0.2 * 32)
+    fusion = json.loads(Path(os.path.join(out, "fusion.json")).read_text())
+    assert np.array(fusion["prototypes"]).shape == (2, CF_DIM)
+    assert fusion["experts"] == ["expert-0", "expert-1"] and fusion["tau"] == cfg.fusion.tau
+    groups = json.loads(Path(os.path.join(out, "groups.json")).read_text())
+    assert sum(groups["sizes"]) == groups["train_users"] and "cohens_d_mean" in groups
+    curves = json.loads(Path(os.path.join(out, "curves.json")).read_text())
+    assert len(curves["global"]["loss"]) == 32 // (2 * 4) and len(curves["global"]["valid"]) == 1
+    # Only the last layer's LoRA differs between an expert and the global adapter (2 layers, last 1).
+    g = load_file(os.path.join(out, "adapters/global/adapter_model.safetensors"))
+    for e in ("expert-0", "expert-1"):
+        x = load_file(os.path.join(out, f"adapters/{e}/adapter_model.safetensors"))
+        assert set(x) == set(g)
+        changed = {k for k in g if not torch.equal(g[k], x[k])}
+        assert changed and all(".layers.1." in k for k in changed)
+        assert all(torch.equal(g[k], x[k]) for k in g if ".layers.0." in k)
+    # The adapters load with peft onto the base model.
+    m = PeftModel.from_pretrained(load_model(base_model_path(cfg)), os.path.join(out, "adapters/expert-1"))
+    m.load_adapter(os.path.join(out, "adapters/global"), adapter_name="global")
+    assert set(m.peft_config) == {"default", "global"}
+    # A rerun with the same config and inputs is skipped.
+    assert stage.run(cfg) == {"skipped": True, "uri": cfg.storage.output_root.rstrip("/") + "/train"}
+
+
+@pytest.mark.slow
+def test_stage_tallrec_variant(prepared, tmp_path):
+    from thinkrec.train import stage
+
+    make_train_inputs(prepared, str(tmp_path))
+    cfg = train_config(
+        str(tmp_path), **{"model.cf_tokens": False, "train.reasoning": False, "train.experts": False}
+    )
+    summary = stage.run(cfg)
+    out = os.path.join(str(tmp_path), "train")
+    assert summary["phases"] == ["global"] and summary["reasoning_samples"] == 0
+    assert _files(out) == {
+        "_SUCCESS", "_manifest.json", "_config.json", "curves.json",
+        "adapters/global/adapter_config.json", "adapters/global/adapter_model.safetensors",
+    }  # fmt: skip
+
+
+# -- benchmarks --------------------------------------------------------------------------------------
+def _gpu_bench():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_training.py"
+    spec = importlib.util.spec_from_file_location("gpu_training", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_training_bench_tiny_cpu_smoke(capsys):
+    bench = _gpu_bench()
+    args = bench.parse_args([])
+    assert (args.batch, args.seq, args.lora_r) == (8, 512, 8)  # the GPU defaults
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--batch", "0"])
+    result = bench.main(["--tiny", "--steps", "2"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tokens_per_s"] == pytest.approx(result["tokens_per_s"])
+    assert result["flops_per_token"] == 4 * result["params_matmul"]
+    assert result["tokens_per_s"] > 0 and result["mfu_vs_measured_ceiling"] > 0
+    assert result["lora_params"] == 2 * 2 * 8 * (64 + 64)  # 2 layers x (q, v) x r (in + out)
