@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import pytest
 
@@ -10,7 +11,9 @@ def test_defaults_and_overrides():
     assert cfg.train.lr == 3e-4
     assert cfg.score.backend == "vllm"
     assert cfg.train.lora_targets == ("q_proj",)
-    assert cfg.storage.output_root == "runs/demo"
+    # Relative local paths are resolved here: Ray workers run in other directories.
+    assert os.path.isabs(cfg.storage.output_root) and cfg.storage.output_root.endswith("runs/demo")
+    assert C.load(None, ["storage.output_root=s3://bucket/run"]).storage.output_root == "s3://bucket/run"
 
 
 @pytest.mark.parametrize(

@@ -102,9 +102,9 @@ def server(request, tmp_path_factory):
         yield "moto", f"http://{host}:{port}", "testing", "testing"
         srv.stop()
         return
-    cache = (
-        Path(request.config.cache.mkdir("s3rver")) if request.config.cache else tmp_path_factory.mktemp("npm")
-    )
+    # pytest's cache (absent under -p no:cacheprovider) keeps the npm install between runs.
+    pytest_cache = getattr(request.config, "cache", None)
+    cache = Path(pytest_cache.mkdir("s3rver")) if pytest_cache else tmp_path_factory.mktemp("npm")
     js = _s3rver_bin(cache)
     port = _free_port()
     data = tmp_path_factory.mktemp("s3rver-data")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -364,4 +365,16 @@ def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] |
             raise ConfigError(f"{path}: top level must be a mapping")
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    return from_dict(_apply_overrides(tree, overrides or {}))
+    return _absolute_paths(from_dict(_apply_overrides(tree, overrides or {})))
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Relative local paths resolved against the submitting process's directory: Ray workers run in
+    other directories, so a relative ``runs/demo`` would point somewhere else inside them."""
+    fix: dict[str, Any] = {}
+    for key, value in (("storage.output_root", cfg.storage.output_root), ("data.source", cfg.data.source)):
+        if value and "://" not in value and not os.path.isabs(value):
+            fix[key] = os.path.abspath(value)
+    if cfg.model.base and not os.path.isabs(cfg.model.base) and os.path.exists(cfg.model.base):
+        fix["model.base"] = os.path.abspath(cfg.model.base)  # a local model dir, not a hub id
+    return cfg.replace(**fix) if fix else cfg
