@@ -98,3 +98,15 @@ def test_rerun_skips_everything(run):
     second = pipeline.run(cfg)
     assert _mtimes(cfg.storage.output_root) == before
     assert second["metrics"]["metrics"] == first["metrics"]["metrics"]
+
+
+def test_summary_prints_headline_metrics():
+    doc = {
+        "metrics": {
+            "all": {"mf": {"auc": 0.7, "uauc": 0.65, "rows": 10}, "thinkrec": {"auc": 0.71, "uauc": None}}
+        }
+    }
+    text = pipeline.summary("runs/x/report", doc, {"prepare": 1.0}, 2.0)
+    assert "runs/x/report/report.html" in text
+    assert "mf: AUC 0.7000  UAUC 0.6500  (10 test rows)" in text
+    assert "thinkrec: AUC 0.7100  UAUC n/a" in text

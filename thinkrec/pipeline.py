@@ -35,11 +35,10 @@ def run(cfg: Config) -> dict[str, Any]:
 def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], total: float) -> str:
     lines = ["", f"Report: {report}/report.html  (also report.md, metrics.json)"]
     for model in ("mf", "thinkrec"):
-        m = metrics.get("models", {}).get(model)
+        m = metrics.get("metrics", {}).get("all", {}).get(model)
         if m:
-            lines.append(
-                f"  {model:>9}: AUC {m['auc']:.4f}  UAUC {m['uauc']:.4f}  ({m.get('rows', '?')} test rows)"
-            )
+            auc, uauc = (f"{x:.4f}" if isinstance(x, float) else "n/a" for x in (m.get("auc"), m.get("uauc")))
+            lines.append(f"  {model:>9}: AUC {auc}  UAUC {uauc}  ({m.get('rows', '?')} test rows)")
     lines.append(
         "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"
     )
