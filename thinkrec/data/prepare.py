@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from thinkrec.config import Config
 from thinkrec.data import movielens as ml
 from thinkrec.data import schema as S
-from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete
+from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, stable_shard
 from thinkrec.io.fs import Storage
 
 log = logging.getLogger(__name__)
@@ -188,7 +190,7 @@ def run(cfg: Config) -> dict[str, Any]:
             for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096)
         )
         w.write(stream, pending)
-        counts = _split_counts(storage, out[INTERACTIONS])
+        counts = _split_counts(storage, out[INTERACTIONS], cfg.storage.num_shards)
         w.commit(
             rows_in=rows_in,
             extra={
@@ -222,8 +224,6 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def _shard_filter(pending: list[int], num_shards: int) -> Any:
-    from thinkrec.io.commit import stable_shard
-
     wanted = np.array(pending)
 
     def keep(batch: pa.Table) -> pa.Table:
@@ -232,23 +232,14 @@ def _shard_filter(pending: list[int], num_shards: int) -> Any:
     return keep
 
 
-def _split_counts(storage: Storage, uri: str) -> dict[str, int]:
-    import pyarrow.parquet as pq
-
-    from thinkrec.io.commit import part_name
-
+def _split_counts(storage: Storage, uri: str, num_shards: int) -> dict[str, int]:
+    """Rows per split over the published shards (a missing or unreadable shard is an error)."""
     fs, root = storage.fs(uri)
     counts = dict.fromkeys(S.SPLITS, 0)
-    i = 0
-    while True:
-        path = f"{root}/{part_name(i)}"
-        try:
-            col = pq.read_table(path, filesystem=fs, columns=[S.SPLIT]).column(0).to_pylist()
-        except (FileNotFoundError, OSError):
-            break
-        for s in col:
-            counts[s] += 1
-        i += 1
+    for shard in range(num_shards):
+        col = pq.read_table(f"{root}/{part_name(shard)}", filesystem=fs, columns=[S.SPLIT]).column(0)
+        for item in pc.value_counts(col).to_pylist():
+            counts[item["values"]] += item["counts"]
     return counts
 
 
