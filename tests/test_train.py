@@ -278,15 +278,25 @@ def _lora_b_nonzero(adapter_dir: str) -> bool:
     return any(k.endswith("lora_B.weight") and float(v.abs().max()) > 0 for k, v in w.items())
 
 
-@pytest.mark.slow
-def test_deepspeed_zero2_two_cpu_workers(ray_local, tmp_path):
-    """DeepSpeed ZeRO-2 (fp32, torch AdamW, gloo) runs the global phase on 2 CPU workers."""
+@pytest.mark.parametrize(
+    "zero_stage,offload",
+    [pytest.param(2, False, id="zero2"), pytest.param(3, True, id="zero3-offload", marks=pytest.mark.slow)],
+)
+def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
+    """DeepSpeed (fp32, torch AdamW, gloo) runs the global phase on 2 CPU workers: ZeRO-2, and ZeRO-3
+    with the optimizer offloaded to CPU."""
     from thinkrec.model.base import load_tokenizer
     from thinkrec.train.bench import synthetic_samples
     from thinkrec.train.stage import ensure_base_model, fit_phase
 
     cfg = train_config(
-        str(tmp_path), **{"train.backend": "deepspeed", "train.zero_stage": 2, "train.grad_accum": 2}
+        str(tmp_path),
+        **{
+            "train.backend": "deepspeed",
+            "train.zero_stage": zero_stage,
+            "train.offload": offload,
+            "train.grad_accum": 2,
+        },
     )
     base = ensure_base_model(cfg)
     pb = PromptBuilder(load_tokenizer(base), cf_tokens=False)
@@ -300,7 +310,7 @@ def test_deepspeed_zero2_two_cpu_workers(ray_local, tmp_path):
         "base_model": base,
         "yes_id": pb.yes_id,
     }
-    d, _ = fit_phase(cfg, spec, rows, rows[:8], "ds-zero2")
+    d, _ = fit_phase(cfg, spec, rows, rows[:8], f"ds-zero{zero_stage}")
     curves = json.loads(Path(os.path.join(d, "final", "curves.json")).read_text())
     # 16 rows / 2 workers / batch 4 = 2 micro-batches per worker = 1 optimizer step (grad_accum 2).
     assert len(curves["loss"]) == 1 and math.isfinite(curves["loss"][0])

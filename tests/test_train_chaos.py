@@ -120,3 +120,24 @@ def test_resubmitted_job_resumes_after_driver_dies(prepared, tmp_path, reference
     curves = _curves(root)["global"]
     assert curves["resumed_at"] and curves["resumed_at"][0] >= 2
     _assert_same(_adapter(root), reference)
+
+
+DEEPSPEED = {**FAST, "train.backend": "deepspeed", "train.zero_stage": 2}
+
+
+@pytest.mark.chaos
+def test_deepspeed_killed_worker_resumes_from_checkpoint(prepared, tmp_path):
+    """ZeRO-2 on 2 CPU workers: every rank checkpoints its optimizer partition; after worker 1 dies,
+    the restarted group loads them and ends with the uninterrupted DeepSpeed run's adapter (atol
+    1e-6)."""
+    from thinkrec.train import stage
+
+    ref_root, root = str(tmp_path / "ref"), str(tmp_path / "killed")
+    for r in (ref_root, root):
+        make_train_inputs(prepared, r)
+    stage.run(train_config(ref_root, **DEEPSPEED))
+    stage.run(train_config(root, **DEEPSPEED, **{"train.fail_at_step": 5, "train.max_failures": 1}))
+    curves = _curves(root)["global"]
+    assert len(curves["resumed_at"]) == 1 and curves["resumed_at"][0] in (2, 4)
+    assert len(curves["loss"]) == len(_curves(ref_root)["global"]["loss"]) == 12
+    _assert_same(_adapter(root), _adapter(ref_root))

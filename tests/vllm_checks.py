@@ -44,6 +44,7 @@ def checks_config(base: str, root: str) -> Any:
             "score.vllm_kv_cache_gib": 0.25,
             "score.vllm_max_model_len": 1024,
             "score.vllm_enforce_eager": True,
+            "score.vllm_block_size": 32,  # below the prompts' shared prefix, so the prefix cache can hit
         },
     )
 

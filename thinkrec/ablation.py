@@ -1,8 +1,10 @@
 """ablation: the ThinkRec ablations of the paper, on one split, in one comparison table.
 
 Each variant is the full pipeline under ``<output_root>/ablation/<variant>/`` with a few overrides.
-prepare is deterministic, so every variant sees the same split and the same test rows; the table
-is written to ``<output_root>/ablation/comparison.{md,json}``.
+The stages no variant changes (prepare, cf, reason, and the tiny base model) run once: the first
+variant's committed outputs are copied into the others' roots before they run, and their fingerprints
+(relative to the output root) let each pipeline skip them. Every variant sees the same split and the
+same test rows; the table is written to ``<output_root>/ablation/comparison.{md,json}``.
 """
 
 from __future__ import annotations
@@ -34,14 +36,33 @@ def variant_config(cfg: Config, name: str) -> Config:
     return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
 
 
+SHARED = ("base_model", "prepare", "cf", "reason")
+"""Outputs that depend on nothing a variant overrides (their fingerprints cover data, cf, reason)."""
+
+
+def share_upstream(storage: Storage, src_root: str, dst_root: str) -> None:
+    """Copy the first variant's committed shared outputs into another variant's root."""
+    for part in SHARED:
+        src, dst = f"{src_root}/{part}", f"{dst_root}/{part}"
+        if storage.exists(src) and not storage.exists(dst):
+            n = storage.copy_tree(src, dst)
+            log.info("ablation: reused %s (%d files) from %s", part, n, src_root)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from thinkrec import pipeline
 
     storage = Storage.from_config(cfg)
     rows = {}
-    for name in VARIANTS:
+    first: str | None = None
+    for name in cfg.ablation.variants:
         log.info("ablation: %s (%s)", name, VARIANTS[name])
-        out = pipeline.run(variant_config(cfg, name))
+        vcfg = variant_config(cfg, name)
+        if first is None:
+            first = vcfg.storage.output_root
+        else:
+            share_upstream(storage, first, vcfg.storage.output_root)
+        out = pipeline.run(vcfg)
         models = out["metrics"].get("metrics", {}).get("all", {})
         rows[name] = {"thinkrec": models.get("thinkrec", {}), "mf": models.get("mf", {})}
     lines = [

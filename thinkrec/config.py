@@ -252,6 +252,9 @@ class ScoreConfig:
     """vLLM: share of accelerator memory the engine may use (ignored when vllm_kv_cache_gib is set)."""
     vllm_max_loras: int | None = Field(None, ge=1)
     """vLLM: adapters resident in one batch. None: all adapters plus max_mixtures."""
+    vllm_block_size: int | None = Field(None, ge=16, multiple_of=16)
+    """vLLM: tokens per KV-cache block, the prefix cache's unit (a shared prefix is reused in whole
+    blocks). None: vLLM's default (16 on GPU, 128 on CPU, where prefixes under 128 tokens never hit)."""
     vllm_enforce_eager: bool = False
     """vLLM: skip CUDA graphs / compilation (faster start, slower steady state)."""
 
@@ -274,6 +277,17 @@ class EvalConfig:
     k_values: tuple[int, ...] = (1, 3, 5, 10)
 
 
+AblationName = Literal["tallrec", "collm", "thinkrec-no-experts", "thinkrec"]
+
+
+@dataclass(config=_STRICT)
+class AblationConfig:
+    variants: tuple[AblationName, ...] = Field(
+        ("tallrec", "collm", "thinkrec-no-experts", "thinkrec"), min_length=1
+    )
+    """Which variants ``thinkrec ablation`` runs, in this order (see thinkrec/ablation.py)."""
+
+
 @dataclass(config=_STRICT)
 class Config:
     seed: int = 0
@@ -288,6 +302,7 @@ class Config:
     score: ScoreConfig = dataclasses.field(default_factory=ScoreConfig)
     explain: ExplainConfig = dataclasses.field(default_factory=ExplainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    ablation: AblationConfig = dataclasses.field(default_factory=AblationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

@@ -229,14 +229,7 @@ def run(cfg: Config) -> dict[str, Any]:
         schema=S.CF_SCORES,
     )
     split_rows = storage.read_json(f"{storage.uri(prepare.INTERACTIONS)}/_manifest.json")["split_rows"]
-    w = TableWriter(
-        storage,
-        scores_uri,
-        num_shards=cfg.storage.num_shards,
-        meta=scores_meta(cfg, storage),
-        config=cfg.to_dict(),
-        schema=S.CF_SCORES,
-    )
+    w = TableWriter.for_stage(cfg, storage, scores_uri, scores_meta(cfg, storage), S.CF_SCORES)
     if not w.complete:
         pending = set(w.pending_shards())
         keep = np.isin(stable_shard(out.column(S.USER_ID), cfg.storage.num_shards), list(pending))

@@ -167,15 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     config = cfg.to_dict()
     rows_in = parsed.count() if not cfg.data.max_users else ok.count() + bad.count()
-    w = TableWriter(
-        storage,
-        out[INTERACTIONS],
-        num_shards=cfg.storage.num_shards,
-        meta=meta,
-        config=config,
-        max_quarantine_rate=cfg.data.max_quarantine_rate,
-        schema=S.INTERACTIONS,
-    )
+    w = TableWriter.for_stage(cfg, storage, out[INTERACTIONS], meta, S.INTERACTIONS)
     if not w.complete:
         pending = w.pending_shards()
         shard_of = _shard_filter(pending, cfg.storage.num_shards)

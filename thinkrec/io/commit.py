@@ -88,7 +88,7 @@ def fingerprint(
     for uri in sorted(inputs or []):
         assert storage is not None
         man = storage.read_json(f"{uri}/{MANIFEST}")
-        h.update(uri.encode())
+        h.update(storage.relative(uri).encode())
         h.update(json.dumps(man.get("files", {}), sort_keys=True).encode())
     return {"config_hash": config_hash, "input_hash": h.hexdigest()[:16]}
 
@@ -167,6 +167,23 @@ class TableWriter:
             storage.delete(uri)
         if not self.complete and storage.exists(f"{uri}/{MANIFEST}"):
             storage.delete(f"{uri}/{MANIFEST}")
+
+    @classmethod
+    def for_stage(
+        cls, cfg: Any, storage: Storage, uri: str, meta: dict[str, str], schema: pa.Schema
+    ) -> TableWriter:
+        """The writer every stage table uses: the run's shard count, sharded by user, the resolved
+        config kept beside the data, the run's quarantine threshold."""
+        return cls(
+            storage,
+            uri,
+            num_shards=cfg.storage.num_shards,
+            key="user_id",
+            meta=meta,
+            config=cfg.to_dict(),
+            max_quarantine_rate=cfg.data.max_quarantine_rate,
+            schema=schema,
+        )
 
     # -- resume ---------------------------------------------------------------------------------
     def published(self) -> set[int]:

@@ -69,6 +69,31 @@ class Storage:
         elif info.type == pafs.FileType.File:
             fs.delete_file(path)
 
+    def relative(self, uri: str) -> str:
+        """``uri`` relative to the output root (unchanged when outside it), so that hashes of what a
+        stage read stay the same when a whole run directory is moved or copied."""
+        root = self.root.rstrip("/") + "/"
+        return uri[len(root) :] if uri.startswith(root) else uri
+
+    def copy_tree(self, src: str, dst: str, last: str = "_SUCCESS") -> int:
+        """Copy every file under ``src`` to ``dst`` (local or S3, same store), files named ``last``
+        after all others: a copy cut short never shows a ``_SUCCESS`` over missing files. Returns the
+        number of files copied."""
+        fs, src_path = self.fs(src)
+        dst_fs, dst_path = self.fs(dst)
+        infos = fs.get_file_info(pafs.FileSelector(src_path, recursive=True))
+        files = sorted(
+            (i.path for i in infos if i.type == pafs.FileType.File),
+            key=lambda p: (os.path.basename(p) == last, p),
+        )
+        for path in files:
+            rel = os.path.relpath(path, src_path)
+            target = f"{dst_path}/{rel}"
+            if isinstance(dst_fs, pafs.LocalFileSystem):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=dst_fs)
+        return len(files)
+
     def local_path(self, uri: str) -> str | None:
         """The local path of a local URI, None for object stores."""
         fs, path = self.fs(uri)

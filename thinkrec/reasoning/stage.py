@@ -126,15 +126,7 @@ def run(cfg: Config) -> dict[str, Any]:
     storage = Storage.from_config(cfg)
     uri = storage.uri(TRACES)
     teacher_cls = get_teacher(cfg.reason.teacher)
-    w = TableWriter(
-        storage,
-        uri,
-        num_shards=cfg.storage.num_shards,
-        meta=stage_meta(cfg, storage),
-        config=cfg.to_dict(),
-        max_quarantine_rate=cfg.data.max_quarantine_rate,
-        schema=S.REASONING_TABLE,
-    )
+    w = TableWriter.for_stage(cfg, storage, uri, stage_meta(cfg, storage), S.REASONING_TABLE)
     if w.complete:
         log.info("reason: up to date, skipped (%s)", uri)
         return storage.read_json(f"{uri}/_manifest.json")

@@ -185,15 +185,7 @@ def run(cfg: Config) -> dict[str, Any]:
             raise FileNotFoundError(f"{storage.uri(rel)} is not committed: run the {stage} stage first")
     out = storage.uri(EXPLANATIONS)
     meta = stage_meta(cfg, storage)
-    writer = TableWriter(
-        storage,
-        out,
-        num_shards=cfg.storage.num_shards,
-        key=S.USER_ID,
-        meta=meta,
-        config=cfg.to_dict(),
-        schema=S.EXPLANATIONS,
-    )
+    writer = TableWriter.for_stage(cfg, storage, out, meta, S.EXPLANATIONS)
     if writer.complete:
         log.info("explain: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/_manifest.json")

@@ -236,16 +236,7 @@ def run(cfg: Config) -> dict[str, Any]:
     storage = Storage.from_config(cfg)
     out = storage.uri(SCORES)
     meta = stage_meta(cfg, storage)
-    writer = TableWriter(
-        storage,
-        out,
-        num_shards=cfg.storage.num_shards,
-        key=S.USER_ID,
-        meta=meta,
-        config=cfg.to_dict(),
-        max_quarantine_rate=cfg.data.max_quarantine_rate,
-        schema=S.SCORES,
-    )
+    writer = TableWriter.for_stage(cfg, storage, out, meta, S.SCORES)
     if writer.complete:
         log.info("score: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/{MANIFEST}")

@@ -195,6 +195,8 @@ class VLLMScorer:
         )
         if cfg.score.vllm_max_model_len:
             kw["max_model_len"] = cfg.score.vllm_max_model_len
+        if cfg.score.vllm_block_size:
+            kw["block_size"] = cfg.score.vllm_block_size
         if cfg.score.vllm_kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(cfg.score.vllm_kv_cache_gib * 2**30)
         kw.update(engine_kwargs or {})

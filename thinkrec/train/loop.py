@@ -423,9 +423,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "workers": world,
     }
     # -- the result: best weights (or the last, without validation), saved as the phase's output
-    if best is not None:
-        _load_state(model, best)
+    # (Overlaid on the gathered copies rather than loaded into the model: under ZeRO-3 the module's
+    # parameters are empty partitions outside a gather.)
     final_state = _gathered_state(model, names, zero3)
+    if best is not None:
+        final_state.update(best)
     state["done"] = True
     with tempfile.TemporaryDirectory(prefix="thinkrec-final-") as d:
         if rank == 0:
