@@ -70,3 +70,52 @@ def prepared(ray_local, tmp_path_factory) -> C.Config:
     cfg = small_config(str(tmp_path_factory.mktemp("run")))
     prepare.run(cfg)
     return cfg
+
+
+# -- scoring: random model artifacts and one scored run, shared by the score-stage and S3 tests -------
+ML100K_ITEMS = 1682
+
+
+@pytest.fixture(scope="session")
+def artifact_dirs(prepared, tiny_qwen, tmp_path_factory) -> str:
+    """Random model artifacts (cf/model, train/) built once and copied into each test's root."""
+    from artifacts import make_artifacts
+
+    root = str(tmp_path_factory.mktemp("score-artifacts"))
+    make_artifacts(
+        small_config(root, **{"model.base": tiny_qwen}),
+        tiny_qwen,
+        n_users=40,
+        n_items=ML100K_ITEMS,
+        n_experts=3,
+    )
+    return root
+
+
+def scoring_root(prepared, tiny_qwen, artifact_root: str, root: str, **overrides) -> C.Config:
+    """A copy of the prepared run plus the shared random model artifacts, under ``root``."""
+    import shutil
+
+    from thinkrec.io.fs import Storage
+
+    storage = Storage.from_config(prepared)
+    shutil.copytree(storage.local_path(storage.uri("prepare")), os.path.join(root, "prepare"))
+    for d in ("cf", "train"):
+        shutil.copytree(os.path.join(artifact_root, d), os.path.join(root, d))
+    return small_config(
+        root,
+        **{"model.base": tiny_qwen, "score.batch_size": 16, "score.torch_threads": 1, **overrides},
+    )
+
+
+@pytest.fixture(scope="session")
+def scored(prepared, tiny_qwen, artifact_dirs, tmp_path_factory):
+    """The hf score stage run once on the test split: (config, manifest, scores table)."""
+    from thinkrec.io.commit import read_table
+    from thinkrec.io.fs import Storage
+    from thinkrec.scoring import stage
+
+    cfg = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path_factory.mktemp("score")))
+    manifest = stage.run(cfg)
+    storage = Storage.from_config(cfg)
+    return cfg, manifest, read_table(storage, storage.uri(stage.SCORES))

@@ -25,6 +25,7 @@ import boto3
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import scoring_root
 
 from thinkrec.io.commit import (
     MANIFEST,
@@ -328,3 +329,51 @@ def test_ray_data_reads_exactly_the_manifest_rows(s3, tmp_path):
         for u, i in zip(data.column("user_id").to_pylist(), data.column("item_id").to_pylist(), strict=True)
     )
     assert got == want
+
+
+def test_score_job_on_s3_equals_local_and_resubmits_as_a_no_op(
+    s3, prepared, tiny_qwen, artifact_dirs, scored, tmp_path
+):
+    """The score stage as a submitted job (its own driver and local Ray, AWS chain from the
+    environment) with every input and output on S3: the prepared tables and model artifacts are read
+    from the bucket (artifacts copied node-local per actor), the scores committed there equal the
+    local run's, and a resubmission changes no object."""
+    if s3["server"] != "moto":
+        pytest.skip("the whole job runs once, against moto")
+    import yaml
+
+    storage, client, bucket = s3["storage"], s3["client"], s3["bucket"]
+    local = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path / "local"))
+    for part in ("prepare", "cf", "train"):
+        storage.copy_tree(os.path.join(local.storage.output_root, part), storage.uri(part))
+    cfg = local.replace(**{"storage.output_root": storage.root, "storage.s3_endpoint": s3["endpoint"]})
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "THINKREC_PROGRESS": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def submit() -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.score", "--config", str(cfg_file)],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+    submit()
+    assert is_complete(storage, storage.uri("score/scores"))
+    got = read_table(storage, storage.uri("score/scores"))
+    _, _, want = scored
+    key = [("user_id", "ascending"), ("item_id", "ascending")]
+    got, want = got.sort_by(key), want.sort_by(key)
+    for col in ("user_id", "item_id", "label", "gate", "version"):
+        assert got.column(col).to_pylist() == want.column(col).to_pylist(), col
+    np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), atol=1e-5)
+    before = _objects(client, bucket, "run/score/")
+    submit()
+    assert _objects(client, bucket, "run/score/") == before

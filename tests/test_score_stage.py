@@ -4,13 +4,13 @@ skip when complete, and resubmission that recomputes only the missing shard."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
+from conftest import scoring_root
 
 from thinkrec.data import schema as S
 from thinkrec.data.prepare import INTERACTIONS
@@ -20,46 +20,10 @@ from thinkrec.scoring import stage
 from thinkrec.scoring.base import load_artifacts
 
 pytestmark = pytest.mark.integration
-N_ITEMS = 1682  # ML-100K
-
-
-@pytest.fixture(scope="module")
-def artifact_dirs(prepared, tiny_qwen, tmp_path_factory) -> str:
-    """Random model artifacts (cf/model, train/) built once and copied into each test's root."""
-    from artifacts import make_artifacts
-    from conftest import small_config
-
-    root = str(tmp_path_factory.mktemp("score-artifacts"))
-    make_artifacts(
-        small_config(root, **{"model.base": tiny_qwen}), tiny_qwen, n_users=40, n_items=N_ITEMS, n_experts=3
-    )
-    return root
-
-
-def scoring_root(prepared, tiny_qwen, artifact_root: str, root: str, **overrides):
-    """A copy of the prepared run plus the shared random model artifacts, under ``root``."""
-    from conftest import small_config
-
-    storage = Storage.from_config(prepared)
-    shutil.copytree(storage.local_path(storage.uri("prepare")), os.path.join(root, "prepare"))
-    for d in ("cf", "train"):
-        shutil.copytree(os.path.join(artifact_root, d), os.path.join(root, d))
-    return small_config(
-        root,
-        **{"model.base": tiny_qwen, "score.batch_size": 16, "score.torch_threads": 1, **overrides},
-    )
 
 
 def sorted_rows(table: pa.Table) -> pa.Table:
     return table.sort_by([(S.USER_ID, "ascending"), (S.ITEM_ID, "ascending"), (S.SCORE, "ascending")])
-
-
-@pytest.fixture(scope="module")
-def scored(prepared, tiny_qwen, artifact_dirs, tmp_path_factory):
-    cfg = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path_factory.mktemp("score")))
-    manifest = stage.run(cfg)
-    storage = Storage.from_config(cfg)
-    return cfg, manifest, read_table(storage, storage.uri(stage.SCORES))
 
 
 def test_scores_every_test_row(scored):
