@@ -282,7 +282,6 @@ def reference(setup, vllm_result):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.parametrize("row_set", [name for name, *_ in ROW_SETS])
 def test_vllm_equals_hf_reference(vllm_result, reference, row_set) -> None:
     """score = the raw Yes logit and p_yes = sigmoid(Yes - No), equal to the reference with the
@@ -296,7 +295,6 @@ def test_vllm_equals_hf_reference(vllm_result, reference, row_set) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_vllm_routing_and_mixture_error(vllm_result, reference) -> None:
     rows, names = reference["rows"], reference["names"]
     served = vllm_result["served"]
@@ -326,7 +324,6 @@ def test_vllm_routing_and_mixture_error(vllm_result, reference) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_vllm_order_and_prefix_cache(vllm_result) -> None:
     """Results follow the caller's order whatever the (adapter, user) sort, and a repeat pass is identical."""
     perm = np.array(vllm_result["perm"])
@@ -345,7 +342,6 @@ def test_vllm_order_and_prefix_cache(vllm_result) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_reference_equals_peft(setup, reference) -> None:
     """The explicit-merge reference itself equals peft's unmerged forward (global adapter)."""
     from peft import PeftModel
@@ -362,7 +358,6 @@ def test_reference_equals_peft(setup, reference) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_vllm_equals_hf_scorer(setup, vllm_result, reference) -> None:
     """Against the HF backend with the gates vLLM served (HF mixes exactly per row, so the served grid
     weights are passed as the rows' gates)."""
