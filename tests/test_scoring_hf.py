@@ -166,3 +166,9 @@ def test_gpu_bench_tiny_smoke():
     assert res["model"]["tiny"] is True
     assert res["prefix_shared"]["max_abs_logit_diff_vs_full"] < 1e-4
     assert res["full_prompt"]["pairs_per_s"] > 0 and res["matmul_tflops"] > 0
+    full = res["full_prompt"]
+    assert full["pairs_per_s"] == max(full["pairs_per_s_by_batch"].values())
+    assert full["compiled"]["pairs_per_s"] > 0 and full["compiled"]["mode"] == "default"
+    shared = res["prefix_shared"]
+    # Several users' prefixes in one batch, each row attending to its own user's cache.
+    assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2

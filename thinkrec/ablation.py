@@ -64,21 +64,28 @@ def run(cfg: Config) -> dict[str, Any]:
             share_upstream(storage, first, vcfg.storage.output_root)
         out = pipeline.run(vcfg)
         models = out["metrics"].get("metrics", {}).get("all", {})
-        rows[name] = {"thinkrec": models.get("thinkrec", {}), "mf": models.get("mf", {})}
+        rows[name] = {
+            "thinkrec": models.get("thinkrec", {}),
+            "mf": models.get("mf", {}),
+            "timings": out["timings"],
+        }
     lines = [
         "# Ablations",
         "",
-        f"Config hash {cfg.hash()}; every variant on the same split and test rows.",
+        f"Config hash {cfg.hash()}; every variant on the same split and test rows (MF: the same CF",
+        "model in every variant, scored on those rows). Train seconds: this run's train stage (0 when",
+        "a finished stage was reused).",
         "",
-        "| variant | CF tokens | reasoning | experts | AUC | UAUC | MF AUC |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | CF tokens | reasoning | experts | AUC | UAUC | MF AUC | MF UAUC | rows | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         v = VARIANTS[name]
-        m = r["thinkrec"]
+        m, mf = r["thinkrec"], r["mf"]
         lines.append(
             f"| {name} | {v['model.cf_tokens']} | {v['train.reasoning']} | {v['train.experts']} "
-            f"| {_fmt(m.get('auc'))} | {_fmt(m.get('uauc'))} | {_fmt(r['mf'].get('auc'))} |"
+            f"| {_fmt(m.get('auc'))} | {_fmt(m.get('uauc'))} | {_fmt(mf.get('auc'))} "
+            f"| {_fmt(mf.get('uauc'))} | {m.get('rows', 'n/a')} | {r['timings'].get('train', 'n/a')} |"
         )
     table = "\n".join(lines) + "\n"
     storage.write_bytes(storage.uri("ablation", "comparison.md"), table.encode())

@@ -68,6 +68,9 @@ class RayConfig:
     """None or "local": start a local Ray; "auto" or ray://host:port joins a cluster."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs for a local Ray (None: all of this machine's)."""
+    object_store_mb: int | None = Field(None, ge=128)
+    """Object store (shared memory) of a local Ray, MiB (None: Ray's default, 30% of RAM). On a
+    cluster, set it per node in the cluster config instead."""
 
 
 @dataclass(config=_STRICT)
@@ -240,6 +243,12 @@ class ScoreConfig:
     read_cpus: float = Field(0.25, gt=0)
     """CPUs reserved per candidate-read task; below one, so reads still run while the actor pools
     hold the other CPUs (on a 2-CPU machine a 1-CPU read would wait forever)."""
+    max_buffer_mb: int | None = Field(512, ge=16)
+    """Object-store memory (MiB, whole cluster) Ray Data may fill with blocks queued between the
+    read, prompt and scorer operators. Bounds the job's memory whatever the table's size (prompt
+    blocks are larger than the candidates they come from). None: Ray Data's default share of the
+    object store, which a large table fills. Raise it with many scorer actors (each keeps a few
+    blocks of ``block_rows`` queued)."""
     shards_per_wave: int = Field(64, ge=1)
     """Output shards written per pass over the candidates; a resubmitted job resumes at wave granularity."""
     torch_threads: int = Field(0, ge=0)

@@ -18,8 +18,13 @@ def init_ray(cfg: Any) -> None:
     address = cfg.ray.address
     if address in (None, "", "local"):
         # A local Ray for the demo and tests. Ray Data's own progress bars show stage progress.
+        store = cfg.ray.object_store_mb
         ray.init(
-            num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True, configure_logging=False
+            num_cpus=cfg.ray.num_cpus,
+            object_store_memory=store * 2**20 if store else None,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
         )
     else:
         ray.init(address=address)

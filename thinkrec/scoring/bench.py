@@ -205,6 +205,14 @@ def reference_rate(base: str, art: Artifacts, pb: PromptBuilder, rows: list[Scor
     return _best_rate(run, len(rows), repeats)
 
 
+# The RSS runs' Ray: a fixed, small object store and Ray Data buffer. Object-store pages count in
+# the RSS of every process that touched them, and a process that writes N blocks touches up to
+# min(N blocks, store size) of the store; with Ray's default store (30% of RAM) the 100k run
+# touches less of it than the 1M run does, though both stay within the store's fixed size.
+RSS_OBJECT_STORE_MB = 256
+RSS_BUFFER_MB = 64
+
+
 def rss_run(n_pairs: int, tiny: dict[str, int], workdir: str) -> dict[str, Any]:
     """Peak RSS (sum over the job's process tree) of the real score stage over ``n_pairs`` pairs,
     run as a subprocess (``python -m thinkrec.scoring.bench --rss-job``)."""
@@ -267,6 +275,8 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
             "storage.output_root": root,
             "storage.num_shards": 4,
             "ray.num_cpus": 2,
+            "ray.object_store_mb": RSS_OBJECT_STORE_MB,
+            "score.max_buffer_mb": RSS_BUFFER_MB,
             "model.base": base,
             "model.tiny": tiny,
             "score.batch_size": 200,
@@ -412,6 +422,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "reference_pairs": len(ref_rows),
             "rss_runs": rss,
             "rss_model": {**rss_tiny, "note": "smallest tiny model, so 1M pairs finish on 2 cores"},
+            "rss_ray": {"object_store_mb": RSS_OBJECT_STORE_MB, "score.max_buffer_mb": RSS_BUFFER_MB},
             "quick": quick,
         },
         "hardware": hardware(),

@@ -12,7 +12,9 @@ writes only the shards not yet published; a finished table with the same fingerp
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,7 @@ RUNTIME_KEYS = (
     "prompt_concurrency",
     "prompt_cpus",
     "shards_per_wave",
+    "max_buffer_mb",
     "torch_threads",
     "read_cpus",
 )
@@ -232,6 +235,49 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     return fingerprint(sections, inputs, storage)
 
 
+@contextlib.contextmanager
+def buffer_limit(max_mb: int | None) -> Iterator[None]:
+    """Cap the object-store memory Ray Data may fill during this stage's executions (restored after).
+
+    Without a cap, Ray Data lets operators run ahead into a share of the whole object store, so a
+    larger candidate table queues more prompt blocks in front of the scorer and the job's memory
+    grows with the table; with it, upstream operators wait (backpressure) instead."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    saved = options.resource_limits
+    if max_mb:
+        options.resource_limits = saved.copy(object_store_memory=max_mb * 2**20)
+    try:
+        yield
+    finally:
+        options.resource_limits = saved
+
+
+def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int]) -> None:
+    """One pass over the candidates: prompts for the wave's shards (CPU actors) -> scorer actors ->
+    the wave's output shards, published as they complete."""
+    sc = cfg.score
+    scored = candidates.map_batches(
+        PromptStep,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "shards": wave},
+        batch_format="pyarrow",
+        batch_size=sc.block_rows,
+        concurrency=sc.prompt_concurrency,
+        num_cpus=sc.prompt_cpus,
+    ).map_batches(
+        ScoreStep,
+        fn_constructor_kwargs={"cfg": cfg.to_dict()},
+        batch_format="pyarrow",
+        batch_size=sc.block_rows,
+        concurrency=sc.concurrency,
+        num_cpus=sc.num_cpus_per_actor,
+        num_gpus=sc.num_gpus_per_actor,
+    )
+    counts = writer.write(scored.iter_batches(batch_format="pyarrow", batch_size=None), wave)
+    log.info("score: wave %s written (%s rows)", wave, sum(counts.values()))
+
+
 def run(cfg: Config) -> dict[str, Any]:
     storage = Storage.from_config(cfg)
     out = storage.uri(SCORES)
@@ -241,28 +287,12 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("score: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/{MANIFEST}")
     artifacts = load_artifacts(cfg)
-    candidates = read_candidates(cfg, storage)
     rows_in = count_candidates(cfg, storage)
     sc = cfg.score
-    for wave in writer.waves(sc.shards_per_wave):
-        scored = candidates.map_batches(
-            PromptStep,
-            fn_constructor_kwargs={"cfg": cfg.to_dict(), "shards": wave},
-            batch_format="pyarrow",
-            batch_size=sc.block_rows,
-            concurrency=sc.prompt_concurrency,
-            num_cpus=sc.prompt_cpus,
-        ).map_batches(
-            ScoreStep,
-            fn_constructor_kwargs={"cfg": cfg.to_dict()},
-            batch_format="pyarrow",
-            batch_size=sc.block_rows,
-            concurrency=sc.concurrency,
-            num_cpus=sc.num_cpus_per_actor,
-            num_gpus=sc.num_gpus_per_actor,
-        )
-        counts = writer.write(scored.iter_batches(batch_format="pyarrow", batch_size=None), wave)
-        log.info("score: wave %s written (%s rows)", wave, sum(counts.values()))
+    with buffer_limit(sc.max_buffer_mb):
+        candidates = read_candidates(cfg, storage)  # a dataset keeps the context it was made in
+        for wave in writer.waves(sc.shards_per_wave):
+            score_wave(cfg, candidates, writer, wave)
     manifest = writer.commit(
         rows_in=rows_in,
         extra={
