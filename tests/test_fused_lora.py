@@ -17,12 +17,7 @@ from thinkrec.scoring.base import load_artifacts
 NAMES = ("global", "expert-0", "expert-1", "expert-2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
