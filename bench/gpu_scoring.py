@@ -21,31 +21,13 @@ import json
 import time
 
 import torch
+from model_shapes import LLAMA3_8B, TINY  # bench/ is the script's directory
 
 
 def llama8b_config(tiny: bool):
     from transformers import LlamaConfig
 
-    if tiny:
-        return LlamaConfig(
-            vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-        )
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
+    return LlamaConfig(**(TINY if tiny else LLAMA3_8B))
 
 
 def sync(device: str) -> None:

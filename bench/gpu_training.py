@@ -21,26 +21,7 @@ import time
 from typing import Any
 
 import torch
-
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-)
-TINY = dict(
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=1,
-    num_key_value_heads=1,
-    max_position_embeddings=256,
-)
+from model_shapes import LLAMA3_8B, TINY  # bench/ is the script's directory
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -395,6 +396,8 @@ def _gpu_bench():
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "bench" / "gpu_training.py"
+    if str(path.parent) not in sys.path:  # as when run as a script: its siblings import
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("gpu_training", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -76,9 +76,9 @@ class Storage:
         return uri[len(root) :] if uri.startswith(root) else uri
 
     def copy_tree(self, src: str, dst: str, last: str = "_SUCCESS") -> int:
-        """Copy every file under ``src`` to ``dst`` (local or S3, same store), files named ``last``
-        after all others: a copy cut short never shows a ``_SUCCESS`` over missing files. Returns the
-        number of files copied."""
+        """Copy every file under ``src`` to ``dst`` (each a local path or a URI in this store), files
+        named ``last`` after all others: a copy cut short never shows a ``_SUCCESS`` over missing
+        files. Returns the number of files copied."""
         fs, src_path = self.fs(src)
         dst_fs, dst_path = self.fs(dst)
         infos = fs.get_file_info(pafs.FileSelector(src_path, recursive=True))

@@ -90,18 +90,6 @@ def ensure_base_model(cfg: Config) -> str:
     return path
 
 
-def _publish_dir(storage: Storage, local: str, uri: str) -> None:
-    """Copy a local directory to ``uri`` (local path or object store), replacing what was there."""
-    import pyarrow.fs as pafs
-
-    storage.delete(uri)
-    fs, root = storage.fs(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        shutil.copytree(local, root)
-    else:
-        pafs.copy_files(local, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
 def _publish_file(storage: Storage, local: str, uri: str) -> None:
     with open(local, "rb") as f:
         storage.write_bytes(uri, f.read())
@@ -248,7 +236,9 @@ def run(cfg: Config) -> dict[str, Any]:
             # peft's generated model card is boilerplate; the adapter is its config and weights.
             if os.path.exists(os.path.join(src, "README.md")):
                 os.remove(os.path.join(src, "README.md"))
-            _publish_dir(storage, src, storage.uri(TRAIN_DIR, ADAPTERS, adapter))
+            dst = storage.uri(TRAIN_DIR, ADAPTERS, adapter)
+            storage.delete(dst)  # replace what an earlier attempt left
+            storage.copy_tree(src, dst)
 
         return publish
 
