@@ -147,3 +147,49 @@ def test_gates_are_required_and_checked(adapters):
         handle.gates([[1, 0, 0, 0]] * 2),
     ):
         model(input_ids=tokens())
+
+
+@pytest.mark.parametrize("mode", ["exact", "linear"])
+def test_fused_projections_equal_separate_ones(adapters, mode):
+    """q/k/v and gate/up as one matmul each (fused_proj.fuse), over per-row fused LoRA mixtures: the
+    same logits as the separate projections (float32, atol 1e-5), every group fused, weights not
+    held twice."""
+    from thinkrec.scoring import fused_proj
+
+    base, dirs = adapters
+    gates = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(3)), -1)
+    want = fused_logits(base, dirs, gates, mode)
+    model = load_model(base).eval()
+    handle = fused_lora.install(model, dirs, mode)  # type: ignore[arg-type]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert fused_proj.fuse(model) == 2 * model.config.num_hidden_layers
+    assert fused_proj.fuse(model) == 0, "fusing twice must leave fused groups alone"
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (attn.q_proj.out_features, model.config.hidden_size)
+    with torch.no_grad(), handle.gates(gates):
+        got = model(input_ids=tokens()).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (want - fused_logits(base, dirs, gates[[1, 0, 2]], mode)).abs().max() > 1e-3  # gates matter
+
+
+def test_fused_projection_members_in_any_order_and_on_other_inputs(tiny_llama):
+    """A member called with a different input than its group's last matmul recomputes (a model that
+    feeds siblings different inputs stays exact), and call order does not matter. Llama: no biases;
+    Qwen's q/k/v biases are covered above."""
+    from thinkrec.scoring import fused_proj
+
+    model = load_model(tiny_llama).eval()
+    attn = model.model.layers[0].self_attn
+    ref = {n: getattr(attn, n).weight.detach().clone() for n in ("q_proj", "k_proj", "v_proj")}
+    assert fused_proj.fuse(model) == 2 * model.config.num_hidden_layers
+    x1, x2 = torch.randn(2, 5, model.config.hidden_size), torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        got_v1 = attn.v_proj(x1)  # v first: computes the group for x1
+        got_k2 = attn.k_proj(x2)  # another input: recomputed for x2
+        got_q1 = attn.q_proj(x1)  # x1 again after x2: recomputed, still right
+        got_q2 = attn.q_proj(x2)
+    torch.testing.assert_close(got_v1, x1 @ ref["v_proj"].T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_k2, x2 @ ref["k_proj"].T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_q1, x1 @ ref["q_proj"].T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_q2, x2 @ ref["q_proj"].T, atol=1e-6, rtol=0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from thinkrec import config as C
-from thinkrec.model.base import load_model, load_tokenizer
+from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.fusion import gate
 from thinkrec.model.prompt import ItemInfo, PromptBuilder
 from thinkrec.model.thinkrec import CFTable, load_fusion
@@ -104,6 +104,34 @@ def test_row_score_independent_of_batch(scoring_setup, prefix_sharing):
     np.testing.assert_allclose(one_s, base_s[3:4], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_fused_projections_do_not_change_scores(scoring_setup, prefix_sharing):
+    """score.fuse_projections (one matmul for q/k/v and for gate/up): the same scores as separate
+    projections (float32, atol 1e-5)."""
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=3, per_user=3, seed=4, gates="random")
+    fused = scorer_for(cfg, art, prefix_sharing=prefix_sharing, fuse_projections=True)
+    assert type(fused.model.model.layers[0].self_attn.k_proj).__name__ == "_Member"
+    s, p = fused.score(rows)
+    s0, p0 = scorer_for(cfg, art, prefix_sharing=prefix_sharing, fuse_projections=False).score(rows)
+    np.testing.assert_allclose(s, s0, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(p, p0, atol=1e-5, rtol=0)
+
+
+def test_compiled_scorer_equals_eager(scoring_setup):
+    """score.compile (torch.compile, dynamic shapes, over fused projections and per-row LoRA mixtures):
+    the eager scores on batches of varying rows and lengths, both paths (float32, atol 1e-4)."""
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=4, per_user=3, seed=5, gates="random")
+    for sharing in (False, True):
+        s0, p0 = scorer_for(cfg, art, prefix_sharing=sharing).score(rows)
+        compiled = scorer_for(cfg, art, prefix_sharing=sharing, compile=True)
+        assert compiled.body is not decoder_and_head(compiled.model)[0]
+        s, p = compiled.score(rows)
+        np.testing.assert_allclose(s, s0, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(p, p0, atol=1e-4, rtol=0)
+
+
 def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
     """Fused mixtures per row == an explicitly merged float64 model (W + sum_n w_n s_n B_n A_n), with the
     full vocabulary head: the scorer's Yes logit within atol 1e-4 and P(Yes) = softmax over {Yes, No}."""
@@ -162,7 +190,14 @@ def test_gpu_bench_tiny_smoke():
     assert res["full_prompt"]["pairs_per_s"] > 0 and res["matmul_tflops"] > 0
     full = res["full_prompt"]
     assert full["pairs_per_s"] == max(full["pairs_per_s_by_batch"].values())
-    assert full["compiled"]["pairs_per_s"] > 0 and full["compiled"]["mode"] == "default"
+    names = [v["variant"] for v in full["variants"]]
+    assert (
+        len(names) == 4
+        and sum("compiled" in n for n in names) == 2
+        and all(v["pairs_per_s"] > 0 for v in full["variants"])
+    )
+    assert full["best"]["pairs_per_s"] == max(v["pairs_per_s"] for v in full["variants"])
+    assert res["fused_projection_groups"] == 2 * res["model"]["layers"] and res["matmul_tflops_sustained"] > 0
     shared = res["prefix_shared"]
     # Several users' prefixes in one batch, each row attending to its own user's cache.
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2

@@ -226,6 +226,14 @@ class ScoreConfig:
     num_cpus_per_actor: float = Field(1, ge=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     prefix_sharing: bool = True
+    fuse_projections: bool = True
+    """hf backend: run each layer's q/k/v (and gate/up) projections as one matmul over concatenated
+    weights; exact, faster where narrow GEMMs are slow (grouped-query key/value heads on a GPU)."""
+    compile: bool = False
+    """hf backend: ``torch.compile`` the decoder (dynamic shapes). Fuses the norms, rotary embedding
+    and gating that eager mode runs as separate kernels (H200, plain HF Llama-3-8B shape: 140.6 ->
+    164.6 pairs/s, bench/README.md); each scorer actor spends its first batches compiling (seconds on
+    CPU with a tiny model, about a minute for an 8B model)."""
     unknown: Literal["quarantine", "cold"] = "quarantine"
     """Candidates whose user or item is unknown: quarantine with a reason, or score them with a
     zero CF vector (cold start)."""

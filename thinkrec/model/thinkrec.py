@@ -134,7 +134,9 @@ def input_embeddings(
     return x
 
 
-def hidden_states(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
+def hidden_states(
+    model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kw: Any
+) -> Any:
     """Run the transformer body only (no vocabulary projection). Returns the body's output."""
     body, _ = decoder_and_head(model)
     return body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kw)

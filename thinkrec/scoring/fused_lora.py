@@ -53,16 +53,19 @@ class GateState:
         self.gates = gates
         self._cache.clear()
 
-    def coefficients(self, scaling: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def coefficients(
+        self, scaling: tuple[float, ...], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Per-row coefficients over adapters (B, K) for layers with this ``scaling`` (K,): the gate
         times the scaling (exact) or its signed square root (linear). Cached per forward, since every
-        layer of a model usually shares one scaling vector."""
+        layer of a model usually shares one scaling vector. ``scaling`` is a tuple of Python floats,
+        not a tensor, so ``torch.compile`` traces this without a graph break."""
         if self.gates is None:
             raise RuntimeError("fused LoRA: no gates set; call FusedLoRA.gates(...) around the forward")
-        key = (device, dtype, *scaling.tolist())
+        key = (device, dtype, *scaling)
         hit = self._cache.get(key)
         if hit is None:
-            ws = self.gates.double() * scaling.double()[None, :]  # (B, K)
+            ws = self.gates.double() * torch.tensor(scaling, dtype=torch.float64, device=self.gates.device)
             hit = ws if self.mode == "exact" else torch.sign(ws) * ws.abs().sqrt()
             hit = hit.to(device=device, dtype=dtype)
             self._cache[key] = hit
@@ -108,27 +111,31 @@ class FusedLoRALinear(nn.Module):
         self.k, self.r = len(a_blocks), r
         self.register_buffer("lora_a", torch.cat(a_blocks).to(w.device, w.dtype))  # (K*r, in)
         self.register_buffer("lora_b", torch.cat(b_blocks, dim=1).to(w.device, w.dtype))  # (out, K*r)
-        self.register_buffer("scaling", torch.tensor(list(scaling), dtype=torch.float64), persistent=False)
+        self.scaling = tuple(float(s) for s in scaling)  # (K,)
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects q_proj.weight (dtype, device) still works
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, in) -> (B, T, out)
-        y = self.base(x)
-        c = self.state.coefficients(self.scaling, x.device, x.dtype)  # (B, K)
-        if c.shape[0] != x.shape[0]:
-            raise RuntimeError(f"fused LoRA: gates for {c.shape[0]} rows, batch has {x.shape[0]}")
-        h = nn.functional.linear(x, self.lora_a)  # (B, T, K*r)
+        return self.base(x) + self.delta(nn.functional.linear(x, self.lora_a))
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The mixed LoRA output from ``h = A_cat x`` (B, T, K*r) -> (B, T, out). Separate from
+        ``forward`` so a fused projection group (fused_proj.py) can compute ``h`` for several layers
+        in one matmul."""
+        c = self.state.coefficients(self.scaling, h.device, h.dtype)  # (B, K)
+        if c.shape[0] != h.shape[0]:
+            raise RuntimeError(f"fused LoRA: gates for {c.shape[0]} rows, batch has {h.shape[0]}")
         B, T = h.shape[0], h.shape[1]
-        h = h.view(B, T, self.k, self.r)
+        h = h.reshape(B, T, self.k, self.r)
         if self.state.mode == "exact":
             h = h * c[:, None, :, None]  # each adapter's r columns times g_k s_k
         else:
             # peft's linear merge per row: A_mix x = sum_k c_k A_k x, then B_mix = sum_k |c_k| B_k.
             mixed = (h * c[:, None, :, None]).sum(2, keepdim=True)  # (B, T, 1, r)
             h = mixed * c.abs()[:, None, :, None]  # (B, T, K, r)
-        return y + nn.functional.linear(h.reshape(B, T, self.k * self.r), self.lora_b)
+        return nn.functional.linear(h.reshape(B, T, self.k * self.r), self.lora_b)
 
 
 @dataclass

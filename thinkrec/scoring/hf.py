@@ -5,7 +5,10 @@
 - No decoding: the final hidden state at the answer position (the prompt's last token) is projected
   onto the Yes and No rows of the output embedding only, ``h @ W[[yes, no]].T`` (2 dot products per
   row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
-- Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads).
+- Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads)
+  and without an attention mask (right padding under causal attention is invisible to real tokens).
+- Each layer's q/k/v and gate/up projections run as one matmul each (fused_proj.py,
+  ``score.fuse_projections``); ``score.compile`` runs the decoder under ``torch.compile``.
 - Prefix sharing: rows with the same prefix (one user's instruction, history and CF token) are
   grouped; each prefix runs once, with its user's gate, and its key/value cache is expanded over the
   user's candidates, which continue at the prefix's positions. Several users' prefixes run in one
@@ -23,8 +26,8 @@ import torch
 
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, hidden_states, input_embeddings
-from thinkrec.scoring import fused_lora
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
+from thinkrec.scoring import fused_lora, fused_proj
 from thinkrec.scoring.base import Artifacts, ScoreRow
 
 
@@ -56,6 +59,12 @@ class HFScorer:
         mode: fused_lora.GateMode = "linear" if cfg.fusion.mode == "linear" else "exact"
         dirs = [os.path.join(artifacts.adapters_dir, n) for n in artifacts.adapter_names]
         self.fused = fused_lora.install(model, dirs, mode)
+        if cfg.score.fuse_projections:
+            fused_proj.fuse(model)
+        body, _ = decoder_and_head(model)
+        # dynamic=True: batches vary in rows and length; one symbolic-shape graph serves them
+        # instead of a compilation per shape.
+        self.body = torch.compile(body, dynamic=True) if cfg.score.compile else body
         self.projector: CFProjector | None = None
         self.cf: CFTable | None = None
         if cfg.model.cf_tokens and artifacts.projector and artifacts.cf_embeddings:
@@ -108,9 +117,12 @@ class HFScorer:
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             chunk = [rows[i] for i in idx]
-            emb, mask, lengths = self._embed([r.prefix + r.candidate for r in chunk])
+            emb, _, lengths = self._embed([r.prefix + r.candidate for r in chunk])
+            # No attention mask: rows are right-padded and attention is causal, so no real token sees a
+            # pad, and without a mask SDPA takes its causal (flash) kernel on a GPU.
             with self.fused.gates(self._gates(chunk)):
-                hs = hidden_states(self.model, emb, mask, use_cache=False).last_hidden_state  # (B, T, H)
+                out_b = self.body(inputs_embeds=emb, attention_mask=None, use_cache=False)
+            hs = out_b.last_hidden_state  # (B, T, H)
             last = hs[torch.arange(len(idx), device=hs.device), lengths - 1]  # (B, H)
             out[idx] = self._answer_logits(last).cpu()
         return out
@@ -139,7 +151,7 @@ class HFScorer:
             heads = [rows[m[0]] for m in batch_groups]
             emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
             with self.fused.gates(self._gates(heads)):
-                cache = hidden_states(self.model, emb, pmask, use_cache=True).past_key_values
+                cache = self.body(inputs_embeds=emb, attention_mask=pmask, use_cache=True).past_key_values
             layers = getattr(cache, "layers", None)
             if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
                 # Sliding-window caches may drop prefix keys; score these rows without sharing.
@@ -160,8 +172,12 @@ class HFScorer:
                 mask = torch.cat([pmask[gidx], cmask], dim=1)  # (n, P + C)
                 past = DynamicCache(ddp_cache_data=[(k[gidx], v[gidx]) for k, v in kv])
                 with self.fused.gates(self._gates(chunk)):
-                    hs = hidden_states(
-                        self.model, cemb, mask, position_ids=positions, past_key_values=past, use_cache=True
+                    hs = self.body(
+                        inputs_embeds=cemb,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        past_key_values=past,
+                        use_cache=True,
                     ).last_hidden_state  # (n, C, H)
                 last = hs[torch.arange(len(part), device=hs.device), clen - 1]  # (n, H)
                 out[ridx] = self._answer_logits(last).cpu()

@@ -47,6 +47,9 @@ RUNTIME_KEYS = (
     "max_buffer_mb",
     "torch_threads",
     "read_cpus",
+    # Same scores up to float rounding: how the forward runs, not what it computes.
+    "fuse_projections",
+    "compile",
 )
 CANDIDATE_COLUMNS = [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP, S.HISTORY_ITEMS, S.HISTORY_LABELS]
 
