@@ -15,7 +15,7 @@ step() {  # step SECONDS STDOUT STDERR CMD...: run with a time limit, report its
     timeout "$limit" "$@" >"$out/$stdout" 2>"$out/$stderr"
     echo "$stdout: rc=$? in $((SECONDS - t0)) s"
 }
-step 180 gpu-scoring.json gpu-scoring.err python3 bench/gpu_scoring.py
-step 180 gpu-training.json gpu-training.err python3 bench/gpu_training.py
+step 240 gpu-scoring.json gpu-scoring.err python3 bench/gpu_scoring.py
+step 150 gpu-training.json gpu-training.err python3 bench/gpu_training.py
 step 150 gpu-tests.log gpu-tests.err python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
     tests/test_gpu.py tests/test_scoring_hf.py

@@ -8,11 +8,14 @@ see the same order of a user's rows.
 Ranking convention: a user's rows are sorted by score, highest first; ties keep the input order
 (a stable sort), so results are deterministic. Only users with at least one positive row are ranked
 (HR, NDCG and AP are undefined without a relevant item); the count of such users is reported.
+
+Explanation text metrics (BLEU-4, ROUGE-L) come from torchmetrics; see ``explanation_text_metrics``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,3 +131,64 @@ def all_metrics(
         "uauc_users": n_users,
         **ranking_metrics(u, y, s, k_values),
     }
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased, every run of characters other than letters and digits made one space, stripped."""
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def explanation_text_metrics(
+    explanations: Sequence[str | None], references: Sequence[str | None]
+) -> dict[str, float | int | None]:
+    """Word overlap of generated explanations with their reference reasoning, pair by pair.
+
+    Both texts go through ``normalize_text`` first (lower-case; punctuation and other non-alphanumeric
+    characters become word breaks), and tokens are the whitespace-separated words of the result, so
+    BLEU and ROUGE see the same tokens. A pair is used only when both texts keep at least one word;
+    the others are skipped and counted by reason (a missing reference is checked first).
+
+    - ``bleu4``: corpus BLEU-4 (torchmetrics ``bleu_score``, n_gram=4, no smoothing): clipped n-gram
+      matches and candidate n-grams summed over all used pairs, geometric mean of the 1..4-gram
+      precisions with equal weights, times the brevity penalty of the summed lengths. It is 0 when the
+      corpus has no matching 4-gram (for example when every pair is shorter than 4 words).
+    - ``rouge_l_f``: mean over used pairs of ROUGE-L F-measure (torchmetrics ``rouge_score``,
+      ``rougeL``, no stemmer): LCS length over explanation length (P) and over reference length (R),
+      F = 2PR / (P + R).
+    - ``rows``: pairs used; ``skipped_no_reference``, ``skipped_no_explanation``: pairs skipped.
+
+    ``bleu4`` and ``rouge_l_f`` are None when no pair is used.
+    """
+    if len(explanations) != len(references):
+        raise ValueError(f"{len(explanations)} explanations but {len(references)} references")
+    preds: list[str] = []
+    refs: list[str] = []
+    no_ref = no_expl = 0
+    for expl, ref in zip(explanations, references, strict=True):
+        # A missing string is NaN under pandas' str dtype and None under object dtype.
+        ref_words = normalize_text(ref) if isinstance(ref, str) else ""
+        expl_words = normalize_text(expl) if isinstance(expl, str) else ""
+        if not ref_words:
+            no_ref += 1
+        elif not expl_words:
+            no_expl += 1
+        else:
+            preds.append(expl_words)
+            refs.append(ref_words)
+    out: dict[str, float | int | None] = {
+        "bleu4": None,
+        "rouge_l_f": None,
+        "rows": len(preds),
+        "skipped_no_reference": no_ref,
+        "skipped_no_explanation": no_expl,
+    }
+    if preds:
+        # Imported here: torchmetrics takes seconds to import and most callers of this module never
+        # need it.
+        from torchmetrics.functional.text.bleu import bleu_score
+        from torchmetrics.functional.text.rouge import rouge_score
+
+        out["bleu4"] = float(bleu_score(preds, [[r] for r in refs], n_gram=4, smooth=False))
+        rouge = rouge_score(preds, refs, rouge_keys=("rougeL",), use_stemmer=False, normalizer=normalize_text)
+        out["rouge_l_f"] = float(rouge["rougeL_fmeasure"])
+    return out

@@ -135,6 +135,77 @@ def test_all_metrics_matches_sklearn_on_random_rows():
     json.dumps(got)  # plain Python numbers only
 
 
+# -- explanation text metrics ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "explanation, reference, bleu4, rouge_l_f",
+    [
+        # LCS "the cat on the mat" = 5 of 6 words each: P = R = F = 5/6; no 4-gram in common
+        ("the cat sat on the mat", "the cat lay on the mat", 0.0, 5 / 6),
+        # p1..p4 = 4/5, 3/4, 2/3, 1/2, equal lengths: BLEU-4 = (1/5) ** (1/4); LCS 4 of 5
+        ("a b c d e", "a b c d f", 0.2**0.25, 0.8),
+        ("likes long dramas from the nineties", "likes long dramas from the nineties", 1.0, 1.0),
+        # case and punctuation are normalised away before both metrics
+        ("Likes long dramas, from the NINETIES!", "likes long dramas from the nineties", 1.0, 1.0),
+        ("likes long dramas from the nineties", "hates short cartoons of today", 0.0, 0.0),
+        # fewer than 4 words: no 4-gram, so BLEU-4 = 0; ROUGE-L P = 1, R = 3/6, F = 2/3
+        ("the cat sat", "the cat sat on the mat", 0.0, 2 / 3),
+        # every n-gram matches but the explanation is short: brevity penalty exp(1 - 8/5);
+        # ROUGE-L P = 1, R = 5/8, F = 10/13
+        ("a b c d e", "a b c d e f g h", math.exp(1 - 8 / 5), 10 / 13),
+    ],
+)
+def test_explanation_text_metrics_one_pair(explanation, reference, bleu4, rouge_l_f):
+    got = M.explanation_text_metrics([explanation], [reference])
+    assert got["rows"] == 1 and got["skipped_no_reference"] == got["skipped_no_explanation"] == 0
+    assert got["bleu4"] == pytest.approx(bleu4, abs=1e-6)
+    assert got["rouge_l_f"] == pytest.approx(rouge_l_f, abs=1e-6)
+
+
+def test_explanation_text_metrics_corpus_bleu_and_mean_rouge():
+    # BLEU sums n-gram counts over the corpus before dividing: p1..p4 = (6+4)/(6+5), (5+3)/(5+4),
+    # (4+2)/(4+3), (3+1)/(3+2), equal total lengths. The mean of the two sentence BLEUs would be
+    # (1 + 0.2 ** 0.25) / 2 instead. ROUGE-L is the mean of the per-row F (1 and 4/5).
+    got = M.explanation_text_metrics(["u v w x y z", "a b c d e"], ["u v w x y z", "a b c d f"])
+    assert got["rows"] == 2
+    assert got["bleu4"] == pytest.approx((10 / 11 * 8 / 9 * 6 / 7 * 4 / 5) ** 0.25, abs=1e-6)
+    assert got["rouge_l_f"] == pytest.approx((1 + 0.8) / 2, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "explanations, references, rows, no_ref, no_expl",
+    [
+        (["a b c d", "e f g h", "i j k l"], ["a b c d", None, "i j k l"], 2, 1, 0),
+        (["a b c d", "e f g h"], [math.nan, "  ,. "], 0, 2, 0),  # NaN and punctuation-only: no reference
+        (["a b c d", None, "?!", ""], ["a b c d", "x y", "x y", "x y"], 1, 0, 3),
+        ([None, "a b"], [None, ""], 0, 2, 0),  # a missing reference is counted first
+    ],
+)
+def test_explanation_text_metrics_skips_rows_without_both(explanations, references, rows, no_ref, no_expl):
+    got = M.explanation_text_metrics(explanations, references)
+    assert (got["rows"], got["skipped_no_reference"], got["skipped_no_explanation"]) == (
+        rows,
+        no_ref,
+        no_expl,
+    )
+    if rows:
+        assert got["bleu4"] == pytest.approx(1.0) and got["rouge_l_f"] == pytest.approx(1.0)
+    else:
+        assert got["bleu4"] is None and got["rouge_l_f"] is None
+    json.dumps(got)  # plain Python values only
+
+
+def test_explanation_text_metrics_empty_input_and_length_mismatch():
+    assert M.explanation_text_metrics([], []) == {
+        "bleu4": None,
+        "rouge_l_f": None,
+        "rows": 0,
+        "skipped_no_reference": 0,
+        "skipped_no_explanation": 0,
+    }
+    with pytest.raises(ValueError, match="2 explanations but 1 references"):
+        M.explanation_text_metrics(["a", "b"], ["a"])
+
+
 # -- the evaluate stage on synthetic committed tables ---------------------------------------------
 def _write(storage: Storage, rel: str, rows: dict, schema: pa.Schema, extra: dict | None = None) -> None:
     w = TableWriter(storage, storage.uri(rel), num_shards=2, schema=schema, meta={"stage": "test"})
@@ -308,17 +379,59 @@ def test_report_with_curves_and_explanations(tmp_path):
             S.USER_ID: np.array([1, 2], np.int64),
             S.ITEM_ID: np.array([3, 4], np.int64),
             S.LABEL: np.array([1, 0], np.int8),
-            S.EXPLANATION: ["likes dramas", "dislikes horror"],
-            S.REASONING: ["ref", None],
+            S.EXPLANATION: ["the cat sat on the mat", "dislikes horror"],
+            S.REASONING: ["The cat lay on the mat.", None],
         },
         S.EXPLANATIONS,
     )
     report.run(cfg)
     out = tmp_path / "run" / "report"
     assert (out / "curves.png").stat().st_size > 1000
+    saved = json.loads((out / "metrics.json").read_text())["explanations"]
+    assert saved == {
+        "rows": 2,
+        "with_reference": 1,
+        "text_metrics": {
+            "bleu4": 0.0,  # one pair, no 4-gram in common
+            "rouge_l_f": pytest.approx(5 / 6, abs=1e-6),
+            "rows": 1,
+            "skipped_no_reference": 1,
+            "skipped_no_explanation": 0,
+        },
+        "not_computed": report.TEXT_METRICS_NOT_COMPUTED,
+    }
     md = (out / "report.md").read_text()
-    assert "2 generated explanations, 1 with a reference trace" in md and "likes dramas" in md
-    assert "BLEU-4" in md  # says plainly that text metrics were not computed
+    assert "2 generated explanations, 1 with a reference trace" in md and "the cat sat on the mat" in md
+    assert "| BLEU-4 (corpus) | ROUGE-L F (mean over rows) |" in md
+    assert "| 0.0000 | 0.8333 | 1 | 1 | 0 |" in md
+    assert "METEOR needs WordNet data" in md and "(METEOR, BLEURT) are therefore not reproduced" in md
+
+
+def test_report_explanations_without_references(tmp_path):
+    cfg, _ = _synthetic_run(str(tmp_path / "run"), seed=3)
+    storage = Storage.from_config(cfg)
+    _write(
+        storage,
+        "explain/explanations",
+        {
+            S.USER_ID: np.array([1, 2, 3], np.int64),
+            S.ITEM_ID: np.array([3, 4, 5], np.int64),
+            S.LABEL: np.array([1, 0, 1], np.int8),
+            S.EXPLANATION: ["likes dramas", "dislikes horror", "likes comedies"],
+            S.REASONING: [None, None, None],
+        },
+        S.EXPLANATIONS,
+    )
+    doc = report.run(cfg)
+    assert doc["explanations"]["text_metrics"] == {
+        "bleu4": None,
+        "rouge_l_f": None,
+        "rows": 0,
+        "skipped_no_reference": 3,
+        "skipped_no_explanation": 0,
+    }
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "| n/a | n/a | 0 | 3 | 0 |" in md and "BLEU-4 and ROUGE-L are n/a" in md
 
 
 def test_report_without_scores_names_the_stage(tmp_path):

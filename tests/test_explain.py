@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -82,13 +81,25 @@ def test_explanations_table(explained):
     assert all(
         labels[(u, i)] == lab for u, i, lab in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.LABEL], strict=True)
     )
-    # reasoning = the reference trace where reason/traces has one, null elsewhere
+    # reasoning = the reference trace where reason/traces has one; elsewhere the configured teacher's
+    # rationale for the row and its true label, written by the explain stage.
+    from thinkrec.reasoning.teachers import GroundedTeacher
+
     traced = (int(sample.iloc[1][S.USER_ID]), int(sample.iloc[1][S.ITEM_ID]))
     refs = {
         (int(u), int(i)): r for u, i, r in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.REASONING], strict=True)
     }
     assert refs.pop(traced) == "the user likes this genre"
-    assert all(pd.isna(r) for r in refs.values())  # null in Parquet
+    teacher = GroundedTeacher(cfg)
+    rest = sample[
+        [(int(u), int(i)) in refs for u, i in zip(sample[S.USER_ID], sample[S.ITEM_ID], strict=True)]
+    ]
+    assert len(rest) == N_SAMPLES - 1
+    for r in rest.to_dict("records"):
+        want = teacher.rationale(
+            int(r[S.ITEM_ID]), int(r[S.LABEL]), list(r[S.HISTORY_ITEMS]), list(r[S.HISTORY_LABELS])
+        )
+        assert refs[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))] == want and want.strip()
 
 
 def test_rerun_skips(explained):

@@ -6,7 +6,10 @@ The prompt is the scorer's and the trainer's (``PromptBuilder``: user prefix, th
 ending at "Answer:"); CF slots are filled with projected CF embeddings and the global adapter
 generates greedily from ``inputs_embeds``, so the text starts with the Yes/No answer and continues
 with the reasoning the model was trained to give ("Yes. <reasoning>"). ``reasoning`` holds the
-teacher's reference trace for the same (user, item) when reason/traces has one, else null.
+reference the report scores the explanation against (BLEU-4, ROUGE-L): the teacher's trace for the
+same (user, item) when reason/traces has one, else the configured teacher (``reason.teacher``) run
+here on the row with its true label, as the paper makes reference reasoning for test rows. It is
+null only where the teacher cannot explain the row (e.g. an item missing from prepare/items).
 """
 
 from __future__ import annotations
@@ -68,6 +71,33 @@ def reference_traces(storage: Storage) -> dict[tuple[int, int], str]:
         return {}
     t = read_table(storage, uri, columns=[S.USER_ID, S.ITEM_ID, S.REASONING]).to_pandas()
     return {(int(u), int(i)): r for u, i, r in zip(t[S.USER_ID], t[S.ITEM_ID], t[S.REASONING], strict=True)}
+
+
+def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int], str | None]:
+    """(user_id, item_id) -> the configured teacher's rationale for each row and its true label. The
+    teacher runs in a Ray Data actor, as in the reason stage, so an LLM teacher gets its GPUs there."""
+    import ray
+
+    from thinkrec.reasoning.teachers import get_teacher
+
+    if not len(rows):
+        return {}
+    out = (
+        ray.data.from_pandas(rows)
+        .map_batches(
+            get_teacher(cfg.reason.teacher),
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_format="pandas",
+            batch_size=cfg.reason.batch_size,
+            concurrency=1,  # a handful of rows: one teacher
+            num_gpus=cfg.reason.num_gpus_per_actor or None,
+        )
+        .to_pandas()
+    )
+    return {
+        (int(u), int(i)): (r if isinstance(r, str) else None)
+        for u, i, r in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.REASONING], strict=True)
+    }
 
 
 class Explainer:
@@ -170,7 +200,13 @@ class Explainer:
 
 def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
-    sections = {"seed": d["seed"], "model": d["model"], "explain": d["explain"], "stage": "explain/v1"}
+    sections = {
+        "seed": d["seed"],
+        "model": d["model"],
+        "explain": d["explain"],
+        "teacher": {k: d["reason"][k] for k in ("teacher", "model")},
+        "stage": "explain/v2",
+    }
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, TRACES, TRAIN, CF_MODEL)]
     return fingerprint(sections, [u for u in inputs if storage.exists(f"{u}/{SUCCESS}")], storage)
 
@@ -196,6 +232,10 @@ def run(cfg: Config) -> dict[str, Any]:
         needed.update(int(i) for i in h)
     items = item_infos(storage, needed)
     refs = reference_traces(storage)
+    untraced = [
+        (int(u), int(i)) not in refs for u, i in zip(sample[S.USER_ID], sample[S.ITEM_ID], strict=True)
+    ]
+    refs.update(teacher_references(cfg, sample[untraced]))
 
     generated = pd.DataFrame(columns=[S.USER_ID, S.ITEM_ID, S.LABEL, S.EXPLANATION])
     if len(sample):
