@@ -104,9 +104,12 @@ def test_summary_prints_headline_metrics():
     doc = {
         "metrics": {
             "all": {"mf": {"auc": 0.7, "uauc": 0.65, "rows": 10}, "thinkrec": {"auc": 0.71, "uauc": None}}
-        }
+        },
+        "explanations": {"text_metrics": {"bleu4": 0.0123, "rouge_l_f": 0.25, "rows": 8}},
     }
     text = pipeline.summary("runs/x/report", doc, {"prepare": 1.0}, 2.0)
     assert "runs/x/report/report.html" in text
     assert "mf: AUC 0.7000  UAUC 0.6500  (10 test rows)" in text
     assert "thinkrec: AUC 0.7100  UAUC n/a" in text
+    assert "explanations: BLEU-4 0.0123  ROUGE-L F 0.2500  (8 rows with a reference)" in text
+    assert "explanations" not in pipeline.summary("r", {"metrics": {}}, {}, 1.0)

@@ -34,11 +34,21 @@ def run(cfg: Config) -> dict[str, Any]:
 
 def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], total: float) -> str:
     lines = ["", f"Report: {report}/report.html  (also report.md, metrics.json)"]
+
+    def fmt(x: Any) -> str:
+        return f"{x:.4f}" if isinstance(x, float) else "n/a"
+
     for model in ("mf", "thinkrec"):
         m = metrics.get("metrics", {}).get("all", {}).get(model)
         if m:
-            auc, uauc = (f"{x:.4f}" if isinstance(x, float) else "n/a" for x in (m.get("auc"), m.get("uauc")))
+            auc, uauc = fmt(m.get("auc")), fmt(m.get("uauc"))
             lines.append(f"  {model:>9}: AUC {auc}  UAUC {uauc}  ({m.get('rows', '?')} test rows)")
+    text = (metrics.get("explanations") or {}).get("text_metrics")
+    if text:
+        lines.append(
+            f"  explanations: BLEU-4 {fmt(text['bleu4'])}  ROUGE-L F {fmt(text['rouge_l_f'])}  "
+            f"({text['rows']} rows with a reference)"
+        )
     lines.append(
         "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"
     )
