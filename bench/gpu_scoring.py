@@ -16,7 +16,8 @@ Measures, in one run:
   batch) and its key/value cache serves that user's 100 candidates of 56 tokens each, over the same
   pairs as full 256-token prompts (both with the fused projections). Target >= 3.5.
 
-Needs the repository root on PYTHONPATH (or thinkrec installed) for the fused projections.
+Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections and the
+prefix-shared key/value cache are the HF scorer's own (thinkrec/scoring/fused_proj.py, kv_cache.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import time
 import torch
 from model_shapes import LLAMA3_8B, TINY  # bench/ is the script's directory
 
-from thinkrec.scoring.fused_proj import fuse as fuse_projections  # the repository root on PYTHONPATH
+# The scorer's own pieces (torch + transformers only); the repository root must be on PYTHONPATH.
+from thinkrec.scoring.fused_proj import fuse as fuse_projections
+from thinkrec.scoring.kv_cache import prefix_cache
 
 
 def llama8b_config(tiny: bool):
@@ -79,7 +82,7 @@ def main() -> None:
         "--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune-no-cudagraphs"
     )
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if tiny else "cuda"
@@ -171,7 +174,7 @@ def main() -> None:
             for s in range(0, len(cands), chunk):
                 c, who = cands[s : s + chunk], owner[s : s + chunk]
                 n = c.shape[0]
-                past = DynamicCache(ddp_cache_data=[(k[who], v[who]) for k, v in kv])
+                past = prefix_cache(kv, who.tolist(), cand_len)  # the HF scorer's cache
                 pos = torch.arange(prefix_len, prefix_len + cand_len, device=device)[None].expand(n, -1)
                 m = torch.ones(n, prefix_len + cand_len, dtype=torch.long, device=device)
                 h = body(

@@ -158,6 +158,26 @@ def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
         assert abs(p[i] - 1 / (1 + np.exp(no - yes))) < 1e-5
 
 
+def test_prefix_cache_equals_gather_and_concatenation():
+    """kv_cache.prefix_cache: each row starts with its group's prefix (groups in any order), the
+    candidate pass's keys land after it in place (what DynamicCache's gather + concatenation gave,
+    exactly), and writing past the reserved room is an error."""
+    from thinkrec.scoring.kv_cache import prefix_cache
+
+    g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)) for _ in range(2)]
+    groups = [2, 2, 0, 2, 1]
+    cache = prefix_cache(kv, groups, extra=3)
+    assert cache.get_seq_length() == 5
+    new_k, new_v = torch.randn(5, 2, 3, 4, generator=g), torch.randn(5, 2, 3, 4, generator=g)
+    for layer, (k, v) in enumerate(kv):
+        keys, values = cache.update(new_k, new_v, layer)
+        assert torch.equal(keys, torch.cat([k[groups], new_k], dim=2))
+        assert torch.equal(values, torch.cat([v[groups], new_v], dim=2))
+    with pytest.raises(RuntimeError, match="8 positions"):
+        prefix_cache(kv, groups, extra=2).update(new_k, new_v, 0)
+
+
 def test_empty_and_bad_gate(scoring_setup):
     cfg, art = scoring_setup
     sc = scorer_for(cfg, art)
