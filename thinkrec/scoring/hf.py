@@ -12,8 +12,8 @@
 - Prefix sharing: rows with the same prefix (one user's instruction, history and CF token) are
   grouped; each prefix runs once, with its user's gate, and its keys/values are copied once into each
   of the user's candidate rows' cache (kv_cache.py), where the candidates continue at the prefix's
-  positions. Several users' prefixes run in one
-  batch (right-padded; the padding keys are masked out of the candidate pass).
+  positions. Several users' prefixes run in one batch (right-padded; the padding keys are masked out
+  of the candidate pass).
 """
 
 from __future__ import annotations
