@@ -21,6 +21,7 @@ and each member applies its own gate-scaled B factor to its slice.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import accumulate, pairwise
 
 import torch
 from torch import nn
@@ -29,6 +30,11 @@ from thinkrec.scoring.fused_lora import FusedLoRALinear
 
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Attribute names of projections that read the same input, per parent module."""
+
+
+def _spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of each block when blocks of these sizes are laid end to end."""
+    return list(pairwise(accumulate(sizes, initial=0)))
 
 
 class FusedGroup(nn.Module):
@@ -44,8 +50,7 @@ class FusedGroup(nn.Module):
         if len({(b.in_features, b.weight.dtype, b.weight.device) for b in bases}) != 1:
             raise ValueError(f"{list(names)}: inputs, dtypes or devices differ; cannot fuse")
         self.names = tuple(names)
-        sizes = [b.out_features for b in bases]
-        self.bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+        self.bounds = _spans([b.out_features for b in bases])
         self.weight = nn.Parameter(torch.cat([b.weight.detach() for b in bases]), requires_grad=False)
         if any(b.bias is not None for b in bases):
             bias = [b.bias.detach() if b.bias is not None else w0.new_zeros(b.out_features) for b in bases]
@@ -57,8 +62,7 @@ class FusedGroup(nn.Module):
         self.lora_at = [names[i] for i, m in enumerate(modules) if isinstance(m, FusedLoRALinear)]
         if self.lora:
             self.register_buffer("lora_a", torch.cat([m.lora_a for m in self.lora]), persistent=False)
-            ranks = [m.lora_a.shape[0] for m in self.lora]
-            self.lora_bounds = [(sum(ranks[:i]), sum(ranks[: i + 1])) for i in range(len(ranks))]
+            self.lora_bounds = _spans([m.lora_a.shape[0] for m in self.lora])
             for m in self.lora:
                 m.base = None  # its weight now lives in W_cat; keeping it would hold the memory twice
         self._input: torch.Tensor | None = None
@@ -89,13 +93,12 @@ class _Member(nn.Module):
         super().__init__()
         self.name = name
         self.__dict__["group"] = group  # not a submodule: the group is registered once, on the parent
-        a, b = group.bounds[group.names.index(name)]
-        self.out_features, self.in_features = b - a, group.weight.shape[1]
+        self.span = group.bounds[group.names.index(name)]
+        self.out_features, self.in_features = self.span[1] - self.span[0], group.weight.shape[1]
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects e.g. q_proj.weight.dtype still works
-        a, b = self.group.bounds[self.group.names.index(self.name)]
-        return self.group.weight[a:b]
+        return self.group.weight[self.span[0] : self.span[1]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(self.name, x)
