@@ -5,7 +5,10 @@
 
 Measures, in one run:
 - ``matmul_tflops``: a bf16 GEMM ceiling (8192^3, best single call) measured here, the FLOP floor's
-  denominator; ``matmul_tflops_sustained``: the same GEMM 200 times back to back (reported beside it);
+  denominator; ``matmul_tflops_sustained``: the same GEMM 200 times back to back (each measured before
+  and after the full-prompt variants, the higher kept), and
+  ``matmul_tflops_model_shapes``: the model's own (fused) projection GEMMs of all layers back to back
+  at the full-prompt batch's token count (both reported beside the peak, never instead of it);
 - ``full_prompt``: pairs/s scoring 256-token prompts at batch 64 and 128, the better kept (one forward,
   ``use_cache=False``, last position projected onto two vocabulary rows only), and that rate as a
   fraction of the FLOP floor (2 * params * tokens + causal attention FLOPs per pair, at the measured
@@ -71,6 +74,20 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int, iters: int, reps: int
     return 2 * n**3 * reps / timed(gemms, device, iters) / 1e12
 
 
+def model_gemm_tflops(body: torch.nn.Module, m: int, device: str, dtype: torch.dtype, iters: int) -> float:
+    """Rate of every 2-D weight's GEMM in ``body``'s layers, run in order on an (m, in) input."""
+    weights = [p.detach() for n, p in body.layers.named_parameters() if p.dim() == 2 and "lora" not in n]
+    widest = max(w.shape[1] for w in weights)
+    x = torch.randn(m, widest, device=device, dtype=dtype)
+    outs = {w.shape[0]: torch.empty(m, w.shape[0], device=device, dtype=dtype) for w in weights}
+
+    def gemms() -> None:
+        for w in weights:
+            torch.matmul(x[:, : w.shape[1]], w.T, out=outs[w.shape[0]])
+
+    return 2 * m * sum(w.numel() for w in weights) / timed(gemms, device, iters) / 1e12
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (smoke test)")
@@ -104,10 +121,13 @@ def main() -> None:
     n_params = sum(p.numel() for n, p in body.named_parameters() if "embed_tokens" not in n) + w_yn.numel()
     L, H = config.num_hidden_layers, config.hidden_size
 
-    ceiling = matmul_tflops(device, dtype, 256 if tiny else 8192, iters)
-    # The same GEMM back to back for about as long as one full-prompt batch runs: a clock that boosts
-    # for a 1.5 ms GEMM may not hold for a 400 ms forward. Reported beside the peak, never instead.
-    sustained = matmul_tflops(device, dtype, 256 if tiny else 8192, iters, reps=4 if tiny else 200)
+    # The GEMM ceiling two ways, each measured before and after the full-prompt variants and the
+    # higher kept (so a card that warms up cannot flatter the fractions): ``peak`` is one 8192^3 GEMM,
+    # ``sustained`` the same GEMM 200 times back to back, about as long as one full-prompt batch runs.
+    # A clock that boosts for a 1.5 ms GEMM may not hold for a 400 ms forward under the power cap.
+    gemm_n, reps = (256, 4) if tiny else (8192, 200)
+    peak_runs = [matmul_tflops(device, dtype, gemm_n, iters)]
+    sustained_runs = [matmul_tflops(device, dtype, gemm_n, iters, reps=reps)]
 
     def full_at(b: int, net, masked: bool = True):
         ids = torch.randint(3, config.vocab_size, (b, prompt_len), device=device)
@@ -127,7 +147,6 @@ def main() -> None:
     full_rate = rate_at[batch]
     # FLOPs per pair: 2 per parameter per token, plus causal attention (QK^T and AV: 2 * T^2 * H per layer).
     flops_pair = 2 * n_params * prompt_len + 2 * L * prompt_len**2 * H
-    floor_rate = ceiling * 1e12 / flops_pair
 
     def variant(name: str, net, masked: bool) -> dict[str, object]:
         fn = full_at(batch, net, masked)
@@ -136,13 +155,7 @@ def main() -> None:
         sync(device)
         first_s = time.perf_counter() - t
         rate = batch / timed(fn, device, iters)
-        return {
-            "variant": name,
-            "pairs_per_s": rate,
-            "fraction_of_floor": rate / floor_rate,
-            "fraction_of_sustained_floor": rate * flops_pair / (sustained * 1e12),
-            "first_call_s": first_s,
-        }
+        return {"variant": name, "pairs_per_s": rate, "first_call_s": first_s}
 
     # Inductor fuses the norms, rotary embedding and SiLU-gating that eager mode runs as separate
     # memory-bound kernels; only the best batch size is compiled (one shape, one compilation).
@@ -160,6 +173,19 @@ def main() -> None:
             variant(f"compiled ({args.compile_mode}), fused projections, no mask", compile_(body), False)
         )
     best = max(variants, key=lambda v: v["pairs_per_s"])
+    peak_runs.append(matmul_tflops(device, dtype, gemm_n, iters))
+    sustained_runs.append(matmul_tflops(device, dtype, gemm_n, iters, reps=reps))
+    ceiling, sustained = max(peak_runs), max(sustained_runs)
+    floor_rate = ceiling * 1e12 / flops_pair
+    # The model's own projections (fused q/k/v, o, fused gate/up, down of every layer) as bare GEMMs
+    # back to back at the full-prompt batch's M: the matmul rate this model's shapes can reach, so
+    # the gap to the peak splits into GEMM shape/clock effects and everything else in the forward.
+    shape_rate = model_gemm_tflops(body, batch * prompt_len, device, dtype, iters)
+    for v in variants:
+        tflops = v["pairs_per_s"] * flops_pair / 1e12
+        v["fraction_of_floor"] = tflops / ceiling
+        v["fraction_of_sustained_floor"] = tflops / sustained
+        v["fraction_of_model_gemm_floor"] = tflops / shape_rate
 
     prefixes = torch.randint(3, config.vocab_size, (users, prefix_len), device=device)
     cands = torch.randint(3, config.vocab_size, (users * per_user, cand_len), device=device)
@@ -204,7 +230,10 @@ def main() -> None:
         "torch": torch.__version__,
         "model": {"layers": L, "hidden": H, "params_non_embedding": n_params, "tiny": tiny},
         "matmul_tflops": ceiling,
+        "matmul_tflops_runs": peak_runs,
         "matmul_tflops_sustained": sustained,
+        "matmul_tflops_sustained_runs": sustained_runs,
+        "matmul_tflops_model_shapes": shape_rate,
         "fused_projection_groups": fused_groups,
         "full_prompt": {
             "batch": batch,
@@ -215,7 +244,8 @@ def main() -> None:
             "fraction_of_floor": full_rate / floor_rate,
             "variants": variants,
             "best": best,
-            "target": ">= 0.85 (best fraction_of_floor, against the peak GEMM rate)",
+            "target": ">= 0.85 of the FLOP floor (best: fraction_of_floor against the peak GEMM,"
+            " fraction_of_sustained_floor against the sustained GEMM)",
         },
         "prefix_shared": {
             "prefix_tokens": prefix_len,

@@ -226,15 +226,15 @@ class ScoreConfig:
     num_cpus_per_actor: float = Field(1, ge=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     prefix_sharing: bool = True
-    fuse_projections: bool | None = None
+    fuse_projections: bool = False
     """hf backend: run each layer's q/k/v (and gate/up) projections as one matmul over concatenated
-    weights; exact either way. None: on a CUDA device only, where narrow GEMMs (grouped-query
-    key/value heads) run well below the matmul rate. On this project's 2-core CPU with the tiny model
-    it measured 0.85-1.08x, so CPU scorers keep separate projections unless set true."""
+    weights; exact either way. Off by default: it measured 0.85-1.08x on a 2-core CPU with the tiny
+    model, and on an H100 with the Llama-3-8B shape at 16,384 tokens per batch 0.98x eager and
+    1.00-1.01x under ``compile`` (bench/README.md)."""
     compile: bool = False
     """hf backend: ``torch.compile`` the decoder (dynamic shapes). Fuses the norms, rotary embedding
-    and gating that eager mode runs as separate kernels (H200, plain HF Llama-3-8B shape: 140.6 ->
-    164.6 pairs/s, bench/README.md); each scorer actor spends its first batches compiling (seconds on
+    and gating that eager mode runs as separate kernels (plain HF Llama-3-8B shape: 140.6 ->
+    164.6 pairs/s on an H200, 138.2 -> 165.8 on an H100, bench/README.md); each scorer actor spends its first batches compiling (seconds on
     CPU with a tiny model, about a minute for an 8B model)."""
     unknown: Literal["quarantine", "cold"] = "quarantine"
     """Candidates whose user or item is unknown: quarantine with a reason, or score them with a

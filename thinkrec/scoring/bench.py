@@ -12,7 +12,7 @@ this machine's CPU with the tiny model and random adapters.
   subprocess, over 1,000,000 pairs vs over 100,000 pairs. Target <= 1.3.
 
 Also reported (raw, no target): full-prompt pairs/s with fused q/k/v and gate/up projections over
-separate ones (``score.fuse_projections``, on by default on CUDA only).
+separate ones (``score.fuse_projections``, off by default).
 
 Timings repeat each configuration and keep the best (the machine is shared; the minimum is the
 least disturbed measurement).

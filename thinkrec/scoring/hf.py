@@ -7,8 +7,8 @@
   row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
 - Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads)
   and without an attention mask (right padding under causal attention is invisible to real tokens).
-- On a GPU each layer's q/k/v and gate/up projections run as one matmul each (fused_proj.py,
-  ``score.fuse_projections``); ``score.compile`` runs the decoder under ``torch.compile``.
+- ``score.fuse_projections`` runs each layer's q/k/v and gate/up projections as one matmul each
+  (fused_proj.py); ``score.compile`` runs the decoder under ``torch.compile``.
 - Prefix sharing: rows with the same prefix (one user's instruction, history and CF token) are
   grouped; each prefix runs once, with its user's gate, and its keys/values are copied once into each
   of the user's candidate rows' cache (kv_cache.py), where the candidates continue at the prefix's
@@ -61,8 +61,7 @@ class HFScorer:
         mode: fused_lora.GateMode = "linear" if cfg.fusion.mode == "linear" else "exact"
         dirs = [os.path.join(artifacts.adapters_dir, n) for n in artifacts.adapter_names]
         self.fused = fused_lora.install(model, dirs, mode)
-        fuse = cfg.score.fuse_projections
-        if fuse or (fuse is None and self.device.startswith("cuda")):
+        if cfg.score.fuse_projections:
             fused_proj.fuse(model)
         body, _ = decoder_and_head(model)
         # dynamic=True: batches vary in rows and length; one symbolic-shape graph serves them
