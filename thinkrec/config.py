@@ -233,9 +233,9 @@ class ScoreConfig:
     1.00-1.01x under ``compile`` (bench/README.md)."""
     compile: bool = False
     """hf backend: ``torch.compile`` the decoder (dynamic shapes). Fuses the norms, rotary embedding
-    and gating that eager mode runs as separate kernels (plain HF Llama-3-8B shape: 140.6 ->
-    164.6 pairs/s on an H200, 138.2 -> 165.8 on an H100, bench/README.md); each scorer actor spends its first batches compiling (seconds on
-    CPU with a tiny model, about a minute for an 8B model)."""
+    and gating that eager mode runs as separate kernels (plain HF Llama-3-8B shape: 140.6 -> 164.6
+    pairs/s on an H200, 138.2 -> 165.8 on an H100, bench/README.md); each scorer actor spends its
+    first batches compiling (seconds on CPU with a tiny model, about a minute for an 8B model)."""
     unknown: Literal["quarantine", "cold"] = "quarantine"
     """Candidates whose user or item is unknown: quarantine with a reason, or score them with a
     zero CF vector (cold start)."""
