@@ -17,7 +17,12 @@ Measures, in one run:
   and gate/up projections (thinkrec/scoring/fused_proj.py), eager and compiled; ``best`` is the fastest;
 - ``prefix_shared``: pairs/s when each user's 200-token prefix runs once (4 users' prefixes in one
   batch) and its key/value cache serves that user's 100 candidates of 56 tokens each, over the same
-  pairs as full 256-token prompts (both with the fused projections). Target >= 3.5.
+  pairs as full 256-token prompts (both with the fused projections). Target >= 3.5;
+- ``breakdown``: one call of the best full-prompt variant under ``torch.profiler``, its device time
+  split into GEMM, attention and other kernels (norms, rotary embedding, SiLU-gating, residual adds,
+  copies), the GEMMs' own rate inside the forward, and the ten longest kernels by name (so a kernel
+  the name patterns put in the wrong class shows). ``gemm_tflops_in_forward / matmul_tflops`` is the
+  fraction of the floor the forward would reach if everything but its GEMMs took no time.
 
 Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections and the
 prefix-shared key/value cache are the HF scorer's own (thinkrec/scoring/fused_proj.py, kv_cache.py).
@@ -26,7 +31,9 @@ prefix-shared key/value cache are the HF scorer's own (thinkrec/scoring/fused_pr
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import time
 
 import torch
@@ -72,6 +79,48 @@ def matmul_tflops(device: str, dtype: torch.dtype, n: int, iters: int, reps: int
             torch.matmul(a, b, out=c)
 
     return 2 * n**3 * reps / timed(gemms, device, iters) / 1e12
+
+
+# Kernel classes by name: attention first (cutlass memory-efficient attention kernels are "fmha_cutlass...").
+# CUDA kernels: flash_fwd / fmha / cudnn sdpa; GEMMs: cuBLAS (gemm, nvjet, xmma), cutlass, Inductor's
+# Triton matmul templates (triton_tem_fused_mm...). CPU (the --tiny smoke test): aten ops only, so the
+# C++ kernels Inductor generates there are not counted; on CUDA every kernel is.
+KERNEL_CLASSES = (
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|_mm_|_mm$|^aten::(mm|addmm|bmm)$", re.I)),
+)
+
+
+def kernel_breakdown(fn, device: str, gemm_flops: float) -> dict[str, object]:
+    """One call of ``fn`` under torch.profiler: device time by kernel class, and the GEMMs' rate given
+    the ``gemm_flops`` that call does in its GEMMs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync(device)
+    ms: collections.Counter[str] = collections.Counter()
+    by_name: collections.Counter[str] = collections.Counter()
+    for e in prof.key_averages():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue  # host-side ops; their kernels are counted as CUDA events
+        if not cuda and not e.key.startswith("aten::"):
+            continue
+        t = (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        cls = next((c for c, pattern in KERNEL_CLASSES if pattern.search(e.key)), "other")
+        ms[cls] += t
+        by_name[e.key] += t
+    total = sum(ms.values())
+    return {
+        "ms": {c: ms[c] for c in ("gemm", "attention", "other")},
+        "share": {c: ms[c] / total for c in ("gemm", "attention", "other")},
+        "gemm_tflops_in_forward": gemm_flops / (ms["gemm"] / 1e3) / 1e12 if ms["gemm"] else None,
+        "top_kernels_ms": [[name[:120], t] for name, t in by_name.most_common(10)],
+    }
 
 
 def model_gemm_tflops(body: torch.nn.Module, m: int, device: str, dtype: torch.dtype, iters: int) -> float:
@@ -148,8 +197,10 @@ def main() -> None:
     # FLOPs per pair: 2 per parameter per token, plus causal attention (QK^T and AV: 2 * T^2 * H per layer).
     flops_pair = 2 * n_params * prompt_len + 2 * L * prompt_len**2 * H
 
+    calls = {}  # variant name -> its timed call, for the profile of the best one
+
     def variant(name: str, net, masked: bool) -> dict[str, object]:
-        fn = full_at(batch, net, masked)
+        fn = calls[name] = full_at(batch, net, masked)
         t = time.perf_counter()
         fn()  # compiles, for a compiled net
         sync(device)
@@ -173,6 +224,9 @@ def main() -> None:
             variant(f"compiled ({args.compile_mode}), fused projections, no mask", compile_(body), False)
         )
     best = max(variants, key=lambda v: v["pairs_per_s"])
+    # The projections' FLOPs in one batch: every 2-D weight of the layers, at every token.
+    gemm_flops = 2 * batch * prompt_len * sum(p.numel() for p in body.layers.parameters() if p.dim() == 2)
+    breakdown = {"variant": best["variant"], **kernel_breakdown(calls[best["variant"]], device, gemm_flops)}
     peak_runs.append(matmul_tflops(device, dtype, gemm_n, iters))
     sustained_runs.append(matmul_tflops(device, dtype, gemm_n, iters, reps=reps))
     ceiling, sustained = max(peak_runs), max(sustained_runs)
@@ -181,6 +235,8 @@ def main() -> None:
     # back to back at the full-prompt batch's M: the matmul rate this model's shapes can reach, so
     # the gap to the peak splits into GEMM shape/clock effects and everything else in the forward.
     shape_rate = model_gemm_tflops(body, batch * prompt_len, device, dtype, iters)
+    if breakdown["gemm_tflops_in_forward"]:
+        breakdown["fraction_of_floor_if_only_gemms"] = breakdown["gemm_tflops_in_forward"] / ceiling
     for v in variants:
         tflops = v["pairs_per_s"] * flops_pair / 1e12
         v["fraction_of_floor"] = tflops / ceiling
@@ -244,6 +300,7 @@ def main() -> None:
             "fraction_of_floor": full_rate / floor_rate,
             "variants": variants,
             "best": best,
+            "breakdown": breakdown,
             "target": ">= 0.85 of the FLOP floor (best: fraction_of_floor against the peak GEMM,"
             " fraction_of_sustained_floor against the sustained GEMM)",
         },
