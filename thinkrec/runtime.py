@@ -25,11 +25,24 @@ def init_ray(cfg: Any) -> None:
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
+            runtime_env={"worker_process_setup_hook": "thinkrec.runtime.quiet_worker_logs"},
         )
     else:
         ray.init(address=address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("THINKREC_PROGRESS", "1") != "0"
+
+
+# Ray Train's placement-group cleaner asks the State API (served by the dashboard) once a second
+# whether the training controller is alive; without the dashboard every ask fails and logs a warning,
+# hundreds per training run. It can do nothing without that API, so its warnings are noise here.
+NO_DASHBOARD_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker setup hook for the local Ray, which runs without its dashboard."""
+    for name in NO_DASHBOARD_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

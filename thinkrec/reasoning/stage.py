@@ -123,6 +123,8 @@ def hard_samples(cfg: Config, storage: Storage, max_traces: int | None = None) -
 
 
 def run(cfg: Config) -> dict[str, Any]:
+    import ray.data
+
     storage = Storage.from_config(cfg)
     uri = storage.uri(TRACES)
     teacher_cls = get_teacher(cfg.reason.teacher)
@@ -145,7 +147,7 @@ def run(cfg: Config) -> dict[str, Any]:
         fn_constructor_kwargs={"cfg": cfg},
         batch_format="pandas",
         batch_size=cfg.reason.batch_size,
-        concurrency=cfg.reason.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=cfg.reason.concurrency),
         num_gpus=cfg.reason.num_gpus_per_actor or None,
     )
     w.write(traces.iter_batches(batch_format="pyarrow", batch_size=4096), pending)

@@ -89,7 +89,7 @@ def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int],
             fn_constructor_kwargs={"cfg": cfg},
             batch_format="pandas",
             batch_size=cfg.reason.batch_size,
-            concurrency=1,  # a handful of rows: one teacher
+            compute=ray.data.ActorPoolStrategy(size=1),  # a handful of rows: one teacher
             num_gpus=cfg.reason.num_gpus_per_actor or None,
         )
         .to_pandas()

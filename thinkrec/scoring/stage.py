@@ -217,7 +217,7 @@ def read_candidates(cfg: Config, storage: Storage) -> Any:
         batch_size=1,
         batch_format="numpy",
         num_cpus=cfg.score.read_cpus,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
     )
 
 
@@ -260,20 +260,22 @@ def buffer_limit(max_mb: int | None) -> Iterator[None]:
 def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int]) -> None:
     """One pass over the candidates: prompts for the wave's shards (CPU actors) -> scorer actors ->
     the wave's output shards, published as they complete."""
+    import ray.data
+
     sc = cfg.score
     scored = candidates.map_batches(
         PromptStep,
         fn_constructor_kwargs={"cfg": cfg.to_dict(), "shards": wave},
         batch_format="pyarrow",
         batch_size=sc.block_rows,
-        concurrency=sc.prompt_concurrency,
+        compute=ray.data.ActorPoolStrategy(size=sc.prompt_concurrency),
         num_cpus=sc.prompt_cpus,
     ).map_batches(
         ScoreStep,
         fn_constructor_kwargs={"cfg": cfg.to_dict()},
         batch_format="pyarrow",
         batch_size=sc.block_rows,
-        concurrency=sc.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
         num_cpus=sc.num_cpus_per_actor,
         num_gpus=sc.num_gpus_per_actor,
     )

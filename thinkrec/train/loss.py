@@ -81,7 +81,7 @@ def combine(
     """Per-sample weighted mix, averaged over the batch. All inputs (B,)."""
     l_rec = F.binary_cross_entropy_with_logits(y_hat.float(), label.float(), reduction="none")  # (B,)
     per = w_rec * l_rec + (1 - w_rec) * think_ce.float()  # (B,)
-    parts = {"l_rec": float(l_rec.mean()), "l_think": float(think_ce.float().mean())}
+    parts = {"l_rec": l_rec.detach().mean().item(), "l_think": think_ce.detach().float().mean().item()}
     return per.mean(), parts
 
 
