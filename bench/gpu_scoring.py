@@ -14,24 +14,29 @@ Measures, in one run:
   fraction of the FLOP floor (2 * params * tokens + causal attention FLOPs per pair, at the measured
   GEMM rate). Target >= 0.85. ``variants`` measures, at that batch size: no attention mask (the HF
   scorer's full-prompt call), ``torch.compile`` (``--no-compile`` skips it), and the scorer's fused q/k/v
-  and gate/up projections (thinkrec/scoring/fused_proj.py), eager and compiled; ``best`` is the fastest;
+  and gate/up projections (thinkrec/scoring/fused_proj.py), eager and compiled, and compiled with the
+  last layer's MLP at the answer position only (thinkrec/scoring/answer_rows.py; it skips
+  ``flops_skipped_share`` of the FLOPs the floor counts); ``best`` is the fastest;
 - ``prefix_shared``: pairs/s when each user's 200-token prefix runs once (4 users' prefixes in one
   batch) and its key/value cache serves that user's 100 candidates of 56 tokens each, over the same
-  pairs as full 256-token prompts (both with the fused projections). Target >= 3.5;
+  pairs as full 256-token prompts (both with the fused projections and the answer-rows-only last
+  layer, as the scorer runs them). Target >= 3.5;
 - ``breakdown``: one call of the best full-prompt variant under ``torch.profiler``, its device time
   split into GEMM, attention and other kernels (norms, rotary embedding, SiLU-gating, residual adds,
   copies), the GEMMs' own rate inside the forward, and the ten longest kernels by name (so a kernel
   the name patterns put in the wrong class shows). ``gemm_tflops_in_forward / matmul_tflops`` is the
   fraction of the floor the forward would reach if everything but its GEMMs took no time.
 
-Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections and the
-prefix-shared key/value cache are the HF scorer's own (thinkrec/scoring/fused_proj.py, kv_cache.py).
+Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections, the
+answer-rows-only last layer and the prefix-shared key/value cache are the HF scorer's own
+(thinkrec/scoring/fused_proj.py, answer_rows.py, kv_cache.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import re
 import time
@@ -40,6 +45,7 @@ import torch
 from model_shapes import LLAMA3_8B, TINY  # bench/ is the script's directory
 
 # The scorer's own pieces (torch + transformers only); the repository root must be on PYTHONPATH.
+from thinkrec.scoring import answer_rows
 from thinkrec.scoring.fused_proj import fuse as fuse_projections
 from thinkrec.scoring.kv_cache import prefix_cache
 
@@ -178,14 +184,25 @@ def main() -> None:
     peak_runs = [matmul_tflops(device, dtype, gemm_n, iters)]
     sustained_runs = [matmul_tflops(device, dtype, gemm_n, iters, reps=reps)]
 
-    def full_at(b: int, net, masked: bool = True):
+    rows = None  # the answer-rows-only last layer, once installed (answer_rows.AnswerRows)
+
+    def only_at(b: int, at: int):
+        """The last layer's MLP at position ``at`` of each of ``b`` rows only, once installed."""
+        if rows is None:
+            return contextlib.nullcontext()
+        return rows.at(torch.full((b,), at, dtype=torch.long, device=device))
+
+    def full_at(b: int, net, masked: bool = True, answer_only: bool = False):
         ids = torch.randint(3, config.vocab_size, (b, prompt_len), device=device)
         # The HF scorer passes no mask for full prompts (right padding is invisible under causal
         # attention), which lets SDPA use its causal flash kernel; ``masked`` is HF's usual call.
         mask = torch.ones_like(ids) if masked else None
 
         def full() -> torch.Tensor:
-            with torch.inference_mode():
+            with (
+                torch.inference_mode(),
+                only_at(b, prompt_len - 1) if answer_only else contextlib.nullcontext(),
+            ):
                 h = net(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, -1]
                 return h @ w_yn.T  # (B, 2)
 
@@ -199,8 +216,8 @@ def main() -> None:
 
     calls = {}  # variant name -> its timed call, for the profile of the best one
 
-    def variant(name: str, net, masked: bool) -> dict[str, object]:
-        fn = calls[name] = full_at(batch, net, masked)
+    def variant(name: str, net, masked: bool, answer_only: bool = False) -> dict[str, object]:
+        fn = calls[name] = full_at(batch, net, masked, answer_only)
         t = time.perf_counter()
         fn()  # compiles, for a compiled net
         sync(device)
@@ -223,6 +240,15 @@ def main() -> None:
         variants.append(
             variant(f"compiled ({args.compile_mode}), fused projections, no mask", compile_(body), False)
         )
+    # The scorer's answer-rows-only last layer, on top of the fused projections (compiled only: eager
+    # is slower anyway). It runs fewer FLOPs than the floor counts: the share it skips is reported.
+    rows = answer_rows.install(body)
+    last_mlp = sum(p.numel() for p in body.layers[-1].mlp.parameters())
+    skipped = 2 * last_mlp * (prompt_len - 1) / flops_pair
+    if not args.no_compile:
+        torch._dynamo.reset()
+        name = f"compiled ({args.compile_mode}), fused projections, answer rows only, no mask"
+        variants.append({**variant(name, compile_(body), False, True), "flops_skipped_share": skipped})
     best = max(variants, key=lambda v: v["pairs_per_s"])
     # The projections' FLOPs in one batch: every 2-D weight of the layers, at every token.
     gemm_flops = 2 * batch * prompt_len * sum(p.numel() for p in body.layers.parameters() if p.dim() == 2)
@@ -250,7 +276,8 @@ def main() -> None:
 
     def shared() -> torch.Tensor:
         with torch.inference_mode():
-            cache = body(input_ids=prefixes, use_cache=True).past_key_values
+            with only_at(users, 0):  # only the prefixes' keys/values are read
+                cache = body(input_ids=prefixes, use_cache=True).past_key_values
             kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (users, kvh, P, d)
             out = []
             for s in range(0, len(cands), chunk):
@@ -259,9 +286,10 @@ def main() -> None:
                 past = prefix_cache(kv, who.tolist(), cand_len)  # the HF scorer's cache
                 pos = torch.arange(prefix_len, prefix_len + cand_len, device=device)[None].expand(n, -1)
                 m = torch.ones(n, prefix_len + cand_len, dtype=torch.long, device=device)
-                h = body(
-                    input_ids=c, attention_mask=m, position_ids=pos, past_key_values=past, use_cache=True
-                )
+                with only_at(n, cand_len - 1):
+                    h = body(
+                        input_ids=c, attention_mask=m, position_ids=pos, past_key_values=past, use_cache=True
+                    )
                 out.append(h.last_hidden_state[:, -1] @ w_yn.T)
             return torch.cat(out)
 
@@ -270,7 +298,8 @@ def main() -> None:
             out = []
             for s in range(0, len(full_rows), batch):
                 x = full_rows[s : s + batch]
-                h = body(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+                with only_at(len(x), x.shape[1] - 1):
+                    h = body(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
                 out.append(h.last_hidden_state[:, -1] @ w_yn.T)
             return torch.cat(out)
 

@@ -118,6 +118,30 @@ def test_fused_projections_do_not_change_scores(scoring_setup, prefix_sharing):
     np.testing.assert_allclose(p, p0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_last_layer_mlp_at_answer_rows_only(scoring_setup, prefix_sharing):
+    """The last layer's MLP at each row's answer position only (answer_rows.py): the scores of the full
+    last layer, over right-padded prompts of different lengths (float32, atol 1e-5)."""
+    from thinkrec.scoring import answer_rows
+
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=4, per_user=3, seed=6, gates="random")
+    scorer = scorer_for(cfg, art, prefix_sharing=prefix_sharing, batch_size=4)
+    last = scorer.model.model.layers[-1]
+    assert scorer.answer_rows is not None and isinstance(
+        last.post_attention_layernorm, answer_rows.AnswerRowsNorm
+    )
+    s, p = scorer.score(rows)
+    scorer.answer_rows = None  # the same model, every position through the last layer
+    s0, p0 = scorer.score(rows)
+    np.testing.assert_allclose(s, s0, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(p, p0, atol=1e-5, rtol=0)
+    # A decoder whose last layer is not a known pre-norm layer is left as it is.
+    other = torch.nn.Module()
+    other.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    assert answer_rows.install(other) is None
+
+
 def test_compiled_scorer_equals_eager(scoring_setup):
     """score.compile (torch.compile, dynamic shapes, over fused projections and per-row LoRA mixtures):
     the eager scores on batches of varying rows and lengths, both paths (float32, atol 1e-4)."""
@@ -213,8 +237,9 @@ def test_gpu_bench_tiny_smoke():
     assert full["pairs_per_s"] == max(full["pairs_per_s_by_batch"].values())
     names = [v["variant"] for v in full["variants"]]
     assert (
-        len(names) == 4
-        and sum("compiled" in n for n in names) == 2
+        len(names) == 5
+        and sum("compiled" in n for n in names) == 3
+        and 0 < full["variants"][-1]["flops_skipped_share"] < 1
         and all(v["pairs_per_s"] > 0 for v in full["variants"])
     )
     assert full["best"]["pairs_per_s"] == max(v["pairs_per_s"] for v in full["variants"])

@@ -12,7 +12,9 @@ this machine's CPU with the tiny model and random adapters.
   subprocess, over 1,000,000 pairs vs over 100,000 pairs. Target <= 1.3.
 
 Also reported (raw, no target): full-prompt pairs/s with fused q/k/v and gate/up projections over
-separate ones (``score.fuse_projections``, off by default).
+separate ones (``score.fuse_projections``, off by default), and pairs/s with the last layer's MLP at
+the answer positions only (answer_rows.py, always on where the model allows) over the full last
+layer, for full prompts and prefix sharing.
 
 Timings repeat each configuration and keep the best (the machine is shared; the minimum is the
 least disturbed measurement).
@@ -399,6 +401,18 @@ def run(quick: bool = False) -> dict[str, Any]:
             for f in (False, True):
                 r_proj[f].append(_best_rate(lambda f=f: proj[f].score(rows), len(rows), 1))
 
+        # The last layer's MLP at the answer positions only, against the full last layer, interleaved.
+        r_answer: dict[tuple[str, bool], list[float]] = {}
+        for name, scorer in (("full_prompt", full), ("prefix_shared", shared)):
+            installed = scorer.answer_rows
+            for _ in range(repeats):
+                for on in (True, False):
+                    scorer.answer_rows = installed if on else None
+                    r_answer.setdefault((name, on), []).append(
+                        _best_rate(lambda s=scorer: s.score(rows), len(rows), 1)
+                    )
+            scorer.answer_rows = installed
+
         ref_rows = rows[: 20 * (1 if quick else 2)]
         rate_ref = reference_rate(base, art, pb, ref_rows, 1)
 
@@ -434,6 +448,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             "ms_per_pair_fused_k4": per_pair_fused * 1e3,
             "ms_per_pair_single_adapter": per_pair_single * 1e3,
             "projection_fusion_speedup_full_prompt": max(r_proj[True]) / max(r_proj[False]),
+            **{
+                f"answer_rows_speedup_{name}": max(r_answer[name, True]) / max(r_answer[name, False])
+                for name in ("full_prompt", "prefix_shared")
+            },
             "pairs": len(rows),
             "users": users,
             "candidates_per_user": 20,

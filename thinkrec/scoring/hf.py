@@ -7,8 +7,9 @@
   row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
 - Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads)
   and without an attention mask (right padding under causal attention is invisible to real tokens).
-- ``score.fuse_projections`` runs each layer's q/k/v and gate/up projections as one matmul each
-  (fused_proj.py); ``score.compile`` runs the decoder under ``torch.compile``.
+- The last layer's MLP runs at the answer position only (answer_rows.py): nothing reads its output
+  elsewhere. ``score.fuse_projections`` runs each layer's q/k/v and gate/up projections as one matmul
+  each (fused_proj.py); ``score.compile`` runs the decoder under ``torch.compile``.
 - Prefix sharing: rows with the same prefix (one user's instruction, history and CF token) are
   grouped; each prefix runs once, with its user's gate, and its keys/values are copied once into each
   of the user's candidate rows' cache (kv_cache.py), where the candidates continue at the prefix's
@@ -18,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
-from thinkrec.scoring import fused_lora, fused_proj
+from thinkrec.scoring import answer_rows, fused_lora, fused_proj
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.kv_cache import prefix_cache
 
@@ -64,6 +66,7 @@ class HFScorer:
         if cfg.score.fuse_projections:
             fused_proj.fuse(model)
         body, _ = decoder_and_head(model)
+        self.answer_rows = answer_rows.install(body)
         # dynamic=True: batches vary in rows and length; one symbolic-shape graph serves them
         # instead of a compilation per shape.
         self.body = torch.compile(body, dynamic=True) if cfg.score.compile else body
@@ -102,6 +105,10 @@ class HFScorer:
             )
         return g
 
+    def _only_at(self, positions: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """The last layer's MLP at ``positions`` (B,) only: the only hidden states the caller reads."""
+        return self.answer_rows.at(positions) if self.answer_rows else contextlib.nullcontext()
+
     def _answer_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(n, H) final hidden states -> (n, 2) [Yes, No] logits."""
         out = h.float() @ self.w_yn.T  # (n, 2)
@@ -122,7 +129,7 @@ class HFScorer:
             emb, _, lengths = self._embed([r.prefix + r.candidate for r in chunk])
             # No attention mask: rows are right-padded and attention is causal, so no real token sees a
             # pad, and without a mask SDPA takes its causal (flash) kernel on a GPU.
-            with self.fused.gates(self._gates(chunk)):
+            with self.fused.gates(self._gates(chunk)), self._only_at(lengths - 1):
                 out_b = self.body(inputs_embeds=emb, attention_mask=None, use_cache=False)
             hs = out_b.last_hidden_state  # (B, T, H)
             last = hs[torch.arange(len(idx), device=hs.device), lengths - 1]  # (B, H)
@@ -150,7 +157,8 @@ class HFScorer:
             pos = end
             heads = [rows[m[0]] for m in batch_groups]
             emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
-            with self.fused.gates(self._gates(heads)):
+            # Only the keys/values of this pass are read: its hidden states, none (position 0 kept).
+            with self.fused.gates(self._gates(heads)), self._only_at(torch.zeros_like(plen)):
                 cache = self.body(inputs_embeds=emb, attention_mask=pmask, use_cache=True).past_key_values
             layers = getattr(cache, "layers", None)
             if layers is None or any(getattr(layer, "is_sliding", False) for layer in layers):
@@ -171,7 +179,7 @@ class HFScorer:
                 positions = plen[gidx][:, None] + torch.arange(C, device=cemb.device)[None, :]  # (n, C)
                 mask = torch.cat([pmask[gidx], cmask], dim=1)  # (n, P + C)
                 past = prefix_cache(kv, [g for g, _ in part], C)
-                with self.fused.gates(self._gates(chunk)):
+                with self.fused.gates(self._gates(chunk)), self._only_at(clen - 1):
                     hs = self.body(
                         inputs_embeds=cemb,
                         attention_mask=mask,
