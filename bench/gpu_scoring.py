@@ -121,6 +121,8 @@ def kernel_breakdown(fn, device: str, gemm_flops: float) -> dict[str, object]:
         ms[cls] += t
         by_name[e.key] += t
     total = sum(ms.values())
+    if not total:
+        raise RuntimeError(f"the profile holds no {'CUDA kernel' if cuda else 'aten op'} times")
     return {
         "ms": {c: ms[c] for c in ("gemm", "attention", "other")},
         "share": {c: ms[c] / total for c in ("gemm", "attention", "other")},
@@ -252,7 +254,11 @@ def main() -> None:
     best = max(variants, key=lambda v: v["pairs_per_s"])
     # The projections' FLOPs in one batch: every 2-D weight of the layers, at every token.
     gemm_flops = 2 * batch * prompt_len * sum(p.numel() for p in body.layers.parameters() if p.dim() == 2)
-    breakdown = {"variant": best["variant"], **kernel_breakdown(calls[best["variant"]], device, gemm_flops)}
+    breakdown: dict[str, object] = {"variant": best["variant"]}
+    try:
+        breakdown.update(kernel_breakdown(calls[best["variant"]], device, gemm_flops))
+    except Exception as e:  # the profile is an aid: its failure must not cost the run's measurements
+        breakdown["error"] = repr(e)
     peak_runs.append(matmul_tflops(device, dtype, gemm_n, iters))
     sustained_runs.append(matmul_tflops(device, dtype, gemm_n, iters, reps=reps))
     ceiling, sustained = max(peak_runs), max(sustained_runs)
@@ -261,7 +267,7 @@ def main() -> None:
     # back to back at the full-prompt batch's M: the matmul rate this model's shapes can reach, so
     # the gap to the peak splits into GEMM shape/clock effects and everything else in the forward.
     shape_rate = model_gemm_tflops(body, batch * prompt_len, device, dtype, iters)
-    if breakdown["gemm_tflops_in_forward"]:
+    if breakdown.get("gemm_tflops_in_forward"):
         breakdown["fraction_of_floor_if_only_gemms"] = breakdown["gemm_tflops_in_forward"] / ceiling
     for v in variants:
         tflops = v["pairs_per_s"] * flops_pair / 1e12
