@@ -127,12 +127,13 @@ class HFScorer:
             idx = order[s : s + self.batch_size]
             chunk = [rows[i] for i in idx]
             emb, _, lengths = self._embed([r.prefix + r.candidate for r in chunk])
+            answer = lengths - 1  # (B,) each row's last real token
             # No attention mask: rows are right-padded and attention is causal, so no real token sees a
             # pad, and without a mask SDPA takes its causal (flash) kernel on a GPU.
-            with self.fused.gates(self._gates(chunk)), self._only_at(lengths - 1):
+            with self.fused.gates(self._gates(chunk)), self._only_at(answer):
                 out_b = self.body(inputs_embeds=emb, attention_mask=None, use_cache=False)
             hs = out_b.last_hidden_state  # (B, T, H)
-            last = hs[torch.arange(len(idx), device=hs.device), lengths - 1]  # (B, H)
+            last = hs[torch.arange(len(idx), device=hs.device), answer]  # (B, H)
             out[idx] = self._answer_logits(last).cpu()
         return out
 
@@ -157,7 +158,8 @@ class HFScorer:
             pos = end
             heads = [rows[m[0]] for m in batch_groups]
             emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
-            # Only the keys/values of this pass are read: its hidden states, none (position 0 kept).
+            # This pass is read for its keys/values only, so no position's last-layer MLP is needed
+            # (position 0 of each row is kept).
             with self.fused.gates(self._gates(heads)), self._only_at(torch.zeros_like(plen)):
                 cache = self.body(inputs_embeds=emb, attention_mask=pmask, use_cache=True).past_key_values
             layers = getattr(cache, "layers", None)
@@ -179,7 +181,8 @@ class HFScorer:
                 positions = plen[gidx][:, None] + torch.arange(C, device=cemb.device)[None, :]  # (n, C)
                 mask = torch.cat([pmask[gidx], cmask], dim=1)  # (n, P + C)
                 past = prefix_cache(kv, [g for g, _ in part], C)
-                with self.fused.gates(self._gates(chunk)), self._only_at(clen - 1):
+                answer = clen - 1  # (n,) each candidate's last real token
+                with self.fused.gates(self._gates(chunk)), self._only_at(answer):
                     hs = self.body(
                         inputs_embeds=cemb,
                         attention_mask=mask,
@@ -187,6 +190,6 @@ class HFScorer:
                         past_key_values=past,
                         use_cache=True,
                     ).last_hidden_state  # (n, C, H)
-                last = hs[torch.arange(len(part), device=hs.device), clen - 1]  # (n, H)
+                last = hs[torch.arange(len(part), device=hs.device), answer]  # (n, H)
                 out[ridx] = self._answer_logits(last).cpu()
         return out
