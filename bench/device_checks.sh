@@ -26,10 +26,10 @@ step() {  # step NAME SECONDS STDOUT STDERR CMD...: run with a time limit if NAM
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.max.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
     --format=csv -lms 500 >"$out/gpu-clocks.csv" 2>&1 &
 sampler=$!
-step scoring 240 gpu-scoring.json gpu-scoring.err python3 bench/gpu_scoring.py
+step scoring 360 gpu-scoring.json gpu-scoring.err python3 bench/gpu_scoring.py
 step training 150 gpu-training.json gpu-training.err python3 bench/gpu_training.py
 # The tiny benchmark smoke test is left out: it runs on CPU (CI runs it), and its CPU compile alone
 # outlasted this step's limit on a 16-core device machine.
-step tests 150 gpu-tests.log gpu-tests.err python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
+step tests 300 gpu-tests.log gpu-tests.err python3 -m pytest -q -p no:cacheprovider -m "gpu or not gpu" \
     --deselect tests/test_scoring_hf.py::test_gpu_bench_tiny_smoke tests/test_gpu.py tests/test_scoring_hf.py
 kill $sampler 2>/dev/null

@@ -157,6 +157,41 @@ def test_compiled_scorer_equals_eager(scoring_setup):
         np.testing.assert_allclose(p, p0, atol=1e-4, rtol=0)
 
 
+def test_compiled_full_prompts_build_no_causal_mask(scoring_setup, monkeypatch):
+    """Under torch.compile, transformers builds a (B, 1, T, T) causal mask in every forward, which
+    keeps SDPA off its causal kernel. The scorer's attention (causal_attn.py) builds none for full
+    prompts, and still builds transformers' mask where one is needed (the prefix-shared candidate pass
+    with its padding mask and cache). Plain "sdpa" on the same model is the control."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from thinkrec.scoring import causal_attn
+
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=3, per_user=2, seed=8, gates="random")
+    built = []
+
+    def spy(**kwargs):  # transformers' SDPA mask, recorded each time dynamo traces a mask build
+        built.append(kwargs["q_length"])
+        return sdpa_mask(**kwargs)
+
+    monkeypatch.setattr(causal_attn, "sdpa_mask", spy)
+    monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", spy)
+
+    def masks_built(scorer) -> list[int]:
+        torch._dynamo.reset()  # a fresh trace, so every mask build runs the spy
+        built.clear()
+        scorer.score(rows)
+        return list(built)
+
+    full = scorer_for(cfg, art, prefix_sharing=False, compile=True)
+    assert full.model.config._attn_implementation == causal_attn.NAME
+    assert masks_built(full) == []
+    assert masks_built(scorer_for(cfg, art, prefix_sharing=True, compile=True))  # the candidate pass
+    full.model.set_attn_implementation("sdpa")
+    assert masks_built(full), "the control: plain sdpa builds a mask under compile"
+    torch._dynamo.reset()
+
+
 def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
     """Fused mixtures per row == an explicitly merged float64 model (W + sum_n w_n s_n B_n A_n), with the
     full vocabulary head: the scorer's Yes logit within atol 1e-4 and P(Yes) = softmax over {Yes, No}."""
@@ -237,9 +272,9 @@ def test_gpu_bench_tiny_smoke():
     assert full["pairs_per_s"] == max(full["pairs_per_s_by_batch"].values())
     names = [v["variant"] for v in full["variants"]]
     assert (
-        len(names) == 5
-        and sum("compiled" in n for n in names) == 3
-        and 0 < full["variants"][-1]["flops_skipped_share"] < 1
+        len(names) == 6
+        and sum("compiled" in n for n in names) == 4
+        and all(0 < v["flops_skipped_share"] < 1 for v in full["variants"][-2:])
         and all(v["pairs_per_s"] > 0 for v in full["variants"])
     )
     assert full["best"]["pairs_per_s"] == max(v["pairs_per_s"] for v in full["variants"])

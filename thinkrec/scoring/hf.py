@@ -6,7 +6,8 @@
   onto the Yes and No rows of the output embedding only, ``h @ W[[yes, no]].T`` (2 dot products per
   row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
 - Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads)
-  and without an attention mask (right padding under causal attention is invisible to real tokens).
+  and without an attention mask (right padding under causal attention is invisible to real tokens);
+  under ``torch.compile`` too, SDPA then takes its causal kernel (causal_attn.py).
 - The last layer's MLP runs at the answer position only (answer_rows.py): nothing reads its output
   elsewhere. ``score.fuse_projections`` runs each layer's q/k/v and gate/up projections as one matmul
   each (fused_proj.py); ``score.compile`` runs the decoder under ``torch.compile``.
@@ -30,7 +31,7 @@ import torch
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
-from thinkrec.scoring import answer_rows, fused_lora, fused_proj
+from thinkrec.scoring import answer_rows, causal_attn, fused_lora, fused_proj
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.kv_cache import prefix_cache
 
@@ -65,6 +66,7 @@ class HFScorer:
         self.fused = fused_lora.install(model, dirs, mode)
         if cfg.score.fuse_projections:
             fused_proj.fuse(model)
+        causal_attn.install(model)  # full prompts keep SDPA's causal kernel under torch.compile
         body, _ = decoder_and_head(model)
         self.answer_rows = answer_rows.install(body)
         # dynamic=True: batches vary in rows and length; one symbolic-shape graph serves them
