@@ -13,17 +13,17 @@ Measures, in one run:
   ``use_cache=False``, last position projected onto two vocabulary rows only), and that rate as a
   fraction of the FLOP floor (2 * params * tokens + causal attention FLOPs per pair) at each measured
   GEMM rate. Target >= 0.85 at the sustained rate, the one a GEMM holds for as long as a forward runs
-  (a card at its power cap cannot hold the single-call boost rate through a 0.36 s forward). ``variants`` measures, at that batch size: no attention mask (the HF
-  scorer's full-prompt call), ``torch.compile`` (``--no-compile`` skips it), and the scorer's fused q/k/v
-  and gate/up projections (thinkrec/scoring/fused_proj.py), eager and compiled, and compiled with the
-  last layer's MLP at the answer position only (thinkrec/scoring/answer_rows.py; it skips
-  ``flops_skipped_share`` of the FLOPs the floor counts), and that with the scorer's attention
-  setup (thinkrec/scoring/causal_attn.py: SDPA's causal kernel under compile, no materialised mask);
-  ``best`` is the fastest;
+  (a card at its power cap cannot hold the single-call boost rate through a 0.36 s forward).
+  ``variants`` measures, at that batch size: no attention mask (the HF scorer's full-prompt call),
+  ``torch.compile`` (``--no-compile`` skips it), and the scorer's fused q/k/v and gate/up projections
+  (thinkrec/scoring/fused_proj.py), eager and compiled; then, compiled, the last layer's MLP at the
+  answer position only (thinkrec/scoring/answer_rows.py; it skips ``flops_skipped_share`` of the FLOPs
+  the floor counts), and that with the scorer's attention setup (thinkrec/scoring/causal_attn.py:
+  SDPA's causal kernel under compile, no materialised mask); ``best`` is the fastest;
 - ``prefix_shared``: pairs/s when each user's 200-token prefix runs once (4 users' prefixes in one
   batch) and its key/value cache serves that user's 100 candidates of 56 tokens each, over the same
-  pairs as full 256-token prompts (both with the fused projections and the answer-rows-only last
-  layer, as the scorer runs them). Target >= 3.5;
+  pairs as full 256-token prompts (both as the scorer runs them: fused projections, the
+  answer-rows-only last layer, the causal-kernel attention setup). Target >= 3.5;
 - ``breakdown``: one call of the best full-prompt variant under ``torch.profiler``, its device time
   split into GEMM, attention and other kernels (norms, rotary embedding, SiLU-gating, residual adds,
   copies), the GEMMs' own rate inside the forward, and the ten longest kernels by name (so a kernel
@@ -31,8 +31,8 @@ Measures, in one run:
   fraction of the floor the forward would reach if everything but its GEMMs took no time.
 
 Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections, the
-answer-rows-only last layer and the prefix-shared key/value cache are the HF scorer's own
-(thinkrec/scoring/fused_proj.py, answer_rows.py, kv_cache.py).
+answer-rows-only last layer, the attention setup and the prefix-shared key/value cache are the HF
+scorer's own (thinkrec/scoring/fused_proj.py, answer_rows.py, causal_attn.py, kv_cache.py).
 """
 
 from __future__ import annotations
