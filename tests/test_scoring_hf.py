@@ -282,6 +282,7 @@ def test_gpu_bench_tiny_smoke():
     split = full["breakdown"]
     assert split["variant"] == full["best"]["variant"] and abs(sum(split["share"].values()) - 1) < 1e-9
     assert split["ms"]["gemm"] > 0 and split["ms"]["attention"] > 0 and split["gemm_tflops_in_forward"] > 0
+    assert split["fraction_of_floor_if_only_gemms"] > 0
     assert res["fused_projection_groups"] == 2 * res["model"]["layers"] and res["matmul_tflops_sustained"] > 0
     shared = res["prefix_shared"]
     # Several users' prefixes in one batch, each row attending to its own user's cache.
