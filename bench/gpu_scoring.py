@@ -264,8 +264,7 @@ def main() -> None:
     # The projections' FLOPs in one call of the best variant: every 2-D weight of the layers at every
     # token, less the last layer's MLP at all but the answer position where the variant skips it.
     gemm_flops = 2 * batch * prompt_len * sum(p.numel() for p in body.layers.parameters() if p.dim() == 2)
-    if "flops_skipped_share" in best:
-        gemm_flops -= 2 * batch * last_mlp * (prompt_len - 1)
+    gemm_flops -= batch * flops_pair * best.get("flops_skipped_share", 0)
     breakdown: dict[str, object] = {"variant": best["variant"]}
     try:
         breakdown.update(kernel_breakdown(calls[best["variant"]], device, gemm_flops))
@@ -279,7 +278,7 @@ def main() -> None:
     # back to back at the full-prompt batch's M: the matmul rate this model's shapes can reach, so
     # the gap to the peak splits into GEMM shape/clock effects and everything else in the forward.
     shape_rate = model_gemm_tflops(body, batch * prompt_len, device, dtype, iters)
-    if breakdown.get("gemm_tflops_in_forward"):  # the best variant's pairs/s were its GEMMs all it ran
+    if breakdown.get("gemm_tflops_in_forward"):  # the best variant's pairs/s, had its GEMMs been all it ran
         only_gemms_rate = batch / (breakdown["ms"]["gemm"] / 1e3)
         breakdown["fraction_of_floor_if_only_gemms"] = only_gemms_rate / floor_rate
     for v in variants:
