@@ -142,6 +142,35 @@ class CFConfig:
 class GenerationConfig:
     """LLM text generation (keywords, teachers, explanations) over one Generator interface."""
 
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    """``hf``: batched ``generate`` in the actor; ``vllm``: the offline engine in the actor;
+    ``openai``: any OpenAI-compatible HTTP server (``generation.base_url``)."""
+    model: str = ""
+    """The model to generate with: a local/HF path for ``hf``/``vllm`` (empty: ``model.base``), the
+    served model name for ``openai`` (empty: ``model.base``)."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """``openai`` only: the endpoint's base URL, up to and including ``/v1``."""
+    api_key_env: str = "THINKREC_GENERATION_API_KEY"
+    """``openai`` only: the name of the environment variable holding the API key. The key itself is
+    never in config, logs or a Ray runtime_env; an unset variable sends no Authorization header."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per ``generate`` call (hf, vllm) and per Ray Data batch."""
+    concurrency: int = Field(8, ge=1)
+    """``openai`` only: requests in flight per actor at most."""
+    timeout_s: float = Field(60.0, gt=0)
+    """``openai`` only: seconds one request may take (connect, write, read each) before it is retried."""
+    max_tries: int = Field(4, ge=1)
+    """``openai`` only: tries per row on 429, 5xx, timeouts and connection errors; a row failing all
+    of them goes to quarantine with its last error (the job goes on)."""
+    backoff_initial_s: float = Field(0.5, gt=0)
+    """``openai`` only: first retry wait; it doubles each try, plus up to the same again in jitter."""
+    backoff_max_s: float = Field(8.0, gt=0)
+    """``openai`` only: the longest wait between two tries."""
+    torch_threads: int = Field(0, ge=0)
+    """``hf`` on CPU: torch threads per actor (0: torch's default)."""
+    actors: int = Field(1, ge=1)
+    """Ray Data actors running the generator."""
+
 
 @dataclass(config=_STRICT)
 class ReasonConfig:

@@ -27,6 +27,19 @@ CF_SCORE = "cf_score"
 REASONING = "reasoning"
 TEACHER = "teacher"
 EXPLANATION = "explanation"
+# Generation outputs (thinkrec/generation/stage.py): the row key, the prompt, the text (or the error
+# that quarantines the row) and what produced it.
+ROW_KEY = "row_key"
+PROMPT = "prompt"
+GENERATED = "generated"
+GEN_ERROR = "gen_error"
+GEN_TRIES = "gen_tries"
+NEW_TOKENS = "new_tokens"
+BACKEND = "backend"
+GEN_MODEL = "gen_model"
+ADAPTER = "adapter"
+DECODING_HASH = "decoding_hash"
+PROMPT_HASH = "prompt_hash"
 
 SPLITS = ("train", "valid", "test")
 
