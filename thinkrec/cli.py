@@ -34,6 +34,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "scoring throughput ratios (prefix sharing, fusion, reference)",
     ),
     "training": ("thinkrec.train.bench:run", "training tokens/s with 1 and 2 CPU workers"),
+    "generation": (
+        "thinkrec.generation.bench:run",
+        "generated tokens/s: hf, vLLM offline, openai -> vllm serve, at batch 1 and 32",
+    ),
 }
 
 

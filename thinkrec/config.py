@@ -187,6 +187,16 @@ class ReasonConfig:
     """Teacher actors (each loads its model once)."""
     num_gpus_per_actor: float = Field(0, ge=0)
     """GPUs per teacher actor (an LLM teacher on a GPU cluster)."""
+    think_blocks: Literal["strip", "keep"] = "strip"
+    """``llm`` teacher: drop the model's ``<think>...</think>`` blocks from the trace, or keep their
+    text (without the tags) in front of the final analysis."""
+    max_reflections: int = Field(2, ge=0)
+    """``llm`` teacher: reflection turns (with a rotating hint of the correct answer) for a row whose
+    answer disagrees with the label; still disagreeing after them, the row goes to quarantine."""
+    max_new_tokens: int = Field(256, ge=1)
+    """``llm`` teacher: new tokens per turn (the kept trace must fit ``train.max_answer_tokens``)."""
+    temperature: float = Field(0.6, ge=0)
+    """``llm`` teacher: sampling temperature (0: greedy)."""
 
 
 @dataclass(config=_STRICT)

@@ -100,4 +100,8 @@ def make_generator(cfg: Any) -> Generator:
         from thinkrec.generation.hf import HFGenerator
 
         return HFGenerator(cfg)
-    raise ValueError(f"generation.backend={backend!r} is not available yet (hf, openai)")
+    if backend == "vllm":
+        from thinkrec.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(cfg)
+    raise ValueError(f"generation.backend={backend!r}: expected hf, vllm or openai")
