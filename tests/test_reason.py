@@ -215,7 +215,12 @@ def test_get_teacher(name, expected, match):
 from thinkrec.generation.base import GenResult  # noqa: E402
 from thinkrec.reasoning import llm as L  # noqa: E402
 
-ITEMS = {1: ("Heat", ["crime"]), 2: ("Alien", ["space"]), 3: ("Fargo", ["crime"]), 9: ("Ronin", ["crime"])}
+LLM_ITEMS = {
+    1: ("Heat", ["crime"]),
+    2: ("Alien", ["space"]),
+    3: ("Fargo", ["crime"]),
+    9: ("Ronin", ["crime"]),
+}
 
 
 @pytest.mark.parametrize(
@@ -281,7 +286,7 @@ def _teacher(tmp_path, tiny_qwen, gen, **over):
     from conftest import small_config
 
     cfg = small_config(str(tmp_path), **{"model.base": tiny_qwen, "reason.teacher": "llm", **over})
-    return L.LLMTeacher(cfg, items=ITEMS, generator=gen)
+    return L.LLMTeacher(cfg, items=LLM_ITEMS, generator=gen)
 
 
 def test_llm_teacher_reflects_and_quarantines(tmp_path, tiny_qwen):
@@ -335,7 +340,7 @@ def test_llm_teacher_on_the_tiny_model(tmp_path, tiny_qwen, one_torch_thread):
         **{"model.base": tiny_qwen, "reason.teacher": "llm", "reason.max_reflections": 1,
            "reason.max_new_tokens": 6, "reason.temperature": 0.0, "generation.torch_threads": 1},
     )  # fmt: skip
-    teacher = L.LLMTeacher(cfg, items=ITEMS, generator=HFGenerator(cfg))
+    teacher = L.LLMTeacher(cfg, items=LLM_ITEMS, generator=HFGenerator(cfg))
     batch = pd.DataFrame(
         {S.USER_ID: [1, 2], S.ITEM_ID: [9, 2], S.LABEL: [1, 0],
          S.HISTORY_ITEMS: [[1, 2], [3]], S.HISTORY_LABELS: [[1, 0], [1]]}
