@@ -30,7 +30,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # address="local": a fresh Ray, never the cluster another user's `ray start` recorded in /tmp/ray.
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
