@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -33,32 +32,19 @@ def init_ray(cfg: Any) -> None:
             configure_logging=False,
             runtime_env={"worker_process_setup_hook": "thinkrec.runtime.quiet_worker_logs"},
         )
-        _shutdown_on_exit()
     else:
         ray.init(address=address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("THINKREC_PROGRESS", "1") != "0"
 
 
-def _shutdown_on_exit() -> None:
-    """Stop the local Ray (and every worker process it started) when the driver ends, also on
-    SIGTERM (a job runner's or ``timeout``'s stop), which skips atexit handlers by default."""
-    import ray
-
-    atexit.register(ray.shutdown)
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        # SystemExit unwinds the stack and runs atexit, so ray.shutdown stops the raylet and its
-        # workers instead of leaving them orphaned.
-        signal.signal(signal.SIGTERM, lambda signum, frame: exit(128 + signum))
-
-
 def fit(trainer: Any) -> Any:
     """``trainer.fit()`` for Ray Train v2 trainers, releasing the run's controller actor afterwards.
 
     fit() installs a SIGINT handler whose closure holds the ``TrainController`` actor handle, so
-    the controller (~400 MB) stays alive after fit() returns, until the driver exits; a driver that
-    then dies hard leaves it orphaned. Restoring the previous handler drops the last reference and
-    Ray's reference counting ends the actor now."""
+    the controller (~400 MB) stays alive after fit() returns, until the driver exits or the next
+    fit() replaces the handler. Restoring the previous handler drops the last reference, and Ray's
+    reference counting ends the actor now."""
     previous = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
