@@ -30,7 +30,6 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        # address="local": a fresh Ray, never the cluster another user's `ray start` recorded in /tmp/ray.
         ray.init(
             address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
         )
@@ -133,3 +132,40 @@ def scored(prepared, tiny_qwen, artifact_dirs, tmp_path_factory):
     manifest = stage.run(cfg)
     storage = Storage.from_config(cfg)
     return cfg, manifest, read_table(storage, storage.uri(stage.SCORES))
+
+
+# -- S3: a real moto server on 127.0.0.1, shared by the tests that need one bucket each ---------------
+@pytest.fixture(scope="session")
+def moto_server():
+    """Endpoint URL of moto's server mode on 127.0.0.1 (any credentials are accepted)."""
+    from moto.server import ThreadedMotoServer
+
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    yield f"http://{host}:{port}"
+    srv.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """A fresh bucket on the moto server, the AWS chain pointed at it through the environment only:
+    {endpoint, bucket, client, storage (rooted at s3://bucket/run), env (the AWS_* variables, for
+    subprocesses and submitted jobs)}."""
+    import uuid
+
+    import boto3
+    from servers import aws_env
+
+    from thinkrec.io.fs import Storage
+
+    env = aws_env(moto_server, "testing", "testing")
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    bucket = f"thinkrec-{uuid.uuid4().hex[:10]}"
+    client = boto3.session.Session().client("s3", endpoint_url=moto_server, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    storage = Storage(root=f"s3://{bucket}/run", s3_endpoint=moto_server)
+    return {"endpoint": moto_server, "bucket": bucket, "client": client, "storage": storage, "env": env}

@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import scoring_root
+from servers import aws_env, free_port, wait_for
 
 from thinkrec.io.commit import (
     MANIFEST,
@@ -46,27 +45,6 @@ pytestmark = pytest.mark.integration
 
 S3RVER_VERSION = "3.7.1"
 SCHEMA = pa.schema([("user_id", pa.int64()), ("item_id", pa.int64()), ("score", pa.float32())])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"no server on 127.0.0.1:{port} after {timeout}s")
 
 
 def _s3rver_bin(cache: Path) -> Path:
@@ -107,7 +85,7 @@ def server(request, tmp_path_factory):
     pytest_cache = getattr(request.config, "cache", None)
     cache = Path(pytest_cache.mkdir("s3rver")) if pytest_cache else tmp_path_factory.mktemp("npm")
     js = _s3rver_bin(cache)
-    port = _free_port()
+    port = free_port()
     data = tmp_path_factory.mktemp("s3rver-data")
     env = {**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"}
     proc = subprocess.Popen(
@@ -118,7 +96,7 @@ def server(request, tmp_path_factory):
         text=True,
     )
     try:
-        _wait_for(port, proc)
+        wait_for(port, proc)
         yield "s3rver", f"http://127.0.0.1:{port}", "S3RVER", "S3RVER"
     finally:
         proc.terminate()
@@ -132,13 +110,8 @@ def s3(server, monkeypatch):
     name, endpoint, key, secret = server
     for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    # s3rver does not understand the flexible-checksum trailers newer SDKs send by default.
-    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
-    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    for var, value in aws_env(endpoint, key, secret).items():
+        monkeypatch.setenv(var, value)
     bucket = f"thinkrec-{uuid.uuid4().hex[:10]}"
     # A fresh boto3 session: boto3's default session caches the first credentials it resolved, and
     # the two servers take different keys.

@@ -111,6 +111,11 @@ class ModelConfig:
 
 
 @dataclass(config=_STRICT)
+class KeywordsConfig:
+    """The keywords stage (between prepare and cf): up to 10 keywords per item."""
+
+
+@dataclass(config=_STRICT)
 class CFConfig:
     model: Literal["mf"] = "mf"
     dim: int = Field(64, ge=2)
@@ -131,6 +136,11 @@ class CFConfig:
     rows have a cold user, which only the item bias can score (ML-100K valid AUC 0.67 vs 0.52)."""
     max_failures: int = Field(2, ge=0)
     """Times Ray Train restarts the workers from the last checkpoint after a worker fails."""
+
+
+@dataclass(config=_STRICT)
+class GenerationConfig:
+    """LLM text generation (keywords, teachers, explanations) over one Generator interface."""
 
 
 @dataclass(config=_STRICT)
@@ -314,7 +324,9 @@ class Config:
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    keywords: KeywordsConfig = dataclasses.field(default_factory=KeywordsConfig)
     cf: CFConfig = dataclasses.field(default_factory=CFConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     reason: ReasonConfig = dataclasses.field(default_factory=ReasonConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)

@@ -21,8 +21,8 @@ def init_ray(cfg: Any) -> None:
     if address in (None, "", "local"):
         # A local Ray for the demo and tests. Ray Data's own progress bars show stage progress.
         store = cfg.ray.object_store_mb
-        # address="local" always starts a fresh Ray: a bare ray.init() joins whatever cluster
-        # `ray start` left recorded in /tmp/ray (another user's on a shared machine).
+        # address="local" always starts a new Ray: without it ray.init joins whatever cluster a
+        # `ray start` on this machine left in /tmp/ray, which then rejects num_cpus.
         ray.init(
             address="local",
             num_cpus=cfg.ray.num_cpus,

@@ -61,6 +61,12 @@ ITEMS = pa.schema(
 USERS = pa.schema([(USER_ID, pa.int64()), (RAW_USER_ID, pa.string())])
 """prepare/users: remapped id and original id."""
 
+USER_IDS = pa.schema([(RAW_USER_ID, pa.string()), (USER_ID, pa.int64())])
+"""prepare/user_ids: raw user id (always a string) -> internal id 1..N."""
+
+ITEM_IDS = pa.schema([(RAW_ITEM_ID, pa.string()), (ITEM_ID, pa.int64())])
+"""prepare/item_ids: raw item id (always a string) -> internal id 1..N."""
+
 CF_SCORES = pa.schema(
     [
         (USER_ID, pa.int64()),

@@ -56,7 +56,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
         started = True
     root = tempfile.mkdtemp(prefix="thinkrec-bench-train-")
     try:

@@ -1,0 +1,45 @@
+"""Raw <-> internal id maps: the one place later stages look ids up.
+
+Internal ids are 1..N (0 is padding); raw ids are always strings (integers as ``str(raw)``), as in
+the logs. Until prepare writes its own id-map tables, the maps are read from prepare/users and
+prepare/items, which carry both columns; the API below stays the same when they move.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from thinkrec.data import schema as S
+from thinkrec.io.commit import read_dataset, read_table
+from thinkrec.io.fs import Storage
+
+USER_IDS = "prepare/user_ids"
+ITEM_IDS = "prepare/item_ids"
+
+Kind = Literal["user", "item"]
+
+# kind -> (committed table holding the map today, raw column, internal column)
+_SOURCES: dict[str, tuple[str, str, str]] = {
+    "user": ("prepare/users", S.RAW_USER_ID, S.USER_ID),
+    "item": ("prepare/items", S.RAW_ITEM_ID, S.ITEM_ID),
+}
+
+
+def _source(kind: Kind) -> tuple[str, str, str]:
+    if kind not in _SOURCES:
+        raise ValueError(f"id map kind must be 'user' or 'item', got {kind!r}")
+    return _SOURCES[kind]
+
+
+def read_ids(storage: Storage, kind: Kind) -> Any:
+    """The map as a Ray Dataset of (raw id, internal id), for distributed joins."""
+    table, raw, internal = _source(kind)
+    return read_dataset(storage, storage.uri(table), columns=[raw, internal])
+
+
+def ids_table(storage: Storage, kind: Kind) -> pa.Table:
+    """The map as one Arrow table (small maps and tests; a join should use ``read_ids``)."""
+    table, raw, internal = _source(kind)
+    return read_table(storage, storage.uri(table), columns=[raw, internal])
