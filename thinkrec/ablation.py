@@ -31,6 +31,13 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "n/a"
 
 
+def _flat(model: dict[str, Any] | None) -> dict[str, Any]:
+    """Point values and the row count of one model in metrics.json (eval/SCHEMA.md)."""
+    if not model:
+        return {}
+    return {k: v["value"] for k, v in model["metrics"].items()} | {"rows": model["counts"]["rows"]}
+
+
 def variant_config(cfg: Config, name: str) -> Config:
     storage = Storage.from_config(cfg)
     return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
@@ -65,8 +72,8 @@ def run(cfg: Config) -> dict[str, Any]:
         out = pipeline.run(vcfg)
         models = out["metrics"].get("metrics", {}).get("all", {})
         rows[name] = {
-            "thinkrec": models.get("thinkrec", {}),
-            "mf": models.get("mf", {}),
+            "thinkrec": _flat(models.get("thinkrec")),
+            "mf": _flat(models.get(f"cf_{cfg.cf.model}")),
             "timings": out["timings"],
         }
     lines = [
