@@ -252,3 +252,32 @@ def test_evaluate_without_scores_names_the_stage(tmp_path):
     cfg = C.load("configs/demo.yaml", {"storage.output_root": str(tmp_path / "empty")})
     with pytest.raises(stage.MissingInputError, match="run the score stage"):
         stage.run(cfg)
+
+
+def test_compare_runs_paired(tmp_path):
+    import shutil
+
+    from eval.compare import compare
+    from thinkrec import cli
+
+    cfg, t = _synthetic_run(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cli.main(
+        [
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--resamples",
+            "20",
+        ]
+    )
+    doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert doc["rows"]["common"] == 70 and doc["reference"] == "a"
+    d = doc["models"]["b"]["vs_reference"]["auc"]
+    assert d["diff"] == 0 and d["lo"] == 0 and d["hi"] == 0  # identical runs: paired difference exactly 0
+    assert "| b |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "<table>" in (tmp_path / "cmp" / "comparison.html").read_text()
+    with pytest.raises(ValueError, match="at least two"):
+        compare([str(tmp_path / "a")], str(tmp_path / "x"))
