@@ -66,9 +66,11 @@ class ModelStats:
         order = np.argsort(s, kind="stable")
         ss = s[order]
         starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-        self._order, self._starts = order, starts
-        self._ysorted = y[order].astype(np.float64)
-        self._usorted = u[order]
+        # Kept compact (1 + 4 bytes a row): every bootstrap resample re-reads them.
+        self._starts = starts
+        self._ysorted = y[order].astype(np.int8)
+        self._usorted = u[order].astype(np.int32 if U < 2**31 else np.int64)
+        del order, ss
 
         # Per-user AUC (Mann-Whitney within each user): midranks of the score within the user.
         o2 = np.lexsort((s, u))  # by user, then score
@@ -127,8 +129,9 @@ class ModelStats:
         return metric_names(self.k_values, self.probability)
 
     def _auc(self, w_rows_sorted: np.ndarray | None) -> float:
-        yp = self._ysorted if w_rows_sorted is None else self._ysorted * w_rows_sorted
-        yn = (1 - self._ysorted) if w_rows_sorted is None else (1 - self._ysorted) * w_rows_sorted
+        ys = self._ysorted.astype(np.float64)
+        yp = ys if w_rows_sorted is None else ys * w_rows_sorted
+        yn = (1 - ys) if w_rows_sorted is None else (1 - ys) * w_rows_sorted
         gp, gn = np.add.reduceat(yp, self._starts), np.add.reduceat(yn, self._starts)
         P, N = gp.sum(), gn.sum()
         if P == 0 or N == 0:

@@ -256,8 +256,11 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
     common = np.ones(n_universe, bool)
     for mask in scored.values():
         common &= mask
-    ev = {k: v[common] for k, v in base.items()}
-    vals = {m: (s[common], None if p is None else p[common]) for m, (s, p) in values.items()}
+    if common.all():  # no copy (10M rows: about 1 GB saved)
+        ev, vals = base, values
+    else:
+        ev = {k: v[common] for k, v in base.items()}
+        vals = {m: (s[common], None if p is None else p[common]) for m, (s, p) in values.items()}
     k_values = tuple(cfg.eval.k_values)
     e = cfg.eval
     rows = E.Rows.build(ev["user"], ev["label"])
