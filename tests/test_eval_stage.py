@@ -281,3 +281,19 @@ def test_compare_runs_paired(tmp_path):
     assert "<table>" in (tmp_path / "cmp" / "comparison.html").read_text()
     with pytest.raises(ValueError, match="at least two"):
         compare([str(tmp_path / "a")], str(tmp_path / "x"))
+
+
+def test_engine_auc_equals_sklearn_on_100k_rows():
+    rng = np.random.default_rng(3)
+    n = 100_000
+    u, y = rng.integers(0, 5000, n), rng.integers(0, 2, n)
+    s = (rng.normal(size=n) + 0.5 * y).astype(np.float32)  # float32 scores, as stored: real ties
+    p = 1 / (1 + np.exp(-s.astype(np.float64)))
+    v = E.ModelStats(E.Rows.build(u, y), s, p, K).value()
+    assert v["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    assert v["logloss"] == pytest.approx(log_loss(y, p), abs=1e-6)
+    ref = M.all_metrics(u[:3000], y[:3000], s[:3000], K)
+    sub = E.ModelStats(E.Rows.build(u[:3000], y[:3000]), s[:3000], None, K).value()
+    assert sub["uauc"] == pytest.approx(ref["uauc"], abs=1e-6) and sub["map@10"] == pytest.approx(
+        ref["map@10"], abs=1e-6
+    )
