@@ -343,6 +343,19 @@ class ExplainConfig:
 @dataclass(config=_STRICT)
 class EvalConfig:
     k_values: tuple[int, ...] = (1, 3, 5, 10)
+    """Cut-offs of HR@k, NDCG@k and MAP@k."""
+    bootstrap_resamples: int = Field(200, ge=0)
+    """User-level bootstrap resamples of the headline intervals (0: point estimates only)."""
+    slice_resamples: int = Field(100, ge=0)
+    """Bootstrap resamples of each slice's intervals."""
+    smoothing: float = Field(10.0, ge=0)
+    """Pseudo-rows at the global train rate added to each item's train positive rate (item_rate)."""
+    history_buckets: tuple[int, ...] = (1, 5, 10)
+    """History-length slice edges: [0, 1), [1, 5), [5, 10), >= 10."""
+    bertscore: bool = True
+    """BERTScore F1 of explanations with all-MiniLM-L6-v2 (offline; about 1 s per 100 pairs on CPU)."""
+    explanation_samples: int = Field(5, ge=0)
+    """Explanations shown in the report with their metrics."""
 
 
 AblationName = Literal["tallrec", "collm", "thinkrec-no-experts", "thinkrec"]
