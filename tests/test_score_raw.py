@@ -146,3 +146,61 @@ def test_raw_id_table_with_passthrough_and_unknown_ids(prepared, tiny_qwen, arti
 def scoring_root_cfg(cfg):
     """The same run as internal-id input (no candidate table: the maps are not loaded)."""
     return cfg.replace(**{"score.candidates": "", "score.output": ""}).to_dict()
+
+
+def test_raw_csv_prefix_on_s3_to_an_s3_output(s3_bucket, prepared, tiny_qwen, artifact_dirs, tmp_path):
+    """A raw-id CSV table as a prefix of two objects on S3 (moto), the run root and the output on S3,
+    scored by ``python -m jobs.score`` in its own process: every row once, passthrough kept, scores
+    equal to the same pairs in internal ids scored in-process with full prompts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.prompts import PromptStep, rows_from_table
+
+    storage, client, bucket = s3_bucket["storage"], s3_bucket["client"], s3_bucket["bucket"]
+    local = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path / "local"))
+    for part in ("prepare", "cf", "train"):
+        storage.copy_tree(os.path.join(local.storage.output_root, part), storage.uri(part))
+    lst = Storage.from_config(local)
+    users = ids_table(lst, "user").to_pylist()[5:8]
+    items = ids_table(lst, "item").to_pylist()[:4]
+    rows = [(u, it, f"r{k}-{j}") for k, u in enumerate(users) for j, it in enumerate(items)]
+    for part, chunk in enumerate((rows[::2], rows[1::2])):
+        body = "user_id,item_id,request_id\n" + "".join(
+            f"{u[S.RAW_USER_ID]},{it[S.RAW_ITEM_ID]},{req}\n" for u, it, req in chunk
+        )
+        client.put_object(Bucket=bucket, Key=f"in/slates/part-{part}.csv", Body=body.encode())
+    out = f"s3://{bucket}/out/slates"
+    cfg = local.replace(
+        **{
+            "storage.output_root": storage.root,
+            "storage.s3_endpoint": s3_bucket["endpoint"],
+            "score.candidates": f"s3://{bucket}/in/slates/",
+            "score.output": out,
+        }
+    )
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, **s3_bucket["env"], "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.score", "--config", str(cfg_file)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    got = read_table(storage, out).to_pylist()
+    assert sorted(r["request_id"] for r in got) == sorted(req for *_, req in rows)
+    want_ids = {req: (u[S.USER_ID], it[S.ITEM_ID]) for u, it, req in rows}
+    assert all((r[S.USER_ID], r[S.ITEM_ID]) == want_ids[r["request_id"]] for r in got)
+    assert not client.list_objects_v2(Bucket=bucket, Prefix="run/score/").get("KeyCount")
+    internal = pa.Table.from_pylist(
+        [{S.USER_ID: u[S.USER_ID], S.ITEM_ID: it[S.ITEM_ID]} for u, it, _ in rows]
+    )
+    rows_p = rows_from_table(PromptStep(local.to_dict())(internal))
+    s, _ = HFScorer(local.replace(**{"score.prefix_sharing": False}), load_artifacts(local)).score(rows_p)
+    by_pair = {(r[S.USER_ID], r[S.ITEM_ID]): r[S.SCORE] for r in got}
+    assert max(abs(by_pair[(r.user_id, r.item_id)] - v) for r, v in zip(rows_p, s, strict=True)) < 1e-4
