@@ -169,3 +169,17 @@ def s3_bucket(moto_server, monkeypatch):
     client.create_bucket(Bucket=bucket)
     storage = Storage(root=f"s3://{bucket}/run", s3_endpoint=moto_server)
     return {"endpoint": moto_server, "bucket": bucket, "client": client, "storage": storage, "env": env}
+
+
+@pytest.fixture(scope="session")
+def vllm_serve(tiny_qwen, tmp_path_factory):
+    """One real ``vllm serve`` of the tiny model on 127.0.0.1 for the whole session (3-4 min to start
+    on a CPU), requiring generation_servers.PLANTED_KEY. Its log is checked for the key."""
+    from generation_servers import VLLMServer
+
+    server = VLLMServer(tiny_qwen, str(tmp_path_factory.mktemp("vllm-serve") / "serve.log"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from eval.metrics import auc
@@ -56,8 +57,14 @@ def test_cf_stage_artifacts(cf_run):
     num_items = read_table(storage, storage.uri(prepare.ITEMS)).num_rows
     emb = load_file(os.path.join(root, "model", "embeddings.safetensors"))
     assert set(emb) == {"user", "item"}
-    assert tuple(emb["user"].shape) == (num_users + 1, cfg.cf.dim)
-    assert tuple(emb["item"].shape) == (num_items + 1, cfg.cf.dim)
+    # With biases the projector's vectors are [p_u, b_u, 1] and [q_i, 1, b_i] (cf/stage.py).
+    width = cfg.cf.dim + (2 if cfg.cf.bias else 0)
+    assert tuple(emb["user"].shape) == (num_users + 1, width)
+    assert tuple(emb["item"].shape) == (num_items + 1, width)
+    with safe_open(os.path.join(root, "model", "embeddings.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["dim"] == str(cfg.cf.dim) and meta["model"] == cfg.cf.model
+    assert meta["layout"] == (cf_stage.LAYOUT_BIAS if cfg.cf.bias else cf_stage.LAYOUT_PLAIN)
 
     inter = read_table(storage, storage.uri(prepare.INTERACTIONS)).to_pandas()
     train = inter[inter[S.SPLIT] == "train"]
@@ -66,15 +73,17 @@ def test_cf_stage_artifacts(cf_run):
     seen_u[train[S.USER_ID].to_numpy()] = True
     seen_i = np.zeros(num_items + 1, bool)
     seen_i[train[S.ITEM_ID].to_numpy()] = True
-    user_zero = (emb["user"] == 0).all(dim=1).numpy()
-    item_zero = (emb["item"] == 0).all(dim=1).numpy()
+    d = cfg.cf.dim
+    user_zero = (emb["user"][:, :d] == 0).all(dim=1).numpy()
+    item_zero = (emb["item"][:, :d] == 0).all(dim=1).numpy()
     np.testing.assert_array_equal(user_zero, ~seen_u)
     np.testing.assert_array_equal(item_zero, ~seen_i)
+    assert not emb["user"][0].any() and not emb["item"][0].any()  # padding: all zeros
 
     scores = read_table(storage, storage.uri(cf_stage.SCORES)).to_pandas()
     evalrows = inter[inter[S.SPLIT].isin(["valid", "test"])]
     assert len(scores) == len(evalrows) > 0
-    assert list(scores.columns) == S.CF_SCORES.names
+    assert list(scores.columns) == [*S.CF_SCORES.names, "cf_mf", "cf_mf_nobias"]
     man = storage.read_json(f"{storage.uri(cf_stage.SCORES)}/_manifest.json")
     assert man["rows"] == len(evalrows) and man["rows_quarantined"] == 0
     # The stored logit is the MF formula on the committed embeddings (same float32 math).
@@ -85,6 +94,18 @@ def test_cf_stage_artifacts(cf_run):
         assert not biases["item"][torch.as_tensor(~seen_i)].any()
     expect = mf.logits(table, scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy(), biases)
     np.testing.assert_allclose(scores[S.CF_SCORE].to_numpy(), expect, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(scores["cf_mf"].to_numpy(), scores[S.CF_SCORE].to_numpy())
+    dot = mf.logits(table, scores[S.USER_ID].to_numpy(), scores[S.ITEM_ID].to_numpy())
+    np.testing.assert_allclose(scores["cf_mf_nobias"].to_numpy(), dot, rtol=0, atol=1e-6)
+    # The projector's vectors carry the whole MF logit: <user, item> + global bias = cf_score.
+    u = torch.as_tensor(scores[S.USER_ID].to_numpy().copy())
+    i = torch.as_tensor(scores[S.ITEM_ID].to_numpy().copy())
+    full = (emb["user"][u] * emb["item"][i]).sum(-1) + (biases["global"] if biases else 0)
+    np.testing.assert_allclose(full.numpy(), scores[S.CF_SCORE].to_numpy(), rtol=0, atol=1e-5)
+    if biases:
+        torch.testing.assert_close(emb["user"][1:, d], biases["user"][1:])
+        torch.testing.assert_close(emb["item"][1:, d + 1], biases["item"][1:])
+        assert (emb["user"][1:, d + 1] == 1).all() and (emb["item"][1:, d] == 1).all()
     # Same multiset of (user, item, split, label) as prepare's valid + test rows.
     key = [S.USER_ID, S.ITEM_ID, S.SPLIT, S.LABEL]
     a = scores[key].sort_values(key).reset_index(drop=True)
@@ -142,6 +163,27 @@ def test_logits_match_forward(bias):
     unknown = mf.logits(table, np.array([99, -3]), np.array([1, 1]), biases)
     zero_user = mf.logits(table, np.array([0, 0]), np.array([1, 1]), biases)
     np.testing.assert_array_equal(unknown, zero_user)
+
+
+def test_projector_table_layout():
+    """[p_u, b_u, 1] . [q_i, 1, b_i] = p_u . q_i + b_u + b_i; padding row all zeros."""
+    from thinkrec.model.thinkrec import CFTable
+
+    g = torch.Generator().manual_seed(0)
+    table = CFTable(torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g))
+    table.user[0] = table.item[0] = 0
+    biases = {"user": torch.tensor([0.0, 0.5, -1.0, 2.0]), "item": torch.tensor([0.0, 1, 2, 3, -4])}
+    biases["global"] = torch.tensor([0.25])
+    out = cf_stage.projector_table(table, biases)
+    assert out.dim == 5
+    torch.testing.assert_close(out.user[2], torch.cat([table.user[2], torch.tensor([-1.0, 1.0])]))
+    torch.testing.assert_close(out.item[4], torch.cat([table.item[4], torch.tensor([1.0, -4.0])]))
+    assert not out.user[0].any() and not out.item[0].any()
+    users, items = np.array([1, 2, 3, 3]), np.array([4, 1, 2, 3])
+    want = mf.logits(table, users, items, biases) - 0.25
+    got = (out.user[users] * out.item[items]).sum(-1).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert cf_stage.projector_table(table, {}) is table  # no biases: the plain vectors
 
 
 def test_optimizer_checkpoint_roundtrip(tmp_path):

@@ -101,15 +101,18 @@ def test_rerun_skips_everything(run):
 
 
 def test_summary_prints_headline_metrics():
+    def model(auc, uauc, rows):
+        return {"metrics": {"auc": {"value": auc}, "uauc": {"value": uauc}}, "counts": {"rows": rows}}
+
     doc = {
-        "metrics": {
-            "all": {"mf": {"auc": 0.7, "uauc": 0.65, "rows": 10}, "thinkrec": {"auc": 0.71, "uauc": None}}
-        },
-        "explanations": {"text_metrics": {"bleu4": 0.0123, "rouge_l_f": 0.25, "rows": 8}},
+        "metrics": {"all": {"cf_mf": model(0.7, 0.65, 10), "thinkrec": model(0.71, None, 10)}},
+        "strongest_baseline": {"model": "cf_mf", "thinkrec_margin": {"diff": 0.01}},
+        "explanations": {"bleu4": 0.0123, "rouge_l_f": 0.25, "meteor": 0.5, "with_reference": 8},
     }
     text = pipeline.summary("runs/x/report", doc, {"prepare": 1.0}, 2.0)
     assert "runs/x/report/report.html" in text
-    assert "mf: AUC 0.7000  UAUC 0.6500  (10 test rows)" in text
+    assert "cf_mf: AUC 0.7000  UAUC 0.6500  (10 test rows)" in text
     assert "thinkrec: AUC 0.7100  UAUC n/a" in text
-    assert "explanations: BLEU-4 0.0123  ROUGE-L F 0.2500  (8 rows with a reference)" in text
+    assert "strongest baseline cf_mf: ThinkRec AUC margin +0.0100" in text
+    assert "explanations: BLEU-4 0.0123  ROUGE-L F 0.2500  METEOR 0.5000  (8 rows with a reference)" in text
     assert "explanations" not in pipeline.summary("r", {"metrics": {}}, {}, 1.0)

@@ -209,3 +209,144 @@ def test_get_teacher(name, expected, match):
     else:
         with pytest.raises(ValueError, match=match):
             get_teacher(name)
+
+
+# -- the llm teacher ---------------------------------------------------------------------------------
+from thinkrec.generation.base import GenResult  # noqa: E402
+from thinkrec.reasoning import llm as L  # noqa: E402
+
+LLM_ITEMS = {
+    1: ("Heat", ["crime"]),
+    2: ("Alien", ["space"]),
+    3: ("Fargo", ["crime"]),
+    9: ("Ronin", ["crime"]),
+}
+
+
+@pytest.mark.parametrize(
+    "text,mode,expected",
+    [
+        ("<think>hmm, crime</think>They like crime films. Answer: Yes", "strip", (1, "They like crime films.")),
+        ("<think>hmm, crime</think>They like crime films. Answer: Yes", "keep", (1, "hmm, crime\nThey like crime films.")),
+        ("Space is not their thing.\nAnswer: **No**", "strip", (0, "Space is not their thing.")),
+        ("Answer: No at first, but on reflection... Answer: yes", "strip", (1, "Answer: No at first, but on reflection...")),
+        ("<think>the budget ran out mid-thought", "strip", (None, "")),
+        ("I cannot tell.", "strip", (None, "I cannot tell.")),
+    ],
+)  # fmt: skip
+def test_think_blocks_and_answer(text, mode, expected):
+    assert L.parse_answer(L.split_think(text, mode)) == expected
+
+
+@pytest.mark.parametrize(
+    "trace,leaks",
+    [
+        ("The correct answer is Yes, because they like crime.", True),
+        ("As I was told, the user liked it.", True),
+        ("Given the hint, they would like it.", True),
+        ("In fact the user liked this movie, so crime wins.", True),  # echoes the hint's claim
+        ("The user actually liked it; crime films dominate.", True),
+        ("Looking at the history again, crime films dominate.", False),
+        ("They liked 3 of 4 crime films, so this one fits.", False),
+        ("The answer was obvious from the history.", True),
+    ],
+)
+def test_hint_leak_filter(trace, leaks):
+    assert L.leaks_hint(trace) is leaks
+
+
+def test_hints_rotate_and_each_leaks_if_echoed():
+    seen = {L.hint(1, "movie", turn, row) for turn in range(3) for row in range(3)}
+    assert len(seen) == len(L.HINTS)
+    assert all(L.leaks_hint(h) for h in seen)  # a trace echoing a hint is always caught
+
+
+class Scripted:
+    """A generator answering from a script per row and turn (the teacher logic under test; a real
+    model cannot be told what to say). Records every prompt it got."""
+
+    name, model = "scripted", "script"
+
+    def __init__(self, script: dict[int, list[str | None]]) -> None:
+        self.script, self.prompts, self.turn = script, [], {}
+
+    def generate(self, requests, decoding):
+        out = []
+        for r in requests:
+            k = int(r.key)
+            t = self.turn.get(k, 0)
+            self.turn[k] = t + 1
+            self.prompts.append((k, r.prompt))
+            text = self.script[k][t]
+            out.append(GenResult(r.key, text, None if text is not None else "http_500 (after 4 tries)"))
+        return out
+
+
+def _teacher(tmp_path, tiny_qwen, gen, **over):
+    from conftest import small_config
+
+    cfg = small_config(str(tmp_path), **{"model.base": tiny_qwen, "reason.teacher": "llm", **over})
+    return L.LLMTeacher(cfg, items=LLM_ITEMS, generator=gen)
+
+
+def test_llm_teacher_reflects_and_quarantines(tmp_path, tiny_qwen):
+    long = "crime " * 200
+    script = {
+        0: ["Crime fans like this. Answer: Yes"],  # agrees at once
+        1: ["Space bores them. Answer: No", "On reflection crime dominates. Answer: Yes"],  # reflects
+        2: ["No. Answer: No", "Still no. Answer: No", "No. Answer: No"],  # still disagrees
+        3: ["Answer: No", "The correct answer is Yes. Answer: Yes"],  # leaks the hint
+        4: ["Answer: Yes"],  # empty rationale
+        5: [f"{long} Answer: Yes"],  # over the token budget
+        6: [None],  # the generator failed the row
+        7: ["<think>???", "<think>still thinking", "<think>..."],  # never answers
+    }
+    gen = Scripted(script)
+    teacher = _teacher(tmp_path, tiny_qwen, gen, **{"reason.max_reflections": 2})
+    batch = pd.DataFrame(
+        {
+            S.USER_ID: range(9),
+            S.ITEM_ID: [9, 2, 2, 2, 9, 9, 9, 9, 404],
+            S.LABEL: [1, 1, 1, 1, 1, 1, 1, 1, 1],
+            S.HISTORY_ITEMS: [[1, 2, 3]] * 9,
+            S.HISTORY_LABELS: [[1, 0, 1]] * 9,
+        }
+    )
+    out = teacher(batch)
+    assert out[S.REASONING].tolist()[:2] == ["Crime fans like this.", "On reflection crime dominates."]
+    assert out[REASON].tolist() == [
+        None, None, L.DISAGREES, L.HINT_LEAK, L.EMPTY, L.OVER_BUDGET,
+        f"{L.GEN_FAILED}: http_500 (after 4 tries)", L.NO_ANSWER, "unknown_item",
+    ]  # fmt: skip
+    assert out[S.REASONING].isna().tolist()[2:] == [True] * 7
+    # Reflection turns went to the disagreeing rows only, with the conversation and a hint.
+    turns = {k: [p for j, p in gen.prompts if j == k] for k in script}
+    assert [len(turns[k]) for k in range(8)] == [1, 2, 3, 2, 1, 1, 1, 3]
+    assert turns[1][1].startswith(turns[1][0] + "Space bores them. Answer: No\n\n")
+    hints = [p.rsplit("\n\n", 1)[1].strip() for p in turns[2][1:]]
+    assert len(set(hints)) == 2 and all("liked" in h for h in hints)  # rotating phrasings
+    assert '"Ronin" (crime)' in turns[0][0] and "- Alien (space): disliked" in turns[0][0]
+
+
+def test_llm_teacher_on_the_tiny_model(tmp_path, tiny_qwen, one_torch_thread):
+    """Real disagreements: the random tiny model never gives the label's answer, so every row goes
+    through each reflection turn and ends in quarantine."""
+    from conftest import small_config
+
+    from thinkrec.generation.hf import HFGenerator
+
+    cfg = small_config(
+        str(tmp_path),
+        **{"model.base": tiny_qwen, "reason.teacher": "llm", "reason.max_reflections": 1,
+           "reason.max_new_tokens": 6, "reason.temperature": 0.0, "generation.torch_threads": 1},
+    )  # fmt: skip
+    teacher = L.LLMTeacher(cfg, items=LLM_ITEMS, generator=HFGenerator(cfg))
+    batch = pd.DataFrame(
+        {S.USER_ID: [1, 2], S.ITEM_ID: [9, 2], S.LABEL: [1, 0],
+         S.HISTORY_ITEMS: [[1, 2], [3]], S.HISTORY_LABELS: [[1, 0], [1]]}
+    )  # fmt: skip
+    out = teacher(batch)
+    assert teacher.stats["reflections"] == 2
+    assert set(out[REASON]) <= {L.DISAGREES, L.NO_ANSWER} and out[S.REASONING].isna().all()
+    assert out[S.TEACHER].tolist() == [f"llm:hf:{tiny_qwen}"] * 2
+    assert get_teacher("llm") is L.LLMTeacher

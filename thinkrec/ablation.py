@@ -4,7 +4,8 @@ Each variant is the full pipeline under ``<output_root>/ablation/<variant>/`` wi
 The stages no variant changes (prepare, cf, reason, and the tiny base model) run once: the first
 variant's committed outputs are copied into the others' roots before they run, and their fingerprints
 (relative to the output root) let each pipeline skip them. Every variant sees the same split and the
-same test rows; the table is written to ``<output_root>/ablation/comparison.{md,json}``.
+same test rows; the table is written to ``<output_root>/ablation/comparison.{md,json}``, and
+``thinkrec compare`` over the variants (paired intervals) to ``<output_root>/ablation/compare/``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ and with experts."""
 
 def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else "n/a"
+
+
+def _flat(model: dict[str, Any] | None) -> dict[str, Any]:
+    """Point values and the row count of one model in metrics.json (eval/SCHEMA.md)."""
+    if not model:
+        return {}
+    return {k: v["value"] for k, v in model["metrics"].items()} | {"rows": model["counts"]["rows"]}
 
 
 def variant_config(cfg: Config, name: str) -> Config:
@@ -65,8 +73,8 @@ def run(cfg: Config) -> dict[str, Any]:
         out = pipeline.run(vcfg)
         models = out["metrics"].get("metrics", {}).get("all", {})
         rows[name] = {
-            "thinkrec": models.get("thinkrec", {}),
-            "mf": models.get("mf", {}),
+            "thinkrec": _flat(models.get("thinkrec")),
+            "mf": _flat(models.get(f"cf_{cfg.cf.model}")),
             "timings": out["timings"],
         }
     lines = [
@@ -91,4 +99,17 @@ def run(cfg: Config) -> dict[str, Any]:
     storage.write_bytes(storage.uri("ablation", "comparison.md"), table.encode())
     storage.write_json(storage.uri("ablation", "comparison.json"), rows)
     print(table)
+    roots = [variant_config(cfg, n).storage.output_root for n in rows]
+    if len(roots) >= 2:
+        from eval.compare import compare
+
+        # Paired intervals: every variant against the first on the rows all of them scored.
+        compare(
+            roots,
+            storage.uri("ablation", "compare"),
+            resamples=cfg.eval.bootstrap_resamples,
+            seed=cfg.seed,
+            k_values=tuple(cfg.eval.k_values),
+            s3_endpoint=cfg.storage.s3_endpoint,
+        )
     return rows

@@ -21,7 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("thinkrec.train.stage:run", "global LoRA, CF projector, user groups, expert LoRAs -> train/"),
     "score": ("thinkrec.scoring.stage:run", "score candidate pairs with the gated experts -> score/"),
     "explain": ("thinkrec.scoring.explain:run", "generate explanations for sampled test rows -> explain/"),
-    "evaluate": ("eval.report:run", "metrics, plots and the report -> report/"),
+    "evaluate": ("eval.stage:run", "metrics, plots and the report -> report/"),
     "pipeline": ("thinkrec.pipeline:run", "every stage above, in order, skipping finished work"),
     "ablation": (
         "thinkrec.ablation:run",
@@ -34,6 +34,11 @@ BENCHES: dict[str, tuple[str, str]] = {
         "scoring throughput ratios (prefix sharing, fusion, reference)",
     ),
     "training": ("thinkrec.train.bench:run", "training tokens/s with 1 and 2 CPU workers"),
+    "generation": (
+        "thinkrec.generation.bench:run",
+        "generated tokens/s: hf, vLLM offline, openai -> vllm serve, at batch 1 and 32",
+    ),
+    "evaluate": ("eval.bench:run", "evaluate rows/s and peak RSS at 1M and 10M scored rows"),
 }
 
 
@@ -55,6 +60,17 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
         _add_config_args(sub.add_parser(name, help=help_, description=help_))
+    cmp_ = sub.add_parser(
+        "compare",
+        help="several runs' ThinkRec scores in one table with paired intervals (Markdown + HTML)",
+        description="Evaluate the score tables of several output roots on the rows they all scored; "
+        "each run's difference to the first is a paired user bootstrap.",
+    )
+    cmp_.add_argument("roots", nargs="+", metavar="RUN_ROOT", help="output roots (local paths or s3://...)")
+    cmp_.add_argument("--out", default="compare", help="directory for comparison.{md,html,json}")
+    cmp_.add_argument("--resamples", type=int, default=200, help="bootstrap resamples (default 200)")
+    cmp_.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    cmp_.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint for s3:// roots")
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
     for name, (_, help_) in BENCHES.items():
@@ -84,6 +100,11 @@ def run_stage(name: str, argv: list[str] | None = None) -> Any:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.command == "compare":
+        from eval.compare import compare
+
+        compare(args.roots, args.out, resamples=args.resamples, seed=args.seed, s3_endpoint=args.s3_endpoint)
+        return
     if args.command == "bench":
         result = _resolve(BENCHES[args.bench][0])(quick=args.quick)
         if args.json:

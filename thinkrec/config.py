@@ -142,6 +142,35 @@ class CFConfig:
 class GenerationConfig:
     """LLM text generation (keywords, teachers, explanations) over one Generator interface."""
 
+    backend: Literal["hf", "vllm", "openai"] = "hf"
+    """``hf``: batched ``generate`` in the actor; ``vllm``: the offline engine in the actor;
+    ``openai``: any OpenAI-compatible HTTP server (``generation.base_url``)."""
+    model: str = ""
+    """The model to generate with: a local/HF path for ``hf``/``vllm`` (empty: ``model.base``), the
+    served model name for ``openai`` (empty: ``model.base``)."""
+    base_url: str = "http://127.0.0.1:8000/v1"
+    """``openai`` only: the endpoint's base URL, up to and including ``/v1``."""
+    api_key_env: str = "THINKREC_GENERATION_API_KEY"
+    """``openai`` only: the name of the environment variable holding the API key. The key itself is
+    never in config, logs or a Ray runtime_env; an unset variable sends no Authorization header."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per ``generate`` call (hf, vllm) and per Ray Data batch."""
+    concurrency: int = Field(8, ge=1)
+    """``openai`` only: requests in flight per actor at most."""
+    timeout_s: float = Field(60.0, gt=0)
+    """``openai`` only: seconds one request may take (connect, write, read each) before it is retried."""
+    max_tries: int = Field(4, ge=1)
+    """``openai`` only: tries per row on 429, 5xx, timeouts and connection errors; a row failing all
+    of them goes to quarantine with its last error (the job goes on)."""
+    backoff_initial_s: float = Field(0.5, gt=0)
+    """``openai`` only: first retry wait; it doubles each try, plus up to the same again in jitter."""
+    backoff_max_s: float = Field(8.0, gt=0)
+    """``openai`` only: the longest wait between two tries."""
+    torch_threads: int = Field(0, ge=0)
+    """``hf`` on CPU: torch threads per actor (0: torch's default)."""
+    actors: int = Field(1, ge=1)
+    """Ray Data actors running the generator."""
+
 
 @dataclass(config=_STRICT)
 class ReasonConfig:
@@ -158,6 +187,16 @@ class ReasonConfig:
     """Teacher actors (each loads its model once)."""
     num_gpus_per_actor: float = Field(0, ge=0)
     """GPUs per teacher actor (an LLM teacher on a GPU cluster)."""
+    think_blocks: Literal["strip", "keep"] = "strip"
+    """``llm`` teacher: drop the model's ``<think>...</think>`` blocks from the trace, or keep their
+    text (without the tags) in front of the final analysis."""
+    max_reflections: int = Field(2, ge=0)
+    """``llm`` teacher: reflection turns (with a rotating hint of the correct answer) for a row whose
+    answer disagrees with the label; still disagreeing after them, the row goes to quarantine."""
+    max_new_tokens: int = Field(256, ge=1)
+    """``llm`` teacher: new tokens per turn (the kept trace must fit ``train.max_answer_tokens``)."""
+    temperature: float = Field(0.6, ge=0)
+    """``llm`` teacher: sampling temperature (0: greedy)."""
 
 
 @dataclass(config=_STRICT)
@@ -319,6 +358,19 @@ class ExplainConfig:
 @dataclass(config=_STRICT)
 class EvalConfig:
     k_values: tuple[int, ...] = (1, 3, 5, 10)
+    """Cut-offs of HR@k, NDCG@k and MAP@k."""
+    bootstrap_resamples: int = Field(200, ge=0)
+    """User-level bootstrap resamples of the headline intervals (0: point estimates only)."""
+    slice_resamples: int = Field(100, ge=0)
+    """Bootstrap resamples of each slice's intervals."""
+    smoothing: float = Field(10.0, ge=0)
+    """Pseudo-rows at the global train rate added to each item's train positive rate (item_rate)."""
+    history_buckets: tuple[int, ...] = (1, 5, 10)
+    """History-length slice edges: [0, 1), [1, 5), [5, 10), >= 10."""
+    bertscore: bool = True
+    """BERTScore F1 of explanations with all-MiniLM-L6-v2 (offline; about 1 s per 100 pairs on CPU)."""
+    explanation_samples: int = Field(5, ge=0)
+    """Explanations shown in the report with their metrics."""
 
 
 AblationName = Literal["tallrec", "collm", "thinkrec-no-experts", "thinkrec"]

@@ -38,16 +38,23 @@ def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], tot
     def fmt(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, float) else "n/a"
 
-    for model in ("mf", "thinkrec"):
-        m = metrics.get("metrics", {}).get("all", {}).get(model)
-        if m:
-            auc, uauc = fmt(m.get("auc")), fmt(m.get("uauc"))
-            lines.append(f"  {model:>9}: AUC {auc}  UAUC {uauc}  ({m.get('rows', '?')} test rows)")
-    text = (metrics.get("explanations") or {}).get("text_metrics")
+    models = metrics.get("metrics", {}).get("all", {})
+    for model, m in models.items():
+        mm = m.get("metrics", {})
+        auc, uauc = fmt((mm.get("auc") or {}).get("value")), fmt((mm.get("uauc") or {}).get("value"))
+        lines.append(
+            f"  {model:>12}: AUC {auc}  UAUC {uauc}  ({m.get('counts', {}).get('rows', '?')} test rows)"
+        )
+    best = metrics.get("strongest_baseline") or {}
+    if best.get("model") and best.get("thinkrec_margin"):
+        lines.append(
+            f"  strongest baseline {best['model']}: ThinkRec AUC margin {best['thinkrec_margin']['diff']:+.4f}"
+        )
+    text = metrics.get("explanations")
     if text:
         lines.append(
             f"  explanations: BLEU-4 {fmt(text['bleu4'])}  ROUGE-L F {fmt(text['rouge_l_f'])}  "
-            f"({text['rows']} rows with a reference)"
+            f"METEOR {fmt(text['meteor'])}  ({text['with_reference']} rows with a reference)"
         )
     lines.append(
         "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"

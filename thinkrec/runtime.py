@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 from typing import Any
 
 log = logging.getLogger("thinkrec")
@@ -34,6 +36,23 @@ def init_ray(cfg: Any) -> None:
         ray.init(address=address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("THINKREC_PROGRESS", "1") != "0"
+
+
+def fit(trainer: Any) -> Any:
+    """``trainer.fit()`` for Ray Train v2 trainers, releasing the run's controller actor afterwards.
+
+    fit() installs a SIGINT handler whose closure holds the ``TrainController`` actor handle, so
+    the controller (~400 MB) stays alive after fit() returns, until the driver exits or the next
+    fit() replaces the handler. Restoring the previous handler drops the last reference, and Ray's
+    reference counting ends the actor now."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        # ValueError: not the main thread, where fit() installed no handler either.
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, previous)
 
 
 # Ray Train's placement-group cleaner asks the State API (served by the dashboard) once a second

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thinkrec.model.thinkrec import CFTable
+from thinkrec.runtime import fit
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -263,7 +264,7 @@ def train(
             failure_config=FailureConfig(max_failures=c.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"cf: Ray Train run {run_name!r} reported no checkpoint")
     with result.checkpoint.as_directory() as d:

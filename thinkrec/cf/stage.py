@@ -1,15 +1,28 @@
 """cf stage: train MF on Ray Train; write the embeddings and the MF scores of every valid/test sample.
 
 Outputs (each committed with the protocol of thinkrec.io.commit):
-- ``cf/model/``: ``embeddings.safetensors`` (``CFTable``: ``user`` (U+1, d), ``item`` (I+1, d), row 0
-  zeros; U and I are the row counts of prepare/users and prepare/items), ``bias.safetensors`` when
-  ``cf.bias`` is set, and ``metrics.json`` (valid/test AUC and UAUC, per-epoch history);
-- ``cf/scores``: schema.CF_SCORES, the MF logit of every valid and test sample, sharded by user_id;
-  rows_in = the valid + test row count prepare committed.
+- ``cf/model/``: ``embeddings.safetensors`` (``CFTable``: ``user`` (U+1, D), ``item`` (I+1, D); U and
+  I are the row counts of prepare/users and prepare/items), the vectors the LLM's CF projector reads;
+  ``bias.safetensors`` (the raw ``user``/``item``/``global`` biases) when ``cf.bias`` is set, and
+  ``metrics.json`` (valid/test AUC and UAUC, per-epoch history);
+- ``cf/scores``: schema.CF_SCORES, the configured CF model's logit of every valid and test sample in
+  ``cf_score``, plus one ``cf_<model>`` column per CF model trained (``cf_mf``, and ``cf_mf_nobias``:
+  the same MF's dot product without its biases), sharded by user_id; rows_in = the valid + test row
+  count prepare committed.
 
-Users and items that never occur in train keep no trained vector: their embedding rows (and biases)
-are zeroed, like the padding row, so a cold entity reads "no collaborative signal" instead of its
-random initialisation; a cold user's logit is then the item bias plus the global bias.
+Layout of embeddings.safetensors (also in its metadata, key ``layout``): without biases D = d and the
+rows are MF's p_u and q_i. With biases D = d + 2 and the biases ride along, so the CF tokens carry all
+MF knows (on a time split the biases hold most of it):
+
+    user u: [p_u (d), b_u, 1]        item i: [q_i (d), 1, b_i]
+    <user u, item i> = p_u . q_i + b_u + b_i = MF's logit - the global bias
+
+Row 0 (padding, unknown ids) is all zeros. ``load_model`` returns the raw (p, q) table and biases.
+
+Users and items that never occur in train keep no trained vector: their p/q rows and biases are
+zeroed, so a cold entity reads "no collaborative signal" instead of its random initialisation (its
+constant-1 column stays, so the dot product still equals MF's logit); a cold user's logit is then
+the item bias plus the global bias.
 
 cf/model is committed before cf/scores, and cf/scores' fingerprint covers cf/model's manifest, so a
 rerun after a failure between the two reuses the committed embeddings instead of retraining.
@@ -55,12 +68,15 @@ TRAIN_RUNS = "cf/_ray_train"
 EMBEDDINGS = "embeddings.safetensors"
 BIASES = "bias.safetensors"
 METRICS = "metrics.json"
+LAYOUT_BIAS = "user=[p_u, b_u, 1]; item=[q_i, 1, b_i]"
+"""embeddings.safetensors ``layout`` metadata with biases (see the module docstring)."""
+LAYOUT_PLAIN = "user=[p_u]; item=[q_i]"
 INPUTS = (prepare.INTERACTIONS, prepare.ITEMS, prepare.USERS)
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
     d = cfg.to_dict()
-    return {"cf": d["cf"], "data": d["data"], "seed": d["seed"], "stage": "cf/v1"}
+    return {"cf": d["cf"], "data": d["data"], "seed": d["seed"], "stage": "cf/v2"}
 
 
 def model_meta(cfg: Config, storage: Storage) -> dict[str, str]:
@@ -81,12 +97,25 @@ def load_model(storage: Storage) -> tuple[CFTable, dict[str, torch.Tensor]]:
     fs, root = storage.fs(storage.uri(MODEL))
     with fs.open_input_stream(f"{root}/{EMBEDDINGS}") as f:
         t = load_safetensors(f.read())
-    table = CFTable(t["user"].float(), t["item"].float())
     biases: dict[str, torch.Tensor] = {}
     if storage.exists(storage.uri(MODEL, BIASES)):
         with fs.open_input_stream(f"{root}/{BIASES}") as f:
             biases = {k: v.float() for k, v in load_safetensors(f.read()).items()}
-    return table, biases
+    # With biases the file holds [p_u, b_u, 1] / [q_i, 1, b_i]: the raw table is the first d columns.
+    d = t["user"].shape[1] - (2 if biases else 0)
+    return CFTable(t["user"][:, :d].float(), t["item"][:, :d].float()), biases
+
+
+def projector_table(table: CFTable, biases: dict[str, torch.Tensor]) -> CFTable:
+    """The vectors the CF projector reads (module docstring): with biases [p_u, b_u, 1] and
+    [q_i, 1, b_i], so <user, item> = p_u . q_i + b_u + b_i; row 0 stays zero. (U+1, d) -> (U+1, d+2)."""
+    if not biases:
+        return table
+    ones_u, ones_i = torch.ones(len(table.user), 1), torch.ones(len(table.item), 1)
+    ones_u[0] = ones_i[0] = 0  # padding / unknown ids: no entity, no constant
+    user = torch.cat([table.user, biases["user"][:, None], ones_u], dim=1)  # (U+1, d+2)
+    item = torch.cat([table.item, ones_i, biases["item"][:, None]], dim=1)  # (I+1, d+2)
+    return CFTable(user.contiguous(), item.contiguous())
 
 
 def _count(storage: Storage, table: str) -> int:
@@ -187,7 +216,16 @@ def _save_model(
     if storage.exists(uri):
         storage.delete(uri)  # a half-written or stale directory: start clean
     with tempfile.TemporaryDirectory(prefix="thinkrec-cf-") as d:
-        table.save(os.path.join(d, EMBEDDINGS))
+        out = projector_table(table, biases)
+        save_file(
+            {"user": out.user, "item": out.item},
+            os.path.join(d, EMBEDDINGS),
+            metadata={
+                "model": cfg.cf.model,
+                "dim": str(table.dim),
+                "layout": LAYOUT_BIAS if biases else LAYOUT_PLAIN,
+            },
+        )
         if biases:
             save_file({k: v.contiguous() for k, v in biases.items()}, os.path.join(d, BIASES))
         for name in sorted(os.listdir(d)):
@@ -217,19 +255,24 @@ def run(cfg: Config) -> dict[str, Any]:
         _save_model(cfg, storage, table, biases, metrics)
         storage.delete(storage.uri(TRAIN_RUNS))
 
-    scores = mf.logits(table, rows[S.USER_ID].to_numpy(), rows[S.ITEM_ID].to_numpy(), biases)
+    users, items = rows[S.USER_ID].to_numpy(), rows[S.ITEM_ID].to_numpy()
+    scores = mf.logits(table, users, items, biases)
+    # One column per CF model trained (contract with evaluate): the configured model is MF.
+    extra = {S.cf_column("mf"): scores, S.cf_column("mf_nobias"): mf.logits(table, users, items)}
+    schema = S.cf_scores_schema(extra)
     out = pa.table(
         {
-            S.USER_ID: pa.array(rows[S.USER_ID].to_numpy(), pa.int64()),
-            S.ITEM_ID: pa.array(rows[S.ITEM_ID].to_numpy(), pa.int64()),
+            S.USER_ID: pa.array(users, pa.int64()),
+            S.ITEM_ID: pa.array(items, pa.int64()),
             S.LABEL: pa.array(rows[S.LABEL].to_numpy(), pa.int8()),
             S.SPLIT: pa.array(rows[S.SPLIT].to_numpy(), pa.string()),
             S.CF_SCORE: pa.array(scores, pa.float32()),
+            **{name: pa.array(v, pa.float32()) for name, v in extra.items()},
         },
-        schema=S.CF_SCORES,
+        schema=schema,
     )
     split_rows = storage.read_json(f"{storage.uri(prepare.INTERACTIONS)}/_manifest.json")["split_rows"]
-    w = TableWriter.for_stage(cfg, storage, scores_uri, scores_meta(cfg, storage), S.CF_SCORES)
+    w = TableWriter.for_stage(cfg, storage, scores_uri, scores_meta(cfg, storage), schema)
     if not w.complete:
         pending = set(w.pending_shards())
         keep = np.isin(stable_shard(out.column(S.USER_ID), cfg.storage.num_shards), list(pending))

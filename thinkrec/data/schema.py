@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pyarrow as pa
 
 # -- column names ---------------------------------------------------------------------------------
@@ -27,6 +29,19 @@ CF_SCORE = "cf_score"
 REASONING = "reasoning"
 TEACHER = "teacher"
 EXPLANATION = "explanation"
+# Generation outputs (thinkrec/generation/stage.py): the row key, the prompt, the text (or the error
+# that quarantines the row) and what produced it.
+ROW_KEY = "row_key"
+PROMPT = "prompt"
+GENERATED = "generated"
+GEN_ERROR = "gen_error"
+GEN_TRIES = "gen_tries"
+NEW_TOKENS = "new_tokens"
+BACKEND = "backend"
+GEN_MODEL = "gen_model"
+ADAPTER = "adapter"
+DECODING_HASH = "decoding_hash"
+PROMPT_HASH = "prompt_hash"
 
 SPLITS = ("train", "valid", "test")
 
@@ -74,7 +89,19 @@ CF_SCORES = pa.schema(
         (CF_SCORE, pa.float32()),
     ]
 )
-"""cf/scores: the CF model's logit for each valid/test sample."""
+"""cf/scores: the CF model's logit for each valid/test sample; the table adds one ``cf_<model>``
+float32 column per CF model trained in the run (``cf_scores_schema``)."""
+
+
+def cf_column(model: str) -> str:
+    """cf/scores column of one CF model's logit: ``cf_mf``, ``cf_mf_nobias``, ``cf_lightgcn``, ..."""
+    return f"{CF_SCORE.removesuffix('score')}{model}"
+
+
+def cf_scores_schema(columns: Iterable[str]) -> pa.Schema:
+    """CF_SCORES followed by the given ``cf_<model>`` columns (float32), in that order."""
+    return pa.schema([*CF_SCORES, *((name, pa.float32()) for name in columns)])
+
 
 REASONING_TABLE = pa.schema(
     [

@@ -65,6 +65,8 @@ class Teacher(Protocol):
 
 
 TEACHERS: dict[str, type] = {}
+LAZY: dict[str, str] = {"llm": "thinkrec.reasoning.llm"}
+"""Teachers in modules of their own, by name -> module (importing it registers the teacher)."""
 
 
 def register(name: str) -> Callable[[type], type]:
@@ -82,6 +84,9 @@ def register(name: str) -> Callable[[type], type]:
 def get_teacher(name: str) -> type:
     """The teacher class for a registered name or a ``package.module:Class`` path."""
     if name in TEACHERS:
+        return TEACHERS[name]
+    if name in LAZY:  # registered when imported; imported only when asked for (it loads a generator)
+        importlib.import_module(LAZY[name])
         return TEACHERS[name]
     if ":" in name:
         module, _, attr = name.partition(":")

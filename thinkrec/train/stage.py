@@ -36,6 +36,7 @@ from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import PromptBuilder
 from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name, save_fusion
+from thinkrec.runtime import fit
 from thinkrec.scoring.base import CF_EMBEDDINGS, CF_MODEL_DIR, TRAIN_DIR, base_model_path
 from thinkrec.train import data as D
 from thinkrec.train import loop as L
@@ -153,7 +154,7 @@ def fit_phase(
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    result = fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"train phase {spec['phase']}: the run {run_name} reported no result")
     d = result.checkpoint.to_directory(tempfile.mkdtemp(prefix="thinkrec-phase-"))

@@ -1,0 +1,139 @@
+"""Reading the evaluate stage's inputs in chunks and aligning every model to the same test rows.
+
+Tables are read one Parquet row group batch at a time (``pyarrow.parquet.ParquetFile.iter_batches``)
+over exactly the files their manifests list, keeping only the columns evaluation needs as numpy
+arrays: about 50 bytes per test row plus 4-8 per model, so 10M rows stay well under 4 GB.
+
+Rows are identified by the key ``user_id * (max_item_id + 1) + item_id`` (int64); the universe is the
+labelled test rows of prepare/interactions (or, without it, the labelled rows of score/scores), and
+every model's values are placed on it by a sorted-key lookup (``numpy.searchsorted``). A row a model
+did not score stays NaN and is counted as missing for that model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from thinkrec.data import schema as S
+from thinkrec.io.commit import SUCCESS, manifest_files
+from thinkrec.io.fs import Storage
+
+SCORES = "score/scores"
+CF_SCORES = "cf/scores"
+INTERACTIONS = "prepare/interactions"
+CHUNK_ROWS = 1 << 18
+
+
+def scores_table(cfg: Any) -> str:
+    """Where the score stage's table lives, relative to the output root: the one place evaluate asks
+    (the score stage may make its output configurable; only this function changes then)."""
+    out = getattr(cfg.score, "output", None)
+    return out or SCORES
+
+
+def committed(storage: Storage, rel: str) -> bool:
+    return storage.exists(f"{storage.uri(rel)}/{SUCCESS}")
+
+
+def iter_batches(storage: Storage, rel: str, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The committed table's rows in batches of at most CHUNK_ROWS, only ``columns``; a column the
+    table lacks is an error naming the table and the column."""
+    uri = storage.uri(rel)
+    fs, _ = storage.fs(uri)
+    for path in manifest_files(storage, uri):
+        f = pq.ParquetFile(path, filesystem=fs)
+        missing = [c for c in columns if c not in f.schema_arrow.names]
+        if missing:
+            raise KeyError(f"{uri}: file {path} has no column(s) {missing}")
+        yield from f.iter_batches(batch_size=CHUNK_ROWS, columns=columns)
+
+
+def schema_names(storage: Storage, rel: str) -> list[str]:
+    uri = storage.uri(rel)
+    fs, _ = storage.fs(uri)
+    paths = manifest_files(storage, uri)
+    return pq.ParquetFile(paths[0], filesystem=fs).schema_arrow.names if paths else []
+
+
+def _np(col: pa.Array | pa.ChunkedArray, dtype: Any, fill: float | None = None) -> np.ndarray:
+    if fill is not None:
+        col = pc.fill_null(col, fill)
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def read_interactions(storage: Storage) -> dict[str, Any]:
+    """Test rows (key parts, label, not_cold, history length and like-rate), valid rows (for the
+    logistic baseline) and per-item train counts and positives."""
+    cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.NOT_COLD, S.HISTORY_LABELS]
+    parts: dict[str, dict[str, list[np.ndarray]]] = {
+        sp: {k: [] for k in ("user", "item", "label", "not_cold", "hist_len", "hist_rate")}
+        for sp in ("test", "valid")
+    }
+    train_items: list[np.ndarray] = []
+    train_labels: list[np.ndarray] = []
+    for b in iter_batches(storage, INTERACTIONS, cols):
+        split = b.column(S.SPLIT)
+        for sp in ("train", "test", "valid"):
+            sel = pc.equal(split, sp)
+            if not pc.any(sel).as_py():
+                continue
+            t = b.filter(sel)
+            if sp == "train":
+                train_items.append(_np(t.column(S.ITEM_ID), np.int64))
+                train_labels.append(_np(t.column(S.LABEL), np.float64, 0))
+                continue
+            h = t.column(S.HISTORY_LABELS)
+            hl = _np(pc.list_value_length(h), np.int64, 0)
+            flat = _np(pc.list_flatten(h), np.float64)
+            parent = _np(pc.list_parent_indices(h), np.int64)
+            hsum = np.bincount(parent, weights=flat, minlength=len(t))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rate = np.where(hl > 0, hsum / np.maximum(hl, 1), np.nan)
+            d = parts[sp]
+            d["user"].append(_np(t.column(S.USER_ID), np.int64))
+            d["item"].append(_np(t.column(S.ITEM_ID), np.int64))
+            d["label"].append(_np(t.column(S.LABEL), np.float64, -1))
+            d["not_cold"].append(_np(t.column(S.NOT_COLD), bool, False))
+            d["hist_len"].append(hl)
+            d["hist_rate"].append(rate)
+    out: dict[str, Any] = {}
+    for sp, d in parts.items():
+        out[sp] = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in d.items()}
+    ti = np.concatenate(train_items) if train_items else np.zeros(0, np.int64)
+    tl = np.concatenate(train_labels) if train_labels else np.zeros(0)
+    n_items = int(max([ti.max(initial=0)] + [out[s]["item"].max(initial=0) for s in out])) + 1
+    out["train_count"] = np.bincount(ti, minlength=n_items).astype(np.float64)
+    out["train_pos"] = np.bincount(ti, weights=tl, minlength=n_items)
+    out["train_rate"] = float(tl.mean()) if len(tl) else 0.5
+    return out
+
+
+def make_keys(users: np.ndarray, items: np.ndarray, stride: int) -> np.ndarray:
+    return users.astype(np.int64) * stride + items.astype(np.int64)
+
+
+class Universe:
+    """The sorted, de-duplicated row keys every model is placed on."""
+
+    def __init__(self, keys: np.ndarray):
+        uniq, first = np.unique(keys, return_index=True)
+        self.keys, self.first, self.duplicates = uniq, first, len(keys) - len(uniq)
+
+    def place(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
+        """``values`` at the universe's rows (NaN where absent) and how many of ``keys`` fall outside
+        it. A key given twice keeps its first value."""
+        out = np.full(len(self.keys), np.nan)
+        idx = np.searchsorted(self.keys, keys)
+        idx_c = np.minimum(idx, len(self.keys) - 1)
+        hit = (
+            (len(self.keys) > 0) & (self.keys[idx_c] == keys) if len(self.keys) else np.zeros(len(keys), bool)
+        )
+        hi, vals = idx_c[hit][::-1], np.asarray(values, dtype=np.float64)[hit][::-1]
+        out[hi] = vals  # reversed, so the first occurrence is written last and wins
+        return out, int((~hit).sum())

@@ -1,0 +1,128 @@
+"""The report's figures as PNG bytes (matplotlib, Agg backend), one function per figure."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any) -> bytes:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+CURVE_POINTS = 501
+
+
+def roc_pr(y: np.ndarray, scores: dict[str, np.ndarray]) -> bytes:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.5))
+    grid = np.linspace(0, 1, CURVE_POINTS)
+    for name, s in scores.items():
+        # Drawn at CURVE_POINTS x positions: a curve through every threshold of 10M rows would take
+        # matplotlib minutes and look the same.
+        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
+        a.plot(grid, np.interp(grid, fpr, tpr), label=name, lw=1.2)
+        prec, rec, _ = precision_recall_curve(y, s, drop_intermediate=True)
+        b.plot(grid, np.interp(grid, rec[::-1], prec[::-1]), label=name, lw=1.2)
+    a.plot([0, 1], [0, 1], "k:", lw=1)
+    a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    b.axhline(y.mean(), color="k", ls=":", lw=1)
+    b.set(xlabel="recall", ylabel="precision", title="precision-recall")
+    a.legend(fontsize=7, loc="lower right")
+    return _save(fig)
+
+
+def reliability(y: np.ndarray, probs: dict[str, np.ndarray], bins: int = 10) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, bins + 1)
+    for name, p in probs.items():
+        b = np.minimum((p * bins).astype(int), bins - 1)
+        n = np.bincount(b, minlength=bins)
+        ok = n > 0
+        mp = np.bincount(b, weights=p, minlength=bins)[ok] / n[ok]
+        my = np.bincount(b, weights=y, minlength=bins)[ok] / n[ok]
+        ax.plot(mp, my, marker="o", ms=3, label=name)
+    ax.plot(edges[[0, -1]], edges[[0, -1]], "k:", lw=1)
+    ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", title="reliability")
+    ax.legend(fontsize=7)
+    return _save(fig)
+
+
+def histograms(y: np.ndarray, scores: dict[str, np.ndarray]) -> bytes:
+    plt = _plt()
+    n = len(scores)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
+    for ax, (name, s) in zip(axes.flat, scores.items(), strict=False):
+        for label, color in ((0, "tab:red"), (1, "tab:green")):
+            v = s[y == label]
+            if len(v):
+                counts, edges = np.histogram(v, bins=30, range=(float(s.min()), float(s.max())))
+                ax.stairs(counts, edges, fill=True, alpha=0.55, color=color, label=f"label {label}")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return _save(fig)
+
+
+def slices(rows: list[tuple[str, float | None, float | None, float | None]], metric: str) -> bytes:
+    """rows: (slice label, value, lo, hi) of ThinkRec's metric."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
+    ys = np.arange(len(rows))
+    vals = [r[1] if r[1] is not None else np.nan for r in rows]
+    lo = [v - r[2] if r[2] is not None else 0 for v, r in zip(vals, rows, strict=True)]
+    hi = [r[3] - v if r[3] is not None else 0 for v, r in zip(vals, rows, strict=True)]
+    ax.errorbar(vals, ys, xerr=[np.nan_to_num(lo), np.nan_to_num(hi)], fmt="o", ms=4, capsize=2)
+    ax.set_yticks(ys, [r[0] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"ThinkRec {metric} (95% interval)", title="slices")
+    return _save(fig)
+
+
+def bars(counts: dict[str, float], title: str, ylabel: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(list(counts), list(counts.values()), color="tab:blue")
+    ax.set(title=title, ylabel=ylabel)
+    ax.tick_params(axis="x", rotation=30, labelsize=7)
+    return _save(fig)
+
+
+def hist(values: np.ndarray, title: str, xlabel: str) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.hist(values, bins=20, range=(0, 1), color="tab:purple")
+    ax.set(title=title, xlabel=xlabel, ylabel="rows")
+    return _save(fig)
+
+
+def curves(series: dict[str, tuple[list[float], list[float]]]) -> bytes:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
+    ax.set(title="training curves", xlabel="step")
+    ax.legend(fontsize=7)
+    return _save(fig)

@@ -1,0 +1,453 @@
+"""The evaluate stage: every model of the run on the same test rows, with intervals, slices,
+baselines, explanation quality and a self-contained report.
+
+Models: ThinkRec (``score`` logit for ranking, ``p_yes`` for calibration), every ``cf_<model>``
+column of cf/scores (logit; sigmoid for calibration), and the simple baselines (``item_rate``:
+the item's train positive rate smoothed toward the global rate with ``eval.smoothing`` pseudo-rows;
+``history_rate``: the share of "Yes" in the prompt's history, the global train rate for an empty
+history; ``logistic``: a logistic regression of the two fitted on the valid split).
+
+Rows: the labelled test rows of prepare/interactions (without it, the labelled rows of the score
+table). A model's missing rows are counted in ``rows.by_model``; the metrics use the rows every
+model scored (``rows.evaluated``), so every model sees exactly the same rows.
+
+Outputs under ``report/``: metrics.json (schema in eval/SCHEMA.md), report.md, report.html (images
+inline), PNGs, committed with ``mark_success`` (a rerun with the same config and inputs skips).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from eval import describe as D
+from eval import engine as E
+from eval import inputs as I
+from eval import plots as P
+from eval.html import render_html
+from eval.markdown import render_markdown
+from thinkrec.data import schema as S
+from thinkrec.io.commit import MANIFEST, fingerprint, is_complete, mark_success, read_table
+from thinkrec.io.fs import Storage
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "thinkrec.metrics/2"
+EXPLANATIONS = "explain/explanations"
+TRACES = "reason/traces"
+CURVES = "train/curves.json"
+GROUPS = "train/groups.json"
+CF_METRICS = "cf/model/metrics.json"
+REPORT = "report"
+REFERENCE = "thinkrec"
+BASELINES = ("item_rate", "history_rate", "logistic")
+
+
+class MissingInputError(FileNotFoundError):
+    """A required input table is not committed; the message names the stage that writes it."""
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.clip(x, -60, 60)))
+
+
+def gate_kind(gate: str) -> str:
+    if gate.startswith("expert"):
+        return "single expert"
+    if gate.startswith("mix"):
+        return "mixture"
+    return gate or "none"
+
+
+def gate_group(gate: str) -> str:
+    """The user group a gate routes to: the expert, or the mixture's largest weight."""
+    if gate.startswith("expert-"):
+        return "group " + gate.split("-", 1)[1]
+    if gate.startswith("mix:"):
+        w = [float(x) for x in gate[4:].split(",")]
+        return f"group {int(np.argmax(w))}"
+    return "global"
+
+
+def gate_max_weight(gate: str) -> float:
+    if gate.startswith("mix:"):
+        return max(float(x) for x in gate[4:].split(","))
+    return 1.0
+
+
+def load(cfg: Any, storage: Storage) -> dict[str, Any]:
+    """Every model's values on the universe of rows, plus the columns slices need."""
+    notes: list[str] = []
+    st = I.scores_table(cfg)
+    sc_cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SCORE, S.P_YES, S.GATE]
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in sc_cols}
+    gate_codes: dict[str, int] = {}
+    for b in I.iter_batches(storage, st, sc_cols):
+        for c in (S.USER_ID, S.ITEM_ID):
+            parts[c].append(I._np(b.column(c), np.int64))
+        parts[S.LABEL].append(I._np(b.column(S.LABEL), np.float64, -1))
+        parts[S.SCORE].append(I._np(b.column(S.SCORE), np.float64))
+        parts[S.P_YES].append(I._np(b.column(S.P_YES), np.float64))
+        enc = pc.dictionary_encode(pc.fill_null(b.column(S.GATE), "none"))
+        remap = np.array([gate_codes.setdefault(str(v), len(gate_codes)) for v in enc.dictionary.to_pylist()])
+        parts[S.GATE].append(remap[I._np(enc.indices, np.int64)] if len(remap) else np.zeros(0, np.int64))
+    sc = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
+    gate_names = np.array(sorted(gate_codes, key=gate_codes.get), dtype=object)
+    scored_total = len(sc[S.USER_ID])
+    unlabelled = int((sc[S.LABEL] < 0).sum())
+
+    inter = I.read_interactions(storage) if I.committed(storage, I.INTERACTIONS) else None
+    if inter is not None:
+        t = inter["test"]
+        users, items, labels = t["user"], t["item"], t["label"]
+    else:
+        lab = sc[S.LABEL] >= 0
+        users, items, labels = sc[S.USER_ID][lab], sc[S.ITEM_ID][lab], sc[S.LABEL][lab]
+        notes.append("prepare/interactions is absent: the rows are the labelled rows of the score table")
+    stride = int(max(items.max(initial=0), sc[S.ITEM_ID].max(initial=0))) + 1
+    uni = I.Universe(I.make_keys(users, items, stride))
+    if uni.duplicates:
+        notes.append(f"{uni.duplicates} repeated (user_id, item_id) test rows counted once (first kept)")
+    pick = uni.first
+    base = {"user": users[pick], "item": items[pick], "label": labels[pick]}
+    sc_keys = I.make_keys(sc[S.USER_ID], sc[S.ITEM_ID], stride)
+    values: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    outside: dict[str, int] = {}
+    s, outside[REFERENCE] = uni.place(sc_keys, sc[S.SCORE])
+    p, _ = uni.place(sc_keys, sc[S.P_YES])
+    values[REFERENCE] = (s, p)
+    g, _ = uni.place(sc_keys, sc[S.GATE].astype(np.float64))
+    base["gate"] = g
+    lab_sc, _ = uni.place(sc_keys, sc[S.LABEL])
+    bad = np.isfinite(lab_sc) & (lab_sc >= 0) & (lab_sc != base["label"])
+    if bad.any():
+        raise ValueError(
+            f"{storage.uri(st)} and prepare/interactions disagree on the label of {int(bad.sum())} rows: "
+            "they were made from different prepare outputs"
+        )
+
+    cf_models: list[str] = []
+    if I.committed(storage, I.CF_SCORES):
+        names = I.schema_names(storage, I.CF_SCORES)
+        cf_cols = [c for c in names if c.startswith("cf_") and c != S.CF_SCORE]
+        configured = f"cf_{cfg.cf.model}"
+        use_cf_score = configured not in cf_cols and S.CF_SCORE in names
+        cols = [S.USER_ID, S.ITEM_ID, S.SPLIT] + cf_cols + ([S.CF_SCORE] if use_cf_score else [])
+        cparts: dict[str, list[np.ndarray]] = {c: [] for c in cols if c != S.SPLIT}
+        for b in I.iter_batches(storage, I.CF_SCORES, cols):
+            b = b.filter(pc.equal(b.column(S.SPLIT), "test"))
+            for c in cparts:
+                dtype = np.int64 if c in (S.USER_ID, S.ITEM_ID) else np.float64
+                cparts[c].append(I._np(b.column(c), dtype))
+        cf = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cparts.items()}
+        ck = I.make_keys(cf[S.USER_ID], cf[S.ITEM_ID], stride)
+        for c in cf_cols + ([S.CF_SCORE] if use_cf_score else []):
+            name = configured if c == S.CF_SCORE else c
+            v, outside[name] = uni.place(ck, cf[c])
+            values[name] = (v, _sigmoid(v))
+            cf_models.append(name)
+    else:
+        notes.append("cf/scores is absent: no CF model in this report (run the cf stage)")
+
+    baseline_info: dict[str, Any] = {}
+    if inter is not None:
+        m = float(cfg.eval.smoothing)
+        prior = inter["train_rate"]
+
+        def item_rate(it: np.ndarray) -> np.ndarray:
+            n = inter["train_count"][it]
+            return (inter["train_pos"][it] + m * prior) / (n + m)
+
+        def hist_rate(r: np.ndarray) -> np.ndarray:
+            return np.where(np.isfinite(r), r, prior)
+
+        t = inter["test"]
+        ir, hr = item_rate(base["item"]), hist_rate(t["hist_rate"][pick])
+        values["item_rate"] = (ir, ir)
+        values["history_rate"] = (hr, hr)
+        base["not_cold"] = t["not_cold"][pick]
+        base["hist_len"] = t["hist_len"][pick]
+        base["popularity"] = inter["train_count"][base["item"]]
+        baseline_info = {"smoothing": m, "prior": prior}
+        v = inter["valid"]
+        vy = v["label"]
+        if len(vy) and len(np.unique(vy[vy >= 0])) == 2:
+            from sklearn.linear_model import LogisticRegression
+
+            ok = vy >= 0
+            X = np.c_[item_rate(v["item"][ok]), hist_rate(v["hist_rate"][ok])]
+            lr = LogisticRegression(C=1.0, max_iter=1000).fit(X, vy[ok].astype(int))
+            pr = lr.predict_proba(np.c_[ir, hr])[:, 1]
+            values["logistic"] = (pr, pr)
+            baseline_info["logistic"] = {
+                "fitted_on_valid_rows": int(ok.sum()),
+                "coef": lr.coef_[0].tolist(),
+                "intercept": float(lr.intercept_[0]),
+            }
+        else:
+            notes.append("logistic baseline skipped: the valid split has no rows of both labels")
+    else:
+        notes.append("simple baselines skipped: they need prepare/interactions")
+
+    return {
+        "base": base,
+        "values": values,
+        "outside": outside,
+        "cf_models": cf_models,
+        "gate_names": gate_names,
+        "scored_total": scored_total,
+        "unlabelled": unlabelled,
+        "baseline_info": baseline_info,
+        "notes": notes,
+        "score_table": st,
+    }
+
+
+def _slices(base: dict[str, np.ndarray], gate_names: np.ndarray, cfg: Any) -> dict[str, np.ndarray]:
+    """Slice label -> row mask over the evaluated rows."""
+    out: dict[str, np.ndarray] = {}
+    if "not_cold" in base:
+        out["warm (not_cold)"] = base["not_cold"]
+        out["cold"] = ~base["not_cold"]
+    if "hist_len" in base:
+        edges = list(cfg.eval.history_buckets)
+        h = base["hist_len"]
+        for lo, hi in zip([0] + edges, edges + [None], strict=True):
+            lab = f"history {lo}-{hi - 1}" if hi is not None else f"history >= {lo}"
+            out[lab] = (h >= lo) & (h < hi) if hi is not None else h >= lo
+    if "popularity" in base:
+        pop = base["popularity"]
+        qs = np.quantile(pop, [1 / 3, 2 / 3]) if len(pop) else [0, 0]
+        out[f"items: train count <= {qs[0]:.0f}"] = pop <= qs[0]
+        out[f"items: train count in ({qs[0]:.0f}, {qs[1]:.0f}]"] = (pop > qs[0]) & (pop <= qs[1])
+        out[f"items: train count > {qs[1]:.0f}"] = pop > qs[1]
+    g = base["gate"]
+    if len(gate_names):
+        names = gate_names[g.astype(np.int64)]
+        kinds = np.array([gate_kind(n) for n in gate_names])[g.astype(np.int64)]
+        groups = np.array([gate_group(n) for n in gate_names])[g.astype(np.int64)]
+        for k in sorted(set(kinds)):
+            out[f"gate: {k}"] = kinds == k
+        for k in sorted(set(groups)):
+            out[f"user {k}"] = groups == k
+        del names
+    return out
+
+
+def stage_meta(cfg: Any, storage: Storage) -> dict[str, str]:
+    tables = (I.scores_table(cfg), I.CF_SCORES, I.INTERACTIONS, TRACES, EXPLANATIONS)
+    inputs = [storage.uri(t) for t in tables if I.committed(storage, t)]
+    sections = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "storage")}
+    return fingerprint({**sections, "stage": SCHEMA_VERSION}, inputs, storage)
+
+
+def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, bytes], dict[str, Any]]:
+    """The metrics document, the PNGs and the in-memory pieces the renderers need."""
+    t0 = time.perf_counter()
+    inp = load(cfg, storage)
+    base, values = inp["base"], inp["values"]
+    n_universe = len(base["label"])
+    scored = {m: np.isfinite(s) for m, (s, _) in values.items()}
+    common = np.ones(n_universe, bool)
+    for mask in scored.values():
+        common &= mask
+    if common.all():  # no copy (10M rows: about 1 GB saved)
+        ev, vals = base, values
+    else:
+        ev = {k: v[common] for k, v in base.items()}
+        vals = {m: (s[common], None if p is None else p[common]) for m, (s, p) in values.items()}
+    k_values = tuple(cfg.eval.k_values)
+    e = cfg.eval
+    rows = E.Rows.build(ev["user"], ev["label"])
+    models = vals
+    headline = E.evaluate_models(rows, models, k_values, e.bootstrap_resamples, cfg.seed, REFERENCE)
+    slice_masks = _slices(ev, inp["gate_names"], cfg)
+    slices: dict[str, Any] = {}
+    for name, mask in slice_masks.items():
+        if not mask.any():
+            slices[name] = {"rows": 0, "users": 0, "models": {}}
+            continue
+        r = rows.take(mask)
+        sub = {m: (s[mask], None if p is None else p[mask]) for m, (s, p) in models.items()}
+        res = E.evaluate_models(r, sub, k_values, e.slice_resamples, cfg.seed, REFERENCE)
+        slices[name] = {"rows": int(mask.sum()), "users": r.n_users, "models": res}
+    baselines = [b for b in BASELINES if b in models] + list(inp["cf_models"])
+    strongest = max(baselines, key=lambda b: headline[b]["metrics"]["auc"]["value"] or -1, default=None)
+    margin = headline[strongest].get("vs_reference", {}).get("auc") if strongest else None
+
+    gate_names = inp["gate_names"]
+    g_all = base["gate"][np.isfinite(base["gate"])].astype(np.int64)
+    gate_counts = {
+        str(gate_names[i]): int(c) for i, c in enumerate(np.bincount(g_all, minlength=len(gate_names)))
+    }
+    kinds: dict[str, int] = {}
+    for n, c in gate_counts.items():
+        kinds[gate_kind(n)] = kinds.get(gate_kind(n), 0) + c
+    maxw = np.array([gate_max_weight(str(n)) for n in gate_names])[g_all] if len(gate_names) else np.zeros(0)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "config_hash": cfg.hash(),
+        "generated_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "k_values": list(k_values),
+        "bootstrap": {
+            "unit": "user",
+            "resamples": e.bootstrap_resamples,
+            "slice_resamples": e.slice_resamples,
+            "seed": cfg.seed,
+            "level": 0.95,
+            "method": "percentile; paired for differences to thinkrec",
+        },
+        "auc_method": "exact: sort by score, ties count 1/2 (Mann-Whitney); error bound 0 beyond float64 rounding",
+        "rows": {
+            "test": n_universe,
+            "evaluated": int(common.sum()),
+            "score_table_rows": inp["scored_total"],
+            "score_table_unlabelled": inp["unlabelled"],
+            "by_model": {
+                m: {
+                    "scored": int(mask.sum()),
+                    "missing": int((~mask).sum()),
+                    "outside_test_rows": inp["outside"].get(m, 0),
+                }
+                for m, mask in scored.items()
+            },
+        },
+        "models": {
+            m: {
+                "kind": "thinkrec" if m == REFERENCE else ("cf" if m.startswith("cf_") else "baseline"),
+                "probability": "p_yes"
+                if m == REFERENCE
+                else ("sigmoid(logit)" if m.startswith("cf_") else "itself"),
+            }
+            for m in models
+        },
+        "baselines": inp["baseline_info"],
+        "metrics": {"all": headline},
+        "strongest_baseline": {"model": strongest, "by": "auc", "thinkrec_margin": margin},
+        "slices": slices,
+        "gates": {
+            "counts": gate_counts,
+            "kinds": kinds,
+            "max_weight_mean": float(maxw.mean()) if len(maxw) else None,
+        },
+        "notes": inp["notes"],
+    }
+    pngs: dict[str, bytes] = {}
+    y = ev["label"].astype(np.int64)
+    if len(np.unique(y)) == 2:
+        pngs["roc_pr.png"] = P.roc_pr(y, {m: s for m, (s, _) in vals.items()})
+        pngs["reliability.png"] = P.reliability(y, {m: p for m, (_, p) in vals.items() if p is not None})
+        pngs["score_hist.png"] = P.histograms(y, {m: s for m, (s, _) in vals.items()})
+    pts = [
+        (name, *(lambda d: (d["value"], d["lo"], d["hi"]))(sl["models"][REFERENCE]["metrics"]["auc"]))
+        for name, sl in slices.items()
+        if sl["models"]
+    ]
+    if pts:
+        pngs["slices.png"] = P.slices(pts, "AUC")
+    if gate_counts:
+        pngs["gate_usage.png"] = P.bars(gate_counts, "gate usage (test rows scored)", "rows")
+        pngs["gate_weights.png"] = P.hist(maxw, "largest gate weight per row", "max weight")
+    doc["seconds"] = round(time.perf_counter() - t0, 2)
+    return doc, pngs, {"ev": ev, "vals": vals}
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Evaluate the run under cfg's output root and write report/. Returns the metrics document."""
+    storage = Storage.from_config(cfg)
+    out = storage.uri(REPORT)
+    st = I.scores_table(cfg)
+    if not I.committed(storage, st):
+        raise MissingInputError(
+            f"{storage.uri(st)} is not committed (no _SUCCESS): run the score stage first "
+            "(`thinkrec score --config ...`)"
+        )
+    meta = stage_meta(cfg, storage)
+    if is_complete(storage, out, meta):
+        log.info("evaluate: up to date, skipped (%s)", out)
+        return storage.read_json(f"{out}/metrics.json")
+    storage.delete(out)
+    doc, pngs, mem = evaluate(cfg, storage)
+    manifests = {
+        t: storage.read_json(f"{storage.uri(t)}/{MANIFEST}")
+        for t in (I.INTERACTIONS, "prepare/items", "prepare/users", I.CF_SCORES, TRACES, st, EXPLANATIONS)
+        if I.committed(storage, t)
+    }
+    doc["model"] = D.describe_model(cfg)
+    doc["data"] = D.describe_data(cfg, manifests)
+    traces = (
+        read_table(storage, storage.uri(TRACES), columns=[S.TEACHER]).to_pandas()
+        if I.committed(storage, TRACES)
+        else None
+    )
+    doc["teacher"] = D.describe_teacher(cfg, traces)
+    doc["quarantine"] = D.quarantine_counts(manifests)
+    sm = manifests.get(st, {})
+    doc["score_throughput"] = {k: sm[k] for k in ("rows_per_s", "seconds", "backend") if k in sm} or None
+    groups = storage.read_json(storage.uri(GROUPS)) if storage.exists(storage.uri(GROUPS)) else None
+    doc["groups"] = groups
+    if groups and groups.get("sizes"):
+        pngs["group_sizes.png"] = P.bars(
+            {f"group {i}": s for i, s in enumerate(groups["sizes"])},
+            "expert group sizes (train users)",
+            "users",
+        )
+    curves = storage.read_json(storage.uri(CURVES)) if storage.exists(storage.uri(CURVES)) else None
+    series = D._series(curves) if curves is not None else {}
+    doc["training_curves"] = sorted(series) or None
+    if series:
+        pngs["curves.png"] = P.curves(series)
+    doc["explanations"] = explanations(cfg, storage, mem)
+    doc["paper_reference_ml1m_llama3_8b"] = {m: {"auc": a, "uauc": u} for m, (a, u) in D.PAPER_ML1M.items()}
+    doc = D._clean(doc)
+    md = render_markdown(doc, pngs)
+    for name, data in pngs.items():
+        storage.write_bytes(f"{out}/{name}", data)
+    storage.write_json(f"{out}/metrics.json", doc)
+    storage.write_bytes(f"{out}/report.md", md.encode())
+    storage.write_bytes(f"{out}/report.html", render_html(md, pngs).encode())
+    mark_success(storage, out, meta, config=cfg.to_dict())
+    log.info(
+        "evaluate: %s (%d rows, ThinkRec AUC %s)",
+        out,
+        doc["rows"]["evaluated"],
+        doc["metrics"]["all"][REFERENCE]["metrics"]["auc"]["value"],
+    )
+    return doc
+
+
+def explanations(cfg: Any, storage: Storage, mem: dict[str, Any]) -> dict[str, Any] | None:
+    from eval import text as T
+
+    if not I.committed(storage, EXPLANATIONS):
+        return None
+    ex = read_table(storage, storage.uri(EXPLANATIONS)).to_pandas()
+    decisions = None
+    st = I.scores_table(cfg)
+    sc = read_table(storage, storage.uri(st), columns=[S.USER_ID, S.ITEM_ID, S.P_YES]).to_pandas()
+    sc = sc.drop_duplicates([S.USER_ID, S.ITEM_ID])
+    j = ex.merge(sc, on=[S.USER_ID, S.ITEM_ID], how="left")
+    decisions = [None if np.isnan(p) else int(p >= 0.5) for p in j[S.P_YES].to_numpy(dtype=np.float64)]
+    res = T.explanation_metrics(
+        ex[S.EXPLANATION].tolist(), ex[S.REASONING].tolist(), decisions, embeddings=cfg.eval.bertscore
+    )
+    per_row = res.pop("per_row")
+    samples = []
+    for i, r in enumerate(ex.head(cfg.eval.explanation_samples).to_dict("records")):
+        samples.append(
+            {
+                "user_id": int(r[S.USER_ID]),
+                "item_id": int(r[S.ITEM_ID]),
+                "label": None if r[S.LABEL] is None else int(r[S.LABEL]),
+                "explanation": r[S.EXPLANATION],
+                "reference": r[S.REASONING],
+                **per_row[i],
+            }
+        )
+    res["samples"] = samples
+    return res

@@ -1,0 +1,58 @@
+"""Runs the generation stage (Ray Data actors, ``openai`` backend) under its own local Ray, the way a
+job driver does, for tests/test_generation_openai.py: the API key reaches the actors through the
+environment the Ray processes inherit, never through a runtime_env.
+
+    python tests/generation_stage_check.py --url URL --model NAME --key-env VAR --root DIR --out out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import ray
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    for a in ("--url", "--model", "--key-env", "--root", "--out"):
+        ap.add_argument(a, required=True)
+    args = ap.parse_args()
+    import pandas as pd
+
+    from thinkrec import config as C
+    from thinkrec.data import schema as S
+    from thinkrec.generation.base import Decoding
+    from thinkrec.generation.stage import generate
+    from thinkrec.runtime import init_ray
+
+    cfg = C.load(
+        "configs/demo.yaml",
+        {"storage.output_root": args.root, "ray.num_cpus": 2, "generation.backend": "openai",
+         "generation.base_url": args.url, "generation.model": args.model, "generation.api_key_env": args.key_env,
+         "generation.batch_size": 4},
+    )  # fmt: skip
+    init_ray(cfg)
+    rows = pd.DataFrame({S.ROW_KEY: [f"r{i}" for i in range(8)],
+                         S.PROMPT: [f"User {i} liked movie {i % 7}. Next they watch" for i in range(8)]})  # fmt: skip
+    out = generate(ray.data.from_pandas(rows), cfg, Decoding(max_new_tokens=8)).to_pandas()
+
+    @ray.remote
+    def runtime_env() -> str:
+        return json.dumps(ray.get_runtime_context().runtime_env)
+
+    result = {
+        "rows": json.loads(out.to_json(orient="records")),
+        "runtime_env": ray.get(runtime_env.remote()),
+        "job_runtime_env": json.dumps(ray.get_runtime_context().runtime_env),
+        "logs": os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"),
+        "config": json.dumps(cfg.to_dict()),
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

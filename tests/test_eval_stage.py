@@ -1,0 +1,299 @@
+"""The vectorised metrics engine against the sklearn-based reference, and the evaluate stage on
+synthetic committed tables: same rows for every model, missing-row accounting, baselines, slices,
+explanation metrics and the self-contained report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from eval import engine as E
+from eval import metrics as M
+from eval import stage
+from thinkrec import config as C
+from thinkrec.data import schema as S
+from thinkrec.io.commit import TableWriter
+from thinkrec.io.fs import Storage
+
+K = (1, 3, 5, 10)
+
+
+@pytest.mark.parametrize("seed, ties", [(0, False), (1, True), (2, True)])
+def test_engine_equals_reference_metrics(seed, ties):
+    rng = np.random.default_rng(seed)
+    n = 2000
+    u = rng.integers(0, 150, n)
+    y = rng.integers(0, 2, n)
+    s = rng.normal(size=n) + y
+    if ties:
+        s = np.round(s, 1)  # many tied scores, inside and across users
+    p = 1 / (1 + np.exp(-s))
+    v = E.ModelStats(E.Rows.build(u, y), s, p, K).value()
+    ref = M.all_metrics(u, y, s, K)
+    for key in ["auc", "uauc"] + [f"{m}@{k}" for m in ("hr", "ndcg", "map") for k in K]:
+        assert v[key] == pytest.approx(ref[key], abs=1e-9), key
+    assert v["logloss"] == pytest.approx(log_loss(y, p), abs=1e-9)
+    # GAUC: per-user AUC weighted by the user's rows
+    aucs, w = [], []
+    for uu in np.unique(u):
+        m = u == uu
+        if len(np.unique(y[m])) == 2:
+            aucs.append(roc_auc_score(y[m], s[m]))
+            w.append(m.sum())
+    assert v["gauc"] == pytest.approx(np.average(aucs, weights=w), abs=1e-9)
+    # ECE by hand: 10 equal-width bins
+    b = np.minimum((p * 10).astype(int), 9)
+    ece = sum(abs(y[b == i].sum() - p[b == i].sum()) for i in range(10)) / n
+    assert v["ece"] == pytest.approx(ece, abs=1e-9)
+
+
+def test_bootstrap_is_seeded_and_paired():
+    rng = np.random.default_rng(0)
+    n = 1500
+    u, y = rng.integers(0, 100, n), rng.integers(0, 2, n)
+    good = rng.normal(size=n) + 1.5 * y
+    weak = good + rng.normal(scale=2.0, size=n)
+    rows = E.Rows.build(u, y)
+    models = {"thinkrec": (good, None), "weak": (weak, None)}
+    a = E.evaluate_models(rows, models, K, 50, 7, "thinkrec")
+    b = E.evaluate_models(rows, models, K, 50, 7, "thinkrec")
+    assert a == b  # same seed, same intervals
+    auc = a["thinkrec"]["metrics"]["auc"]
+    assert auc["lo"] < auc["value"] < auc["hi"] and auc["value"] == pytest.approx(roc_auc_score(y, good))
+    d = a["weak"]["vs_reference"]["auc"]
+    assert d["diff"] > 0 and d["lo"] > 0 and d["p_le_0"] == 0.0  # clearly better, interval excludes 0
+    assert "logloss" not in a["weak"]["metrics"]  # no probability given: no calibration metrics
+
+
+def _write(storage: Storage, rel: str, rows: dict, schema: pa.Schema) -> None:
+    w = TableWriter(storage, storage.uri(rel), num_shards=2, schema=schema, meta={"stage": "test"})
+    w.write([pa.table(rows, schema=schema)])
+    w.commit(rows_in=len(rows[S.USER_ID]))
+
+
+CF_SCHEMA = S.CF_SCORES.append(pa.field("cf_mf", pa.float32())).append(pa.field("cf_mf_nobias", pa.float32()))
+
+
+def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
+    """prepare/interactions (train, valid, test), cf/scores with cf_mf and cf_mf_nobias, score/scores.
+    ThinkRec lacks test rows 7 and 11, MF lacks row 5, so 69 of 72 test rows are evaluated."""
+    cfg = C.load(
+        "configs/demo.yaml",
+        {"storage.output_root": root, "eval.bootstrap_resamples": 30, "eval.slice_resamples": 10},
+    )
+    storage = Storage.from_config(cfg)
+    rng = np.random.default_rng(seed)
+    n_users, per_user = 12, 6
+    users = np.repeat(np.arange(1, n_users + 1), per_user).astype(np.int64)
+    items = np.tile(np.arange(1, per_user + 1), n_users).astype(np.int64) + users % 3
+    labels = rng.integers(0, 2, len(users)).astype(np.int8)
+    n = len(users)
+    ntr, nva = 40, 30
+    tr_items = rng.integers(1, 10, ntr)
+    tr_labels = rng.integers(0, 2, ntr).astype(np.int8)
+    hist = [list(rng.integers(0, 2, rng.integers(0, 12))) for _ in range(n + ntr + nva)]
+    not_cold = rng.random(n) < 0.7
+    va_users = rng.integers(1, n_users + 1, nva)
+    va_items = rng.integers(1, 10, nva)
+    _write(
+        storage,
+        "prepare/interactions",
+        {
+            S.USER_ID: np.concatenate([users, users[:ntr] + 100, va_users]),
+            S.ITEM_ID: np.concatenate([items, tr_items, va_items]),
+            S.RATING: np.full(n + ntr + nva, 4.0, np.float32),
+            S.LABEL: np.concatenate([labels, tr_labels, rng.integers(0, 2, nva).astype(np.int8)]),
+            S.TIMESTAMP: np.arange(n + ntr + nva, dtype=np.int64),
+            S.SPLIT: ["test"] * n + ["train"] * ntr + ["valid"] * nva,
+            S.HISTORY_ITEMS: [[1] * len(h) for h in hist],
+            S.HISTORY_LABELS: hist,
+            S.NOT_COLD: np.concatenate([not_cold, np.ones(ntr + nva, bool)]),
+        },
+        S.INTERACTIONS,
+    )
+    mf = (rng.normal(size=n) + labels).astype(np.float32)
+    cf_keep = np.arange(n) != 5
+    _write(
+        storage,
+        "cf/scores",
+        {
+            S.USER_ID: users[cf_keep],
+            S.ITEM_ID: items[cf_keep],
+            S.LABEL: labels[cf_keep],
+            S.SPLIT: ["test"] * int(cf_keep.sum()),
+            S.CF_SCORE: mf[cf_keep],
+            "cf_mf": mf[cf_keep],
+            "cf_mf_nobias": (mf[cf_keep] * 0.5 + rng.normal(size=int(cf_keep.sum()))).astype(np.float32),
+        },
+        CF_SCHEMA,
+    )
+    tr = (rng.normal(size=n) + 1.5 * labels).astype(np.float32)
+    gates = np.array(["global", "expert-0", "expert-1", "mix:0.60,0.40"])[rng.integers(0, 4, n)]
+    sc_keep = ~np.isin(np.arange(n), [7, 11])
+    _write(
+        storage,
+        "score/scores",
+        {
+            S.USER_ID: users[sc_keep],
+            S.ITEM_ID: items[sc_keep],
+            S.LABEL: labels[sc_keep],
+            S.SCORE: tr[sc_keep],
+            S.P_YES: (1 / (1 + np.exp(-tr[sc_keep]))).astype(np.float32),
+            S.GATE: gates[sc_keep],
+            S.VERSION: ["v1"] * int(sc_keep.sum()),
+        },
+        S.SCORES,
+    )
+    both = cf_keep & sc_keep
+    prior = tr_labels.mean()
+    cnt = np.bincount(tr_items, minlength=20)
+    pos = np.bincount(tr_items, weights=tr_labels, minlength=20)
+    item_rate = (pos[items] + 10 * prior) / (cnt[items] + 10)
+    truth = {
+        "users": users[both],
+        "labels": labels[both],
+        "thinkrec": tr[both],
+        "cf_mf": mf[both],
+        "item_rate": item_rate[both],
+        "not_cold": not_cold[both],
+        "gates": gates[both],
+    }
+    return cfg, truth
+
+
+def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
+    cfg, t = _synthetic_run(str(tmp_path / "run"))
+    doc = stage.run(cfg)
+    out = tmp_path / "run" / "report"
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "metrics.json",
+        "report.md",
+        "report.html",
+        "roc_pr.png",
+        "reliability.png",
+        "score_hist.png",
+        "slices.png",
+        "gate_usage.png",
+        "gate_weights.png",
+        "_SUCCESS",
+    } <= files
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["schema"] == stage.SCHEMA_VERSION
+    r = saved["rows"]
+    assert (r["test"], r["evaluated"]) == (72, 69)
+    assert r["by_model"]["thinkrec"] == {"scored": 70, "missing": 2, "outside_test_rows": 0}
+    assert r["by_model"]["cf_mf"]["missing"] == 1 and r["by_model"]["item_rate"]["missing"] == 0
+    allm = saved["metrics"]["all"]
+    assert set(allm) == {"thinkrec", "cf_mf", "cf_mf_nobias", "item_rate", "history_rate", "logistic"}
+    for model in ("thinkrec", "cf_mf", "item_rate"):
+        m = allm[model]
+        assert m["counts"]["rows"] == 69
+        assert m["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(t["labels"], t[model]), abs=1e-6)
+        ref = M.all_metrics(t["users"], t["labels"], t[model].astype(np.float64), K)
+        assert m["metrics"]["uauc"]["value"] == pytest.approx(ref["uauc"], abs=1e-6)
+        assert m["metrics"]["ndcg@3"]["value"] == pytest.approx(ref["ndcg@3"], abs=1e-6)
+        lo, hi = m["metrics"]["auc"]["lo"], m["metrics"]["auc"]["hi"]
+        assert lo <= m["metrics"]["auc"]["value"] <= hi
+    assert "vs_reference" in allm["cf_mf"] and "vs_reference" not in allm["thinkrec"]
+    best = saved["strongest_baseline"]
+    aucs = {b: allm[b]["metrics"]["auc"]["value"] for b in allm if b != "thinkrec"}
+    assert best["model"] == max(aucs, key=aucs.get)
+    assert best["thinkrec_margin"]["diff"] == pytest.approx(
+        allm["thinkrec"]["metrics"]["auc"]["value"] - aucs[best["model"]]
+    )
+    assert saved["baselines"]["logistic"]["fitted_on_valid_rows"] == 30
+    sl = saved["slices"]
+    assert sl["warm (not_cold)"]["rows"] == int(t["not_cold"].sum())
+    assert sl["cold"]["rows"] == int((~t["not_cold"]).sum())
+    assert sl["gate: mixture"]["rows"] == int((t["gates"] == "mix:0.60,0.40").sum())
+    assert sum(sl[k]["rows"] for k in sl if k.startswith("history")) == 69
+    assert sl["user group 0"]["rows"] == int(np.isin(t["gates"], ["expert-0", "mix:0.60,0.40"]).sum())
+    md = (out / "report.md").read_text()
+    assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="roc_pr.png"' not in html and "http" not in html
+    before = (out / "_manifest.json").read_text()
+    assert stage.run(cfg)["generated_at"] == doc["generated_at"]  # up to date: skipped
+    assert (out / "_manifest.json").read_text() == before
+
+
+def test_evaluate_explanations(tmp_path):
+    cfg, _ = _synthetic_run(str(tmp_path / "run"), seed=1)
+    storage = Storage.from_config(cfg)
+    _write(
+        storage,
+        "explain/explanations",
+        {
+            S.USER_ID: np.array([1, 2, 3], np.int64),
+            S.ITEM_ID: np.array([2, 3, 4], np.int64),
+            S.LABEL: np.array([1, 0, 1], np.int8),
+            S.EXPLANATION: ["Yes. The user sat on the mat.", "No No No No No No", ""],
+            S.REASONING: ["Yes. The user lay on the mat.", "No. dislikes horror", None],
+        },
+        S.EXPLANATIONS,
+    )
+    e = stage.run(cfg)["explanations"]
+    assert e["rows"] == 3 and e["with_reference"] == 2
+    assert (
+        0 < e["bleu4"] < 1 and 0 < e["rouge_l_f"] < 1 and 0 < e["meteor"] < 1 and 0 < e["bertscore_f1"] <= 1
+    )
+    assert e["degenerate_share"] == pytest.approx(2 / 3)  # the repeated "No" and the empty one
+    assert e["states_answer_share"] == pytest.approx(2 / 3)
+    assert "BLEURT is not computed" in e["bleurt"]
+    assert {x["user_id"]: x["degenerate"] for x in e["samples"]} == {1: False, 2: True, 3: True}
+
+
+def test_evaluate_without_scores_names_the_stage(tmp_path):
+    cfg = C.load("configs/demo.yaml", {"storage.output_root": str(tmp_path / "empty")})
+    with pytest.raises(stage.MissingInputError, match="run the score stage"):
+        stage.run(cfg)
+
+
+def test_compare_runs_paired(tmp_path):
+    import shutil
+
+    from eval.compare import compare
+    from thinkrec import cli
+
+    cfg, t = _synthetic_run(str(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    cli.main(
+        [
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "cmp"),
+            "--resamples",
+            "20",
+        ]
+    )
+    doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert doc["rows"]["common"] == 70 and doc["reference"] == "a"
+    d = doc["models"]["b"]["vs_reference"]["auc"]
+    assert d["diff"] == 0 and d["lo"] == 0 and d["hi"] == 0  # identical runs: paired difference exactly 0
+    assert "| b |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "<table>" in (tmp_path / "cmp" / "comparison.html").read_text()
+    with pytest.raises(ValueError, match="at least two"):
+        compare([str(tmp_path / "a")], str(tmp_path / "x"))
+
+
+def test_engine_auc_equals_sklearn_on_100k_rows():
+    rng = np.random.default_rng(3)
+    n = 100_000
+    u, y = rng.integers(0, 5000, n), rng.integers(0, 2, n)
+    s = (rng.normal(size=n) + 0.5 * y).astype(np.float32)  # float32 scores, as stored: real ties
+    p = 1 / (1 + np.exp(-s.astype(np.float64)))
+    v = E.ModelStats(E.Rows.build(u, y), s, p, K).value()
+    assert v["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    assert v["logloss"] == pytest.approx(log_loss(y, p), abs=1e-6)
+    ref = M.all_metrics(u[:3000], y[:3000], s[:3000], K)
+    sub = E.ModelStats(E.Rows.build(u[:3000], y[:3000]), s[:3000], None, K).value()
+    assert sub["uauc"] == pytest.approx(ref["uauc"], abs=1e-6) and sub["map@10"] == pytest.approx(
+        ref["map@10"], abs=1e-6
+    )

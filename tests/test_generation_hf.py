@@ -1,0 +1,91 @@
+"""The ``hf`` generation backend on the tiny model: left padding, fused per-row gates, beams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import small_config
+
+from thinkrec.generation.base import Decoding, GenRequest
+from thinkrec.generation.hf import HFGenerator
+
+PROMPTS = [
+    "User 1 liked Toy Story.",
+    "User 2 liked a very long list of films: Heat, Alien, Jaws, Fargo, Brazil and Ran. Next",
+    "Hello",
+    "Recommend something with space ships and a robot in it, please",
+]
+GREEDY = Decoding(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_qwen, tmp_path_factory, one_torch_thread):
+    from artifacts import make_artifacts
+
+    from thinkrec.scoring.base import load_artifacts
+
+    cfg = small_config(
+        str(tmp_path_factory.mktemp("gen-hf")),
+        **{"model.base": tiny_qwen, "generation.batch_size": 4, "generation.torch_threads": 1},
+    )
+    make_artifacts(cfg, tiny_qwen, n_users=8, n_items=20, n_experts=2, lora_std=0.5)
+    return cfg, load_artifacts(cfg)
+
+
+def texts(gen, reqs, d=GREEDY):
+    res = gen.generate(reqs, d)
+    assert all(r.error is None for r in res) and [r.key for r in res] == [q.key for q in reqs]
+    return [r.text for r in res]
+
+
+def test_batched_left_padding_equals_one_at_a_time(setup):
+    cfg, _ = setup
+    gen = HFGenerator(cfg)
+    reqs = [GenRequest(str(i), p) for i, p in enumerate(PROMPTS)]
+    batched = texts(gen, reqs)
+    alone = [texts(gen, [r])[0] for r in reqs]
+    assert batched == alone
+    assert all(isinstance(t, str) for t in batched)
+    res = gen.generate(reqs[:1], GREEDY)
+    assert res[0].new_tokens > 0
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_per_row_gates_in_one_batch(setup, beams):
+    cfg, art = setup
+    gen = HFGenerator(cfg, art)
+    d = Decoding(max_new_tokens=6, num_beams=beams)
+    gates = [np.array(g, dtype=np.float64) for g in ([1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.3])]
+    reqs = [GenRequest(f"k{i}", PROMPTS[1], gate=g, adapter="x") for i, g in enumerate(gates)]
+    batched = texts(gen, reqs, d)
+    alone = [texts(gen, [r], d)[0] for r in reqs]
+    assert batched == alone  # each row generated under its own gate, whatever its batch
+    assert len(set(batched)) > 1  # the gates matter (adapters with std 0.5)
+
+
+def test_sampling_follows_the_seed(setup):
+    cfg, _ = setup
+    gen = HFGenerator(cfg)
+    reqs = [GenRequest("a", PROMPTS[0])]
+    d1 = Decoding(max_new_tokens=6, temperature=1.0, seed=1)
+    assert texts(gen, reqs, d1) == texts(gen, reqs, d1)
+
+
+def test_llm_keywords_extractor(setup):
+    from thinkrec.keywords.base import EXTRACTORS, ItemText, postprocess
+    from thinkrec.keywords.llm import DECODING, LLMExtractor
+
+    cfg, _ = setup
+    assert EXTRACTORS["llm"] == "thinkrec.keywords.llm:LLMExtractor"
+    ex = LLMExtractor(cfg)
+    items = [
+        ItemText(1, "Heat", "A crime film about a heist in Los Angeles."),
+        ItemText(2, "Alien", "Space horror."),
+    ]
+    raw = ex(items)
+    assert len(raw) == 2 and all(isinstance(w, str) and w and "," not in w for ws in raw for w in ws)
+    assert all(len(postprocess(ws)) <= 10 for ws in raw)
+    assert ex(items) == raw  # beam search: deterministic, so the content-hash cache is sound
+    assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "prompt": ex.settings()["prompt"],
+                             "decoding": DECODING.hash()}  # fmt: skip
+    assert (DECODING.num_beams, DECODING.max_new_tokens, DECODING.repetition_penalty) == (4, 32, 1.2)

@@ -1,0 +1,188 @@
+"""The ``openai`` generation backend against a real ``vllm serve`` of the tiny model on 127.0.0.1
+(one server for the session), a fault-injecting proxy in front of it, and crafted malformed bodies."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from conftest import small_config
+from generation_servers import PLANTED_KEY, SERVED_NAME, CraftedServer, FaultProxy
+
+from thinkrec.data import schema as S
+from thinkrec.generation.base import Decoding, GenRequest
+from thinkrec.generation.openai import OpenAIGenerator
+
+KEY_ENV = "THINKREC_TEST_GEN_KEY"
+DEC = Decoding(max_new_tokens=8, temperature=0.0)
+
+
+def gen_config(url: str, tmp_path, **over):
+    return small_config(
+        str(tmp_path),
+        **{
+            "generation.backend": "openai",
+            "generation.base_url": url,
+            "generation.model": SERVED_NAME,
+            "generation.api_key_env": KEY_ENV,
+            "generation.backoff_initial_s": 0.05,
+            "generation.backoff_max_s": 0.5,
+            **over,
+        },
+    )
+
+
+def requests(n: int) -> list[GenRequest]:
+    return [GenRequest(f"r{i}", f"User {i} liked movie {i % 7}. Next they watch") for i in range(n)]
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, PLANTED_KEY)
+
+
+@pytest.fixture(scope="module")
+def direct(vllm_serve, tmp_path_factory):
+    """Texts of 24 prompts straight from the server (no faults): what every faulty run must match."""
+    os.environ[KEY_ENV] = PLANTED_KEY
+    try:
+        gen = OpenAIGenerator(gen_config(vllm_serve.url, tmp_path_factory.mktemp("d")))
+        res = gen.generate(requests(24), DEC)
+    finally:
+        del os.environ[KEY_ENV]
+    assert all(r.error is None for r in res), [r.error for r in res if r.error]
+    return {r.key: r.text for r in res}
+
+
+def test_generates_with_key_and_quarantines_without(vllm_serve, direct, tmp_path, monkeypatch):
+    assert len(direct) == 24 and all(isinstance(t, str) for t in direct.values())
+    assert sum(bool(t) for t in direct.values()) >= 20  # 8 greedy tokens of a random model: mostly non-empty
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    res = OpenAIGenerator(gen_config(vllm_serve.url, tmp_path)).generate(requests(3), DEC)
+    # 401 is not retried: one try each, quarantined with the status
+    assert [(r.text, r.error.split(":")[0], r.tries) for r in res] == [(None, "http_401", 1)] * 3
+
+
+def test_faulty_proxy_stage_finishes_and_accounts(vllm_serve, direct, tmp_path, key_env):
+    proxy = FaultProxy(vllm_serve.port, p500=0.15, preset=0.1, pstall=0.05, stall_s=4.0, seed=3)
+    proxy.start()
+    try:
+        cfg = gen_config(proxy.url, tmp_path, **{"generation.timeout_s": 1.5, "generation.max_tries": 8})
+        gen = OpenAIGenerator(cfg)
+        res = gen.generate(requests(24), DEC)
+    finally:
+        proxy.close()
+    assert proxy.counts["500"] > 0 and proxy.counts["reset"] > 0 and proxy.counts["stall"] > 0
+    ok = [r for r in res if r.error is None]
+    failed = [r for r in res if r.error is not None]
+    # Every injected fault cost exactly one try; every row either made it or is quarantined.
+    assert gen.stats["requests"] == proxy.counts["forwarded"] + proxy.faults
+    assert proxy.counts["forwarded"] == len(ok)
+    assert sum(r.tries for r in res) == gen.stats["requests"]
+    assert len(ok) + len(failed) == 24 and [r.key for r in res] == [f"r{i}" for i in range(24)]
+    assert {r.key: r.text for r in ok} == {k: direct[k] for k in (r.key for r in ok)}
+    assert all(r.tries == 8 for r in failed)
+
+
+def test_proxy_stopped_mid_run_and_restarted(vllm_serve, direct, tmp_path, key_env):
+    """The endpoint goes away mid-run (listener closed, open connections dropped) and comes back on the
+    same port: refused/reset requests are retried; no row lost, none duplicated."""
+    proxy = FaultProxy(vllm_serve.port)
+    proxy.start()
+
+    errors: list[BaseException] = []
+
+    def outage() -> None:
+        try:
+            time.sleep(0.3)
+            proxy.stop()
+            time.sleep(2.0)
+            proxy.start()
+        except BaseException as e:  # surfaced below: a silent thread would hide a broken outage
+            errors.append(e)
+
+    t = threading.Thread(target=outage)
+    try:
+        cfg = gen_config(
+            proxy.url, tmp_path,
+            **{"generation.max_tries": 10, "generation.backoff_initial_s": 0.2, "generation.backoff_max_s": 1.0,
+               "generation.concurrency": 2},
+        )  # fmt: skip
+        gen = OpenAIGenerator(cfg)
+        t.start()
+        res = gen.generate(requests(24), DEC)
+        t.join()
+    finally:
+        proxy.close()
+    assert not errors
+    assert gen.stats["retries"] > 0
+    assert [r.key for r in res] == [f"r{i}" for i in range(24)]
+    assert all(r.error is None for r in res), [r.error for r in res if r.error]
+    assert {r.key: r.text for r in res} == direct
+    # A request forwarded just before the outage may have reached the server and lost its answer, so
+    # the server can see a row twice; the output has each row once.
+    assert proxy.counts["forwarded"] >= 24
+
+
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("not_json", "malformed_response: not JSON"),
+        ("no_choices", "malformed_response: no choices[0]"),
+        ("text_not_string", "malformed_response: choices[0].text is not a string"),
+        ("bad_request", "http_400"),
+    ],
+)
+def test_malformed_responses_quarantined(kind, reason, tmp_path):
+    srv = CraftedServer()
+    try:
+        gen = OpenAIGenerator(gen_config(srv.url, tmp_path))
+        res = gen.generate([GenRequest("a", kind), GenRequest("b", "ok")], DEC)
+    finally:
+        srv.close()
+    assert res[0].text is None and res[0].error.startswith(reason) and res[0].tries == 1
+    assert (res[1].text, res[1].error) == (" fine", None)
+    assert srv.hits == {kind: 1, "ok": 1}  # not retried
+
+
+def test_key_never_printed(vllm_serve, direct, tmp_path, caplog, capfd):
+    """Through the Ray Data stage under its own Ray (a job driver, tests/generation_stage_check.py): the
+    key reaches the server (rows succeed) but not the logs, the runtime_env, config or output rows."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    env[KEY_ENV] = PLANTED_KEY
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "tests", "generation_stage_check.py"), "--url", vllm_serve.url,
+         "--model", SERVED_NAME, "--key-env", KEY_ENV, "--root", str(tmp_path / "run"), "--out", str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r[S.GEN_ERROR] for r in rows] == [None] * 8
+    assert {r[S.ROW_KEY]: r[S.GENERATED] for r in rows} == {
+        k: direct[k] for k in (r[S.ROW_KEY] for r in rows)
+    }
+    assert {r[S.BACKEND] for r in rows} == {"openai"} and {r[S.GEN_MODEL] for r in rows} == {SERVED_NAME}
+    assert {r[S.DECODING_HASH] for r in rows} == {DEC.hash()}
+
+    seen = {"stdout": proc.stdout, "stderr": proc.stderr, "out.json": out.read_text()}
+    for root, _, files in os.walk(result["logs"]):
+        for f in files:
+            with open(os.path.join(root, f), errors="replace") as fh:
+                seen[f] = fh.read()
+    assert len(seen) > 5 and any(f.startswith("worker") for f in seen)  # the actors' logs were read
+    cfg = gen_config(vllm_serve.url, tmp_path)
+    seen["repr"] = repr(OpenAIGenerator(cfg))
+    assert [name for name, text in seen.items() if PLANTED_KEY in text] == []
+    assert KEY_ENV in result["config"]  # config names the variable...
+    assert (
+        PLANTED_KEY not in result["runtime_env"] + result["job_runtime_env"]
+    )  # ...and nothing carries the key

@@ -1,0 +1,143 @@
+"""No process outlives its job: a stage run on a local Ray in a subprocess leaves nothing behind, and
+Ray Train's controller ends with its fit().
+
+The processes of one run are found by a marker in their environment (Ray's raylet passes the
+driver's environment down to every worker it starts), never by a global scan of Ray processes,
+which on a shared machine would see other users' clusters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from thinkrec.io.fs import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "THINKREC_TEST_RUN_MARK"
+
+
+def _processes(mark: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``mark`` (only this user's are readable)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    rows = []
+    for p in procs:
+        try:
+            rows.append(f"pid {p.pid} ppid {p.ppid()} {p.name()} {' '.join(p.cmdline())[:100]}")
+        except psutil.Error:
+            continue
+    return "\n".join(rows)
+
+
+def _survivors(mark: str, timeout: float = 30.0) -> list[psutil.Process]:
+    """The run's processes still alive after ``timeout`` s (Ray's workers exit a moment after it)."""
+    deadline = time.monotonic() + timeout
+    while (procs := _processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return procs
+
+
+def _start_cf(prepared, tmp_path) -> tuple[subprocess.Popen, str]:
+    storage = Storage.from_config(prepared)
+    root = tmp_path / "run"
+    shutil.copytree(storage.local_path(storage.uri("prepare")), root / "prepare")
+    mark = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: mark, "THINKREC_PROGRESS": "0"}
+    args = [
+        f"storage.output_root={root}",
+        "storage.num_shards=2",
+        "ray.num_cpus=2",
+        f"data.max_users={prepared.data.max_users}",
+        "cf.epochs=3",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cf", "--config", str(ROOT / "configs/demo.yaml"), *args],
+        cwd=tmp_path,  # the run's own working directory, as `make demo` has
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return proc, mark
+
+
+@pytest.mark.integration
+def test_stage_leaves_no_process(prepared, tmp_path):
+    proc, mark = _start_cf(prepared, tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    left = _survivors(mark)
+    assert not left, "processes of the finished cf stage still alive:\n" + _describe(left)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import os
+    import time
+    from types import SimpleNamespace
+
+    import psutil
+
+    if __name__ == "__main__":
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from thinkrec.runtime import fit, init_ray
+
+        init_ray(SimpleNamespace(ray=SimpleNamespace(address=None, num_cpus=2, object_store_mb=None)))
+        fit(TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1)))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            names = []
+            for p in psutil.Process().children(recursive=True):
+                try:  # the title "ray::TrainController" is in cmdline; name() is cut at 15 chars
+                    names.append(" ".join(p.cmdline()).strip())
+                except psutil.Error:
+                    pass
+            if not any("TrainController" in n for n in names):
+                break
+            time.sleep(0.5)
+        print("after fit:", [n for n in names if n.startswith("ray::")])
+    """
+)
+
+
+@pytest.mark.integration
+def test_train_controller_ends_with_fit(tmp_path):
+    """Ray Train's controller actor (~400 MB) ends when fit() returns, not when the driver exits:
+    fit()'s SIGINT handler held its handle, so a pipeline carried one per stage until its end."""
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    mark = uuid.uuid4().hex
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT), MARK: mark},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("after fit:"))
+    assert "TrainController" not in line, line
+    left = _survivors(mark)
+    assert not left, "processes of the finished driver still alive:\n" + _describe(left)

@@ -1,0 +1,107 @@
+"""The generator interface every backend implements (beside ``scoring.base.Scorer``).
+
+A generator gets a batch of requests (a text prompt, or an encoded prompt with CF slots, plus the
+row's gate over [global, expert-0, ...]) and returns one result per request, in order. A request
+that fails (after the backend's retries) comes back with ``error`` set and no text: the caller
+quarantines it with that reason; a generator never raises for one bad row.
+
+Every output row records what produced it (``Provenance``): backend, model, adapter label and a
+hash of the decoding settings, so a rerun with other settings never reuses a stale cached text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from thinkrec.model.prompt import Encoded
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of one generation stage (each stage has its own defaults)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0  # hf only; servers without it ignore it (recorded in the hash)
+    num_beams: int = 1  # hf only
+    seed: int = 0
+
+    def hash(self) -> str:
+        """Short content hash of the settings, recorded on every output row and in the cache key."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass
+class GenRequest:
+    key: str  # the caller's row key (e.g. "user_id:item_id"), echoed back for joins
+    prompt: str = ""  # text prompt (used when ``encoded`` is None)
+    encoded: Encoded | None = None  # token ids with CF slots (hf, vllm only)
+    gate: np.ndarray | None = None  # (1 + N,) weights over [global, expert-0, ...]; None: base model
+    adapter: str = "base"  # label recorded with the output ("global", "expert-2", "mix", "base")
+
+
+@dataclass
+class GenResult:
+    key: str
+    text: str | None  # None when ``error`` is set
+    error: str | None = None  # quarantine reason, e.g. "http_500 after 4 tries: ..."
+    tries: int = 1
+    new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Provenance:
+    backend: str
+    model: str
+    decoding_hash: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator(Protocol):
+    name: str  # backend name: "hf", "vllm", "openai"
+    model: str  # what generated: a model path or a served model name
+
+    def generate(self, requests: list[GenRequest], decoding: Decoding) -> list[GenResult]:
+        """One result per request, in the order of ``requests``."""
+        ...
+
+
+def prompt_hash(request: GenRequest, model: str, decoding: Decoding) -> str:
+    """Cache key of one request: the prompt (text or ids + CF slots), its gate, the model and decoding."""
+    h = hashlib.sha256()
+    h.update(model.encode())
+    h.update(decoding.hash().encode())
+    h.update(request.prompt.encode())
+    if request.encoded is not None:
+        h.update(np.asarray(request.encoded.ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(request.encoded.cf_id, dtype=np.int64).tobytes())
+    if request.gate is not None:
+        h.update(np.round(np.asarray(request.gate, dtype=np.float64), 6).tobytes())
+    return h.hexdigest()
+
+
+def make_generator(cfg: Any) -> Generator:
+    """The configured backend (imported lazily: vllm and torch are heavy)."""
+    backend = cfg.generation.backend
+    if backend == "openai":
+        from thinkrec.generation.openai import OpenAIGenerator
+
+        return OpenAIGenerator(cfg)
+    if backend == "hf":
+        from thinkrec.generation.hf import HFGenerator
+
+        return HFGenerator(cfg)
+    if backend == "vllm":
+        from thinkrec.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(cfg)
+    raise ValueError(f"generation.backend={backend!r}: expected hf, vllm or openai")

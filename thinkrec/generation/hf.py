@@ -1,0 +1,124 @@
+"""The ``hf`` generation backend: batched ``generate`` in the actor, left padding, fused per-row gates.
+
+- Prompts are left-padded (decoder-only generation continues at the last position of every row).
+- With trained artifacts, the K adapters [global, expert-0, ...] are installed as one fused LoRA per
+  target layer (scoring/fused_lora.py, the same layers the scorer uses) and each row's gate mixes
+  them for every generated token; under beam search each row's gate is repeated for its beams.
+- Encoded prompts (token ids with CF slots) go in as ``inputs_embeds`` with the projected CF
+  embeddings in their slots, left-padded the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from thinkrec.generation.base import Decoding, GenRequest, GenResult
+from thinkrec.model.base import load_model, load_tokenizer
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
+from thinkrec.scoring import fused_lora
+from thinkrec.scoring.base import Artifacts
+
+
+class HFGenerator:
+    """``Generator`` over a Hugging Face causal LM, optionally with fused per-row LoRA experts."""
+
+    name = "hf"
+
+    def __init__(self, cfg: Any, artifacts: Artifacts | None = None, device: str | None = None) -> None:
+        g = cfg.generation
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if g.torch_threads and self.device == "cpu":
+            torch.set_num_threads(g.torch_threads)
+        self.model = artifacts.base_model if artifacts else (g.model or cfg.model.base)
+        self.batch_size = int(g.batch_size)
+        lm = load_model(self.model, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                        device=self.device)  # fmt: skip
+        self.lm = lm.eval().requires_grad_(False)
+        self.tok = load_tokenizer(self.model, cfg.model.trust_remote_code)
+        self.tok.padding_side = "left"
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.fused: fused_lora.FusedLoRA | None = None
+        self.projector: CFProjector | None = None
+        self.cf: CFTable | None = None
+        if artifacts is not None:
+            mode: fused_lora.GateMode = "linear" if cfg.fusion.mode == "linear" else "exact"
+            dirs = [os.path.join(artifacts.adapters_dir, n) for n in artifacts.adapter_names]
+            self.fused = fused_lora.install(self.lm, dirs, mode)
+            if artifacts.projector and artifacts.cf_embeddings:
+                self.projector = CFProjector.load(artifacts.projector).to(self.device).eval()
+                self.cf = CFTable.load(artifacts.cf_embeddings)
+
+    def generate(self, requests: list[GenRequest], decoding: Decoding) -> list[GenResult]:
+        out: list[GenResult] = []
+        for s in range(0, len(requests), self.batch_size):
+            out.extend(self._batch(requests[s : s + self.batch_size], decoding))
+        return out
+
+    def _kwargs(self, d: Decoding) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            max_new_tokens=d.max_new_tokens,
+            num_beams=d.num_beams,
+            repetition_penalty=d.repetition_penalty,
+            pad_token_id=self.pad_id,
+        )
+        if d.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = d.no_repeat_ngram_size
+        if d.temperature > 0:
+            kw.update(do_sample=True, temperature=d.temperature, top_p=d.top_p)
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kw
+
+    def _inputs(self, reqs: list[GenRequest]) -> tuple[dict[str, torch.Tensor], int]:
+        """generate()'s inputs, left-padded, and the prompt width output ids start after (0 for embeds)."""
+        if all(r.encoded is None for r in reqs):
+            enc = self.tok(
+                [r.prompt for r in reqs], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            ids = enc["input_ids"].to(self.device)  # (B, T)
+            return {"input_ids": ids, "attention_mask": enc["attention_mask"].to(self.device)}, ids.shape[1]
+        if any(r.encoded is None for r in reqs):
+            raise ValueError("a batch mixes text and encoded prompts")
+        batch = collate([r.encoded for r in reqs], self.pad_id)  # right-padded
+        emb = input_embeddings(self.lm, batch, self.cf, self.projector)  # (B, T, H)
+        mask = batch.attention_mask.to(emb.device)  # (B, T)
+        T = emb.shape[1]
+        # Right padding -> left padding: roll each row right by its padding width.
+        for b, n in enumerate(batch.lengths.tolist()):
+            emb[b] = torch.roll(emb[b], T - n, dims=0)
+            mask[b] = torch.roll(mask[b], T - n, dims=0)
+        return {"inputs_embeds": emb, "attention_mask": mask}, 0
+
+    def _batch(self, reqs: list[GenRequest], d: Decoding) -> list[GenResult]:
+        if not reqs:
+            return []
+        torch.manual_seed(d.seed)
+        inputs, width = self._inputs(reqs)
+        with torch.inference_mode():
+            if self.fused is not None:
+                gates = torch.as_tensor(np.stack([self._gate(r) for r in reqs]))  # (B, K)
+                # generate() expands rows to B * num_beams, beams of one row adjacent.
+                with self.fused.gates(gates.repeat_interleave(d.num_beams, dim=0)):
+                    ids = self.lm.generate(**inputs, **self._kwargs(d))
+            else:
+                ids = self.lm.generate(**inputs, **self._kwargs(d))
+        new = ids[:, width:]  # (B, new)
+        out = []
+        for r, row in zip(reqs, new.tolist(), strict=True):
+            toks = [t for t in row if t != self.pad_id]
+            out.append(GenResult(r.key, self.tok.decode(toks, skip_special_tokens=True), None, 1, len(toks)))
+        return out
+
+    def _gate(self, r: GenRequest) -> np.ndarray:
+        assert self.fused is not None
+        if r.gate is None:
+            g = np.zeros(self.fused.k)
+            g[0] = 1.0  # the global adapter
+            return g
+        if len(r.gate) != self.fused.k:
+            raise ValueError(f"row {r.key}: gate over {len(r.gate)} adapters; the model has {self.fused.k}")
+        return np.asarray(r.gate, dtype=np.float64)
