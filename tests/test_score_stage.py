@@ -136,14 +136,14 @@ def test_bad_rows_are_quarantined(prepared, tiny_qwen, artifact_dirs, tmp_path, 
         tiny_qwen,
         artifact_dirs,
         str(tmp_path / "run"),
-        **{"score.candidates": path, "data.max_quarantine_rate": 0.2},
+        **{"score.candidates": path, "data.max_quarantine_rate": 0.2, "score.id_space": "internal"},
     )
     man = stage.run(cfg)
     assert (man["rows"], man["rows_quarantined"], man["quarantine_reasons"]) == (9, 1, {reason: 1})
     storage = Storage.from_config(cfg)
-    q = read_table(storage, storage.uri(stage.SCORES), quarantine=True)
+    q = read_table(storage, stage.output_uri(cfg, storage), quarantine=True)
     assert q.column("reason").to_pylist() == [reason]
-    out = read_table(storage, storage.uri(stage.SCORES))
+    out = read_table(storage, stage.output_uri(cfg, storage))
     assert sorted(
         zip(out.column(S.USER_ID).to_pylist(), out.column(S.ITEM_ID).to_pylist(), strict=True)
     ) == sorted((r[S.USER_ID], r[S.ITEM_ID]) for r in GOOD)
@@ -157,11 +157,15 @@ def test_quarantine_rate_over_threshold_fails_without_success(prepared, tiny_qwe
         str(tmp_path / "c.parquet"), GOOD + [{S.USER_ID: 999, S.ITEM_ID: 10, S.LABEL: 1}], "parquet"
     )
     cfg = scoring_root(
-        prepared, tiny_qwen, artifact_dirs, str(tmp_path / "run"), **{"score.candidates": path}
+        prepared,
+        tiny_qwen,
+        artifact_dirs,
+        str(tmp_path / "run"),
+        **{"score.candidates": path, "score.id_space": "internal"},
     )  # max 1%
     with pytest.raises(CommitError, match="quarantined"):
         stage.run(cfg)
-    assert not os.path.exists(tmp_path / "run" / "score" / "scores" / SUCCESS)
+    assert not os.path.exists(tmp_path / "run" / "score" / "c" / SUCCESS)
 
 
 def test_cold_path_scores_unknown_ids(prepared, tiny_qwen, artifact_dirs, tmp_path):
@@ -172,12 +176,12 @@ def test_cold_path_scores_unknown_ids(prepared, tiny_qwen, artifact_dirs, tmp_pa
         tiny_qwen,
         artifact_dirs,
         str(tmp_path / "run"),
-        **{"score.candidates": path, "score.unknown": "cold"},
+        **{"score.candidates": path, "score.unknown": "cold", "score.id_space": "internal"},
     )
     man = stage.run(cfg)
     assert (man["rows"], man["rows_quarantined"]) == (11, 0)
     storage = Storage.from_config(cfg)
-    out = read_table(storage, storage.uri(stage.SCORES)).to_pylist()
+    out = read_table(storage, stage.output_uri(cfg, storage)).to_pylist()
     by = {(r[S.USER_ID], r[S.ITEM_ID]): r for r in out}
     assert by[(999, 10)][S.GATE] == "global"  # zero CF vector, global adapter
     assert np.isfinite(by[(1, 99999)][S.SCORE]) and by[(1, 99999)][S.LABEL] == 0

@@ -268,7 +268,9 @@ class FusionConfig:
 class ScoreConfig:
     backend: Literal["hf", "vllm"] = "hf"
     candidates: str = ""
-    """URI of a candidate table (Parquet or CSV: user_id, item_id[, label]). Empty: the test split."""
+    """URI of a candidate table, one file or a prefix of many (local or ``s3://``; Parquet, CSV or JSON
+    lines): ``user_id``, ``item_id`` (see ``id_space``), optional ``label`` and ``timestamp``; any other
+    columns pass through to the output unchanged. Empty: the test split of prepare/interactions."""
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
     """Scorer actors."""
@@ -325,6 +327,19 @@ class ScoreConfig:
     blocks). None: vLLM's default (16 on GPU, 128 on CPU, where prefixes under 128 tokens never hit)."""
     vllm_enforce_eager: bool = False
     """vLLM: skip CUDA graphs / compilation (faster start, slower steady state)."""
+    output: str = ""
+    """Where this table's scores go: a path under the run root, or an absolute path / ``s3://`` URI.
+    Empty: ``score/scores`` for the test split, else ``score/<table name>`` (the candidates URI's last
+    path component without its extension), so each table keeps its own output."""
+    id_space: Literal["raw", "internal"] = "raw"
+    """A candidate table's ``user_id``/``item_id``: raw ids as in the logs (strings or integers, mapped
+    through prepare's id maps; an id not in a map is never read as another entity's number) or the
+    internal ids 1..N. The test split (no ``candidates``) always uses internal ids."""
+    history: Literal["auto", "latest", "before_timestamp"] = "auto"
+    """The history a candidate table's prompt shows (``data.history_len`` interactions from
+    prepare/interactions): ``latest`` = the user's latest at scoring time; ``before_timestamp`` = the
+    latest strictly before the row's ``timestamp`` (the table must have one); ``auto`` = before the
+    timestamp when the table has a ``timestamp`` column, else the latest."""
 
     @model_validator(mode="after")
     def _mixture_grid(self) -> ScoreConfig:

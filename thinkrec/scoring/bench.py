@@ -349,7 +349,7 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
                 ),
                 row_group_size=50_000,
             )
-    cfg = cfg.replace(**{"score.candidates": cands})
+    cfg = cfg.replace(**{"score.candidates": cands, "score.id_space": "internal"})
     init_ray(cfg)
     man = stage.run(cfg)
     print(json.dumps({"rows": man["rows"]}))

@@ -2,8 +2,9 @@
 reasons, as Arrow columns a scorer actor turns back into ``ScoreRow``s.
 
 Per row:
-- ids are checked: a null user or item id is quarantined (``null_id``); an id outside prepare/users or
-  prepare/items is quarantined (``unknown_user`` / ``unknown_item``) or, with ``score.unknown=cold``,
+- ids are mapped and checked: a raw-id table's ids go through prepare's id maps; a null user or item
+  id is quarantined (``null_id``); an id outside the maps (raw) or prepare/users / prepare/items
+  (internal) is quarantined (``unknown_user`` / ``unknown_item``) or, with ``score.unknown=cold``,
   scored as a cold start: a zero CF vector (id 0, the padding row) and, for an unknown user, no
   history and the global adapter;
 - history (what the prompt shows): the row's own ``history_items``/``history_labels`` when the table
@@ -28,6 +29,7 @@ import pyarrow.compute as pc
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data.ids import ids_table
 from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
 from thinkrec.io.commit import REASON, read_table, stable_shard
 from thinkrec.io.fs import Storage
@@ -85,6 +87,21 @@ class PromptStep:
             for i, t, k in zip(items[S.ITEM_ID], items[S.TITLE], items[S.KEYWORDS], strict=True)
         }
         self.users = set(read_table(storage, storage.uri(USERS), [S.USER_ID]).column(0).to_pylist())
+        # Raw-id tables: the id maps, one per actor (never on the driver); every prepared user and
+        # item is in them, so a raw id missing here is unknown, never another entity's number.
+        self.raw_maps: dict[str, dict[str, int]] = {}
+        if c.score.candidates and c.score.id_space == "raw":
+            for kind, raw_col, col in (
+                ("user", S.RAW_USER_ID, S.USER_ID),
+                ("item", S.RAW_ITEM_ID, S.ITEM_ID),
+            ):
+                t = ids_table(storage, kind)  # type: ignore[arg-type]
+                self.raw_maps[raw_col] = dict(
+                    zip(t.column(raw_col).to_pylist(), t.column(col).to_pylist(), strict=True)
+                )
+        hist = c.score.history
+        self.use_ts = hist == "before_timestamp" or (hist == "auto")
+        self.need_ts = hist == "before_timestamp" and bool(c.score.candidates)
         # Each user's timeline (time order) for tables without their own history columns.
         inter = read_table(storage, storage.uri(INTERACTIONS), [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP])
         order = np.lexsort(
@@ -152,20 +169,43 @@ class PromptStep:
         return hit
 
     # -- batch ----------------------------------------------------------------------------------
+    def _ids(
+        self, batch: pa.Table, raw_col: str, col: str, known: set[int] | dict[int, Any]
+    ) -> tuple[list, list]:
+        """(output id, known?) per row. Raw ids: the mapped internal id, 0 when unknown (the raw id
+        stays in its own column). Internal ids: the id as given. None where the input id is null."""
+        if raw_col in batch.column_names:
+            m = self.raw_maps[raw_col]
+            raw = batch.column(raw_col).to_pylist()
+            return [None if r is None else m.get(r, 0) for r in raw], [r in m for r in raw]
+        ids = pc.cast(batch.column(col), pa.int64()).to_pylist()
+        return ids, [i in known for i in ids]
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        key = shard_key(batch.column(S.USER_ID))
+        users, u_known = self._ids(batch, S.RAW_USER_ID, S.USER_ID, self.users)
+        items, i_known = self._ids(batch, S.RAW_ITEM_ID, S.ITEM_ID, self.items)
+        key = shard_key(pa.array(users, pa.int64()))
         if self.shards is not None:
             keep = np.isin(stable_shard(key, self.cfg.storage.num_shards), self.shards)
             batch, key = batch.filter(pa.array(keep)), key.filter(pa.array(keep))
+            idx = np.flatnonzero(keep)
+            users, items = [users[j] for j in idx], [items[j] for j in idx]
+            u_known, i_known = [u_known[j] for j in idx], [i_known[j] for j in idx]
         n = batch.num_rows
-        users = batch.column(S.USER_ID).to_pylist()
-        items = batch.column(S.ITEM_ID).to_pylist()
         labels = (
             pc.cast(batch.column(S.LABEL), pa.int8()).to_pylist()
             if S.LABEL in batch.column_names
             else [None] * n
         )
-        ts = batch.column(S.TIMESTAMP).to_pylist() if S.TIMESTAMP in batch.column_names else None
+        if self.need_ts and S.TIMESTAMP not in batch.column_names:
+            raise ValueError(
+                f"score.history=before_timestamp: {self.cfg.score.candidates} has no {S.TIMESTAMP!r} column"
+            )
+        ts = (
+            pc.cast(batch.column(S.TIMESTAMP), pa.int64()).to_pylist()
+            if S.TIMESTAMP in batch.column_names and self.use_ts
+            else None
+        )
         has_hist = S.HISTORY_ITEMS in batch.column_names and S.HISTORY_LABELS in batch.column_names
         h_items = batch.column(S.HISTORY_ITEMS).to_pylist() if has_hist else None
         h_labels = batch.column(S.HISTORY_LABELS).to_pylist() if has_hist else None
@@ -178,17 +218,17 @@ class PromptStep:
             reason = None
             if u is None or i is None:
                 reason = NULL_ID
-            elif u not in self.users and not cold:
+            elif not u_known[r] and not cold:
                 reason = UNKNOWN_USER
-            elif i not in self.items and not cold:
+            elif not i_known[r] and not cold:
                 reason = UNKNOWN_ITEM
             reasons.append(reason)
             if reason is not None:
                 prefix = cand = Encoded([])
                 g, glabel = np.zeros(0), ""
             else:
-                uid = u if u in self.users else 0
-                iid = i if i in self.items else 0
+                uid = u if u_known[r] else 0
+                iid = i if i_known[r] else 0
                 if uid == 0:
                     hi, hl = [], []
                 elif has_hist:
@@ -204,10 +244,16 @@ class PromptStep:
                 enc[enc_col(part, "cf_id")].append(e.cf_id)
             gates.append(g.tolist())
             gate_labels.append(glabel)
+        # Columns this step does not consume travel on unchanged: raw ids and passthrough columns.
+        carried = {
+            c: batch.column(c)
+            for c in batch.column_names
+            if c not in (S.USER_ID, S.ITEM_ID, S.LABEL, S.HISTORY_ITEMS, S.HISTORY_LABELS, S.SPLIT)
+        }
         out = pa.table(
             {
                 S.USER_ID: key,  # null ids are quarantined; their shard key is 0
-                S.ITEM_ID: pc.fill_null(pc.cast(batch.column(S.ITEM_ID), pa.int64()), 0),
+                S.ITEM_ID: pc.fill_null(pa.array(items, pa.int64()), 0),
                 S.LABEL: pa.array(labels, pa.int8()),
                 REASON: pa.array(reasons, pa.string()),
                 S.GATE: pa.array(gate_labels, pa.string()),
@@ -216,6 +262,7 @@ class PromptStep:
                     k: pa.array(v, pa.list_(pa.int64() if k.endswith("cf_id") else pa.int32()))
                     for k, v in enc.items()
                 },
+                **carried,
             }
         )
         if n:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,7 @@ RUNTIME_KEYS = (
     # Same scores up to float rounding: how the forward runs, not what it computes.
     "fuse_projections",
     "compile",
+    "output",
 )
 CANDIDATE_COLUMNS = [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP, S.HISTORY_ITEMS, S.HISTORY_LABELS]
 
@@ -84,53 +86,86 @@ class ScoreStep:
         if good.any():
             s, p = self.scorer.score(rows_from_table(batch.filter(pa.array(good))))
             score[good], p_yes[good] = s, p
-        return pa.table(
-            {
-                S.USER_ID: batch.column(S.USER_ID),
-                S.ITEM_ID: batch.column(S.ITEM_ID),
-                S.LABEL: batch.column(S.LABEL),
-                S.SCORE: pa.array(score, mask=~good),
-                S.P_YES: pa.array(p_yes, mask=~good),
-                S.GATE: batch.column(S.GATE),
-                S.VERSION: pa.array([self.version] * n, pa.string()),
-                REASON: batch.column(REASON),
-            }
-        )
+        out = {
+            S.USER_ID: batch.column(S.USER_ID),
+            S.ITEM_ID: batch.column(S.ITEM_ID),
+            S.LABEL: batch.column(S.LABEL),
+            S.SCORE: pa.array(score, mask=~good),
+            S.P_YES: pa.array(p_yes, mask=~good),
+            S.GATE: batch.column(S.GATE),
+            S.VERSION: pa.array([self.version] * n, pa.string()),
+            REASON: batch.column(REASON),
+        }
+        # Raw ids and passthrough columns, unchanged; the prompt encodings stay behind.
+        for c in batch.column_names:
+            if c not in out and not c.startswith("_"):
+                out[c] = batch.column(c)
+        return pa.table(out)
 
 
 class ReadFiles:
-    """Ray Data map over file paths: streams each Parquet/CSV file in slices of ``block_rows``.
+    """Ray Data map over file paths: streams each Parquet/CSV/JSON-lines file in slices of
+    ``block_rows``, raw ids normalised to strings (``raw_user_id``/``raw_item_id``).
 
     Used instead of ``ray.data.read_parquet``: its file-listing task asks for a whole CPU, which on a
     small node the actor pools already hold (the job would wait forever); this read asks for
     ``score.read_cpus``. Yields blocks, so a large file never sits whole in memory."""
 
-    def __init__(self, storage: Storage, fmt: str, rows: int, test_split: bool) -> None:
-        self.storage, self.fmt, self.rows, self.test_split = storage, fmt, rows, test_split
+    def __init__(self, storage: Storage, fmt: str, rows: int, mode: str) -> None:
+        self.storage, self.fmt, self.rows, self.mode = storage, fmt, rows, mode
 
     def __call__(self, batch: dict[str, Any]) -> Any:
         for path in batch["path"]:
-            yield from _iter_file(self.storage, str(path), self.fmt, self.rows, self.test_split)
+            for t in _iter_file(self.storage, str(path), self.fmt, self.rows, self.mode):
+                yield _normalise(t, self.mode)
 
 
-def _iter_file(storage: Storage, path: str, fmt: str, rows: int, test_split: bool) -> Any:
+def _normalise(t: pa.Table, mode: str) -> pa.Table:
+    """Raw-id tables: ``user_id``/``item_id`` -> ``raw_user_id``/``raw_item_id`` strings (integers as
+    ``str(id)``, as the id maps store them)."""
+    if mode != "raw":
+        return t
+    cols = {}
+    for c in t.column_names:
+        if c == S.USER_ID:
+            cols[S.RAW_USER_ID] = pc.cast(t.column(c), pa.string())
+        elif c == S.ITEM_ID:
+            cols[S.RAW_ITEM_ID] = pc.cast(t.column(c), pa.string())
+        else:
+            cols[c] = t.column(c)
+    return pa.table(cols)
+
+
+def _iter_file(storage: Storage, path: str, fmt: str, rows: int, mode: str) -> Any:
+    """A file's rows in blocks, as stored (mode "test": the test split of prepare/interactions)."""
     import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     fs, _ = storage.fs(storage.root)
     if fmt == "parquet":
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            cols = [c for c in pf.schema_arrow.names if c in CANDIDATE_COLUMNS or c == S.SPLIT]
+            names = pf.schema_arrow.names
+            cols = [c for c in names if c in CANDIDATE_COLUMNS or c == S.SPLIT] if mode == "test" else None
             for rb in pf.iter_batches(batch_size=rows, columns=cols):
                 t = pa.Table.from_batches([rb])
-                yield _default_candidates(t) if test_split else t
+                yield _default_candidates(t) if mode == "test" else t
+    elif fmt == "csv":
+        # Raw ids read as text: "007" stays "007" (type inference would make it 7).
+        types = {S.USER_ID: pa.string(), S.ITEM_ID: pa.string()} if mode == "raw" else {}
+        with fs.open_input_stream(path) as f:
+            reader = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                convert_options=pacsv.ConvertOptions(column_types=types),
+            )
+            for rb in reader:
+                yield pa.Table.from_batches([rb])
     else:
         with fs.open_input_stream(path) as f:
-            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 22))
-            for rb in reader:
-                t = pa.Table.from_batches([rb])
-                yield t.select([c for c in t.column_names if c in CANDIDATE_COLUMNS])
+            for rb in pajson.open_json(f, read_options=pajson.ReadOptions(block_size=1 << 22)):
+                yield pa.Table.from_batches([rb])
 
 
 def _default_candidates(batch: pa.Table) -> pa.Table:
@@ -154,49 +189,80 @@ def _file_infos(storage: Storage, uri: str) -> list[pafs.FileInfo]:
     )
 
 
-def candidate_files(cfg: Config, storage: Storage) -> tuple[list[str], str, bool]:
-    """(paths inside the filesystem, "parquet" or "csv", whether to keep only the test split)."""
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".jsonl": "json", ".json": "json"}
+
+
+def _format(path: str) -> str | None:
+    return next((f for ext, f in FORMATS.items() if path.endswith(ext)), None)
+
+
+def candidate_files(cfg: Config, storage: Storage) -> tuple[list[str], str, str]:
+    """(paths inside the filesystem, "parquet" / "csv" / "json", mode): mode "test" reads the test
+    split of prepare/interactions, "raw" or "internal" a candidate table of that ``score.id_space``."""
     uri = cfg.score.candidates
     if not uri:
-        return manifest_files(storage, storage.uri(INTERACTIONS)), "parquet", True
-    paths = [f.path for f in _file_infos(storage, uri)]
+        return manifest_files(storage, storage.uri(INTERACTIONS)), "parquet", "test"
+    paths = [f.path for f in _file_infos(_storage_for(cfg, storage), uri)]
     if not paths:
         raise FileNotFoundError(f"score.candidates: no files under {uri}")
-    if all(p.endswith((".csv", ".csv.gz")) for p in paths):
-        fmt = "csv"
-    elif all(p.endswith(".parquet") for p in paths):
-        fmt = "parquet"
-    else:
-        raise ValueError(f"score.candidates: {uri} must hold only .parquet or only .csv files")
-    return paths, fmt, False
+    fmts = {p: _format(p) for p in paths}
+    unknown = [p for p, f in fmts.items() if f is None]
+    if unknown:
+        raise ValueError(f"score.candidates: {unknown[0]} is not .parquet, .csv(.gz) or .jsonl (JSON lines)")
+    if len(set(fmts.values())) > 1:
+        raise ValueError(f"score.candidates: {uri} mixes formats {sorted(set(fmts.values()))}; use one")
+    return paths, next(iter(fmts.values())), cfg.score.id_space
 
 
-def count_candidates(cfg: Config, storage: Storage) -> int:
+def count_candidates(cfg: Config, storage: Storage) -> tuple[int, pa.Schema]:
     """Input rows, counted independently of the pipeline (Parquet: footers, or the split column for
-    the default; CSV: one streaming pass), checked against rows_out + rows_quarantined at commit.
-    Also checks the required columns, naming the file that lacks them."""
-    paths, fmt, test_split = candidate_files(cfg, storage)
+    the default; CSV/JSON: one streaming pass), checked against rows_out + rows_quarantined at
+    commit; and the output schema (S.SCORES, plus raw ids and the passthrough columns of the table's
+    first block). Also checks the required columns, naming the file that lacks them."""
+    paths, fmt, mode = candidate_files(cfg, storage)
     # Candidate files are named by their full URI scheme's filesystem: the root's, or the table's.
     st = _storage_for(cfg, storage)
-    n = 0
+    n, first = 0, None
     for path in paths:
-        if fmt == "parquet" and not test_split:
+        if fmt == "parquet" and mode != "test":
             import pyarrow.parquet as pq
 
             fs, _ = st.fs(st.root)
             with fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
-                missing = [c for c in S.CANDIDATE_COLUMNS if c not in pf.schema_arrow.names]
-                if missing:
-                    raise ValueError(f"score.candidates: {path} lacks required columns {missing}")
+                names = pf.schema_arrow.names
                 n += pf.metadata.num_rows
+                first = pf.schema_arrow.empty_table() if first is None else first
+            _check_columns(path, names)
         else:
-            for t in _iter_file(st, path, fmt, 1 << 16, test_split):
-                missing = [c for c in S.CANDIDATE_COLUMNS if c not in t.column_names]
-                if missing:
-                    raise ValueError(f"score.candidates: {path} lacks required columns {missing}")
+            for t in _iter_file(st, path, fmt, 1 << 16, mode):
+                _check_columns(path, t.column_names)
+                first = t.slice(0, 0) if first is None else first
                 n += t.num_rows
-    return n
+    return n, output_schema(_normalise(first, mode) if first is not None else None, mode)
+
+
+def _check_columns(path: str, names: list[str]) -> None:
+    missing = [c for c in S.CANDIDATE_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"score.candidates: {path} lacks required columns {missing}")
+
+
+# Input columns the stage consumes (not passed through).
+CONSUMED = (S.USER_ID, S.ITEM_ID, S.LABEL, S.HISTORY_ITEMS, S.HISTORY_LABELS, S.SPLIT)
+
+
+def output_schema(first: pa.Table | None, mode: str) -> pa.Schema:
+    """S.SCORES for the test split; for a candidate table S.SCORES with the raw ids after the
+    internal ones and every other input column (``timestamp`` included) after ``version``."""
+    if mode == "test" or first is None:
+        return S.SCORES
+    fields = list(S.SCORES)
+    if mode == "raw":
+        fields[2:2] = [pa.field(S.RAW_USER_ID, pa.string()), pa.field(S.RAW_ITEM_ID, pa.string())]
+    taken = {f.name for f in fields}
+    fields += [f for f in first.schema if f.name not in CONSUMED and f.name not in taken]
+    return pa.schema(fields)
 
 
 def _storage_for(cfg: Config, storage: Storage) -> Storage:
@@ -209,11 +275,11 @@ def read_candidates(cfg: Config, storage: Storage) -> Any:
     """The candidate table as a lazy Ray Dataset of blocks of at most ``score.block_rows`` rows."""
     import ray.data
 
-    paths, fmt, test_split = candidate_files(cfg, storage)
+    paths, fmt, mode = candidate_files(cfg, storage)
     files = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
     return files.map_batches(
         ReadFiles,
-        fn_constructor_args=(_storage_for(cfg, storage), fmt, cfg.score.block_rows, test_split),
+        fn_constructor_args=(_storage_for(cfg, storage), fmt, cfg.score.block_rows, mode),
         batch_size=1,
         batch_format="numpy",
         num_cpus=cfg.score.read_cpus,
@@ -232,7 +298,8 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     if cfg.score.candidates:
         # An external table has no manifest: identify it by its files' names, sizes and times.
         sections["candidate_files"] = [
-            (f.path, f.size, str(f.mtime)) for f in _file_infos(storage, cfg.score.candidates)
+            (f.path, f.size, str(f.mtime))
+            for f in _file_infos(_storage_for(cfg, storage), cfg.score.candidates)
         ]
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
     return fingerprint(sections, inputs, storage)
@@ -283,16 +350,34 @@ def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int
     log.info("score: wave %s written (%s rows)", wave, sum(counts.values()))
 
 
+def output_uri(cfg: Config, storage: Storage) -> str:
+    """``score.output`` (relative to the run root unless absolute or a URI); by default
+    ``score/scores`` for the test split and ``score/<table name>`` for a candidate table."""
+    out = cfg.score.output
+    if out:
+        return out if "://" in out or os.path.isabs(out) else storage.uri(out)
+    if not cfg.score.candidates:
+        return storage.uri(SCORES)
+    name = cfg.score.candidates.rstrip("/").rsplit("/", 1)[-1]
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        name = name.removesuffix(ext)
+    if not name or name == "scores":
+        raise ValueError(
+            f"score.candidates: cannot name an output after {cfg.score.candidates!r}; set score.output"
+        )
+    return storage.uri("score", name)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     storage = Storage.from_config(cfg)
-    out = storage.uri(SCORES)
+    out = output_uri(cfg, storage)
     meta = stage_meta(cfg, storage)
-    writer = TableWriter.for_stage(cfg, storage, out, meta, S.SCORES)
+    rows_in, schema = count_candidates(cfg, storage)
+    writer = TableWriter.for_stage(cfg, storage, out, meta, schema)
     if writer.complete:
         log.info("score: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/{MANIFEST}")
     artifacts = load_artifacts(cfg)
-    rows_in = count_candidates(cfg, storage)
     sc = cfg.score
     with buffer_limit(sc.max_buffer_mb):
         candidates = read_candidates(cfg, storage)  # a dataset keeps the context it was made in
@@ -304,6 +389,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "version": artifacts.version,
             "backend": sc.backend,
             "candidates": sc.candidates or "test split",
+            "id_space": sc.id_space if sc.candidates else "internal",
         },
     )
     log.info(
