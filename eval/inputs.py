@@ -31,10 +31,12 @@ CHUNK_ROWS = 1 << 18
 
 
 def scores_table(cfg: Any) -> str:
-    """Where the score stage's table lives, relative to the output root: the one place evaluate asks
-    (the score stage may make its output configurable; only this function changes then)."""
-    out = getattr(cfg.score, "output", None)
-    return out or SCORES
+    """Where the score stage's table lives, relative to the output root: the one place evaluate asks,
+    answered by the score stage's own rule (``score.output``, else its default for the candidates)."""
+    from thinkrec.scoring.stage import output_uri
+
+    storage = Storage.from_config(cfg)
+    return storage.relative(output_uri(cfg, storage))
 
 
 def committed(storage: Storage, rel: str) -> bool:
