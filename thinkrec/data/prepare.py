@@ -23,11 +23,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from thinkrec.config import Config
+from thinkrec.data import amazon, yelp
+from thinkrec.data import lines as L
 from thinkrec.data import movielens as ml
+from thinkrec.data import reader as R
 from thinkrec.data import schema as S
+from thinkrec.data.ids import ITEM_IDS, USER_IDS
+from thinkrec.data.lines import read_lines
 from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, stable_shard
 from thinkrec.io.fs import Storage
 
@@ -38,8 +44,57 @@ ITEMS = "prepare/items"
 USERS = "prepare/users"
 
 
+READERS: dict[str, R.Reader] = {
+    "ml-100k": ml.ML100K,
+    "ml-1m": ml.ML1M,
+    "amazon": amazon.READER,
+    "yelp": yelp.READER,
+}
+"""data.dataset -> its reader (one module per source format)."""
+
+
+def reader_for(dataset: str) -> R.Reader:
+    if dataset not in READERS:
+        raise ValueError(f"data.dataset={dataset!r} has no reader; known: {sorted(READERS)}")
+    return READERS[dataset]
+
+
+def source_files(cfg: Config, reader: R.Reader) -> tuple[str, str, pafs.FileSystem]:
+    """(interactions path, items path, filesystem) in data.source (a local path, file:// or s3://,
+    through the configured endpoint). Empty data.source: the dataset's embedded copy."""
+    from thinkrec.io.fs import filesystem
+
+    source = cfg.data.source or ml.embedded_dir(cfg.data.dataset)
+    fs, root = filesystem(source, cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    if not names:
+        raise FileNotFoundError(f"data.source={source!r}: no files found")
+    inter, items = reader.find(names)
+    return f"{root}/{inter}", f"{root}/{items}", fs
+
+
+def read_items(fs: pafs.FileSystem, path: str, reader: R.Reader) -> pd.DataFrame:
+    """The item file (decompressed by extension) -> raw_item_id, title, keywords; unusable lines and
+    repeated ids (the first line wins) are dropped and counted in the manifest."""
+    with fs.open_input_stream(path) as f:
+        lines = [ln for ln in f.read().decode(reader.encoding, errors="replace").splitlines() if ln.strip()]
+    df = reader.parse_items(lines)
+    good = df[df[REASON].isna()].drop(columns=[REASON])
+    good = good.drop_duplicates(S.RAW_ITEM_ID, keep="first").reset_index(drop=True)
+    good.attrs["dropped"] = {
+        **df[REASON].dropna().value_counts().to_dict(),
+        **(
+            {R.DUPLICATE: int(df[REASON].isna().sum() - len(good))}
+            if len(good) < df[REASON].isna().sum()
+            else {}
+        ),
+    }
+    return good
+
+
 def stage_meta(cfg: Config) -> dict[str, str]:
-    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v1"})
+    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v2"})
 
 
 def _sort_key(raw: pd.Series) -> pd.Series:
@@ -92,35 +147,51 @@ def build_user_samples(
             S.SPLIT: split,
             S.HISTORY_ITEMS: hist_items,
             S.HISTORY_LABELS: hist_labels,
-            REASON: np.where(dup, ml.DUPLICATE, None),
+            REASON: np.where(dup, R.DUPLICATE, None),
+            # Where each row was read, for the quarantine rows (output rows keep only the schema).
+            L.SOURCE_FILE: g[L.SOURCE_FILE].to_numpy(),
+            L.SOURCE_LINE: g[L.SOURCE_LINE].to_numpy(),
         }
     )
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    import ray.data
 
     storage = Storage.from_config(cfg)
     meta = stage_meta(cfg)
-    out = {t: storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS)}
+    out = {t: storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, USER_IDS, ITEM_IDS)}
     if all(is_complete(storage, uri, meta) for uri in out.values()):
         log.info("prepare: up to date, skipped (%s)", storage.uri("prepare"))
         return storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
 
-    inter_path, item_path, fmt = ml.source_files(cfg.data.dataset, cfg.data.source)
-    items = ml.read_items(item_path, fmt)
+    reader = reader_for(cfg.data.dataset)
+    inter_path, item_path, fs = source_files(cfg, reader)
+    items = read_items(fs, item_path, reader)
     item_map = remap(items[S.RAW_ITEM_ID])
     known_items = set(item_map)
 
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
-        lines = [t for t in batch["text"].tolist() if not t.startswith("user_id:")]
-        df = ml.parse_interaction_lines(lines, fmt)
+        if reader.header:
+            batch = batch[~batch[L.TEXT].fillna("").str.startswith(reader.header)]
+        text = batch[L.TEXT]
+        decoded = text.notna().to_numpy()
+        df = reader.parse_interactions(text[decoded].tolist())
+        full = R.Rows()
+        for _ in range(int((~decoded).sum())):
+            full.bad("", R.BAD_ENCODING)
+        df = pd.concat([df, full.frame()], ignore_index=True) if (~decoded).any() else df
+        where = pd.concat([batch[decoded], batch[~decoded]], ignore_index=True)
+        df[L.SOURCE_FILE] = where[L.SOURCE_FILE].to_numpy()
+        df[L.SOURCE_LINE] = where[L.SOURCE_LINE].to_numpy()
         unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
-        df.loc[unknown, REASON] = ml.UNKNOWN_ITEM
+        df.loc[unknown, REASON] = R.UNKNOWN_ITEM
         return df
 
-    # Whitespace-only lines carry no data; Ray Data's text reader skips them.
-    parsed = ray.data.read_text(inter_path).map_batches(parse, batch_format="pandas").materialize()
+    parsed = (
+        read_lines(inter_path, filesystem=fs, encoding=reader.encoding)
+        .map_batches(parse, batch_format="pandas")
+        .materialize()
+    )
     ok = parsed.filter(lambda r: r[REASON] is None)
     users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
     user_map = remap(users_raw)
@@ -190,6 +261,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 "split_rows": counts,
                 "source": inter_path,
                 "dataset": cfg.data.dataset,
+                "item_lines_dropped": items.attrs.get("dropped", {}),
             },
         )
 
@@ -204,7 +276,14 @@ def run(cfg: Config) -> dict[str, Any]:
         config,
     )
     users = pd.DataFrame({S.USER_ID: list(user_map.values()), S.RAW_USER_ID: list(user_map.keys())})
-    _write_small(storage, out[USERS], users.sort_values(S.USER_ID), S.USERS, S.USER_ID, meta, config)
+    users = users.sort_values(S.USER_ID)
+    _write_small(storage, out[USERS], users, S.USERS, S.USER_ID, meta, config)
+    # The id maps (raw id strings <-> 1..N) every later stage looks ids up in (thinkrec/data/ids.py).
+    _write_small(
+        storage, out[USER_IDS], users[[S.RAW_USER_ID, S.USER_ID]], S.USER_IDS, S.USER_ID, meta, config
+    )
+    item_ids = kept_items[[S.RAW_ITEM_ID, S.ITEM_ID]].sort_values(S.ITEM_ID)
+    _write_small(storage, out[ITEM_IDS], item_ids, S.ITEM_IDS, S.ITEM_ID, meta, config)
     man = storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
     log.info(
         "prepare: %s rows (%s quarantined), splits %s",
