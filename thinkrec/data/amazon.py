@@ -57,7 +57,7 @@ def parse_interaction_lines(lines: list[str]) -> pd.DataFrame:
         if user is None or item is None:
             rows.bad(line, R.BAD_ID)
             continue
-        rating = R.check_rating(obj["overall"], 1.0, 5.0)
+        rating = R.check_rating(obj["overall"], 1.0, 5.0, typed=True)
         if rating is None:
             rows.bad(line, R.BAD_RATING, user, item)
             continue

@@ -73,9 +73,10 @@ class Rows:
         return pd.DataFrame(self.cols).astype({S.RATING: "float64", S.TIMESTAMP: "int64"})
 
 
-def check_rating(value: Any, lo: float = 0.0, hi: float = 5.0) -> float | None:
-    """The rating as a float, or None when it is not a number in [lo, hi]."""
-    if isinstance(value, bool):
+def check_rating(value: Any, lo: float = 0.0, hi: float = 5.0, *, typed: bool = False) -> float | None:
+    """The rating as a float, or None when it is not a number in [lo, hi]. ``typed`` (JSON
+    sources): the value must already be a JSON number, a string is a wrong type."""
+    if isinstance(value, bool) or (typed and not isinstance(value, int | float)):
         return None
     try:
         r = float(value)

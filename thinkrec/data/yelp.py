@@ -53,7 +53,7 @@ def parse_interaction_lines(lines: list[str]) -> pd.DataFrame:
         if user is None or item is None:
             rows.bad(line, R.BAD_ID)
             continue
-        rating = R.check_rating(obj["stars"], 1.0, 5.0)
+        rating = R.check_rating(obj["stars"], 1.0, 5.0, typed=True)
         if rating is None:
             rows.bad(line, R.BAD_RATING, user, item)
             continue
