@@ -43,6 +43,13 @@ class DataConfig:
     """Share of the timeline (by interaction count) in the validation window."""
     test_frac: float = Field(0.1, gt=0, lt=1)
     """Share of the timeline (by interaction count) in the test window (the latest)."""
+    min_interactions: int = Field(0, ge=0)
+    """Keep only users and items with MORE than this many ratings (the reference's Yelp and Books
+    rule: 20). 0 keeps all. Rows removed are counted per rule in the manifest's ``rows_filtered``."""
+    filter_mode: Literal["single_pass", "fixed_point"] = "single_pass"
+    """``single_pass``: count once and drop (the reference code; survivors may fall to N or fewer).
+    ``fixed_point``: repeat until every remaining user and item has more than N. Recorded in the
+    manifest."""
     max_users: int | None = Field(None, ge=2)
     """Keep only the first N users by id (small runs and tests). None keeps all."""
     max_quarantine_rate: float = Field(0.01, ge=0, le=1)

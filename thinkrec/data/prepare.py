@@ -193,6 +193,9 @@ def run(cfg: Config) -> dict[str, Any]:
         .materialize()
     )
     ok = parsed.filter(lambda r: r[REASON] is None)
+    filtered: dict[str, int] = {}
+    if cfg.data.min_interactions:
+        ok, filtered = filter_active(ok, cfg.data.min_interactions, cfg.data.filter_mode)
     users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
     user_map = remap(users_raw)
     if cfg.data.max_users:
@@ -237,7 +240,9 @@ def run(cfg: Config) -> dict[str, Any]:
         return batch.assign(**{S.USER_ID: np.zeros(len(batch), np.int64)})
 
     config = cfg.to_dict()
-    rows_in = parsed.count() if not cfg.data.max_users else ok.count() + bad.count()
+    # Filter rules remove rows on purpose: rows_in = rows_out + rows_quarantined + rows_filtered.
+    lines_read = parsed.count()
+    rows_in = lines_read - sum(filtered.values()) if not cfg.data.max_users else ok.count() + bad.count()
     w = TableWriter.for_stage(cfg, storage, out[INTERACTIONS], meta, S.INTERACTIONS)
     if not w.complete:
         pending = w.pending_shards()
@@ -262,6 +267,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 "source": inter_path,
                 "dataset": cfg.data.dataset,
                 "item_lines_dropped": items.attrs.get("dropped", {}),
+                "lines_read": lines_read,
+                "rows_filtered": filtered,
+                "filter": {"min_interactions": cfg.data.min_interactions, "mode": cfg.data.filter_mode},
             },
         )
 
@@ -292,6 +300,52 @@ def run(cfg: Config) -> dict[str, Any]:
         man.get("split_rows"),
     )
     return man
+
+
+FILTER_USER = "user_min_interactions"
+FILTER_ITEM = "item_min_interactions"
+
+
+def _counts(ds: Any, col: str) -> pd.Series:
+    """Rows per distinct value of ``col``: each block counts its own values, the small per-block
+    counts are summed (cheaper than a shuffle group-by; one row per distinct value comes back)."""
+
+    def block_counts(batch: pd.DataFrame) -> pd.DataFrame:
+        v = batch[col].value_counts()
+        return pd.DataFrame({col: v.index.astype(str), "n": v.to_numpy(np.int64)})
+
+    parts = ds.select_columns([col]).map_batches(block_counts, batch_format="pandas", batch_size=None)
+    df = parts.to_pandas()
+    return df.groupby(col)["n"].sum() if len(df) else pd.Series(dtype="int64")
+
+
+def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[str, int]]:
+    """Keep rows whose user and item both have more than ``min_interactions`` rows. ``single_pass``
+    (the reference code) counts once on the input; ``fixed_point`` repeats until every remaining
+    user and item passes. Returns the kept rows and the rows each rule removed (a row whose user
+    fails counts for the user rule; one whose user passes and item fails, for the item rule)."""
+    removed = {FILTER_USER: 0, FILTER_ITEM: 0}
+    while True:
+        users, items = _counts(ds, S.RAW_USER_ID), _counts(ds, S.RAW_ITEM_ID)
+        keep_u = set(users.index[users > min_interactions])
+        keep_i = set(items.index[items > min_interactions])
+        if len(keep_u) == len(users) and len(keep_i) == len(items):
+            break
+
+        def rule(batch: pd.DataFrame, keep_u: set[str] = keep_u, keep_i: set[str] = keep_i) -> pd.DataFrame:
+            u = batch[S.RAW_USER_ID].isin(keep_u)
+            return batch.assign(_fu=~u, _fi=u & ~batch[S.RAW_ITEM_ID].isin(keep_i))
+
+        flagged = ds.map_batches(rule, batch_format="pandas").materialize()
+        if flagged.count():
+            removed[FILTER_USER] += int(flagged.sum("_fu") or 0)
+            removed[FILTER_ITEM] += int(flagged.sum("_fi") or 0)
+        ds = (
+            flagged.filter(lambda r: not r["_fu"] and not r["_fi"]).drop_columns(["_fu", "_fi"]).materialize()
+        )
+        if mode == "single_pass":
+            break
+    return ds, removed
 
 
 def _shard_filter(pending: list[int], num_shards: int) -> Any:
