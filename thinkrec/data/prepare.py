@@ -23,11 +23,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from thinkrec.config import Config
+from thinkrec.data import amazon, yelp
+from thinkrec.data import lines as L
 from thinkrec.data import movielens as ml
+from thinkrec.data import reader as R
 from thinkrec.data import schema as S
+from thinkrec.data.ids import ITEM_IDS, USER_IDS
+from thinkrec.data.lines import read_lines
 from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, stable_shard
 from thinkrec.io.fs import Storage
 
@@ -38,8 +44,57 @@ ITEMS = "prepare/items"
 USERS = "prepare/users"
 
 
+READERS: dict[str, R.Reader] = {
+    "ml-100k": ml.ML100K,
+    "ml-1m": ml.ML1M,
+    "amazon": amazon.READER,
+    "yelp": yelp.READER,
+}
+"""data.dataset -> its reader (one module per source format)."""
+
+
+def reader_for(dataset: str) -> R.Reader:
+    if dataset not in READERS:
+        raise ValueError(f"data.dataset={dataset!r} has no reader; known: {sorted(READERS)}")
+    return READERS[dataset]
+
+
+def source_files(cfg: Config, reader: R.Reader) -> tuple[str, str, pafs.FileSystem]:
+    """(interactions path, items path, filesystem) in data.source (a local path, file:// or s3://,
+    through the configured endpoint). Empty data.source: the dataset's embedded copy."""
+    from thinkrec.io.fs import filesystem
+
+    source = cfg.data.source or ml.embedded_dir(cfg.data.dataset)
+    fs, root = filesystem(source, cfg.storage.s3_endpoint, cfg.storage.s3_region)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    if not names:
+        raise FileNotFoundError(f"data.source={source!r}: no files found")
+    inter, items = reader.find(names)
+    return f"{root}/{inter}", f"{root}/{items}", fs
+
+
+def read_items(fs: pafs.FileSystem, path: str, reader: R.Reader) -> pd.DataFrame:
+    """The item file (decompressed by extension) -> raw_item_id, title, keywords; unusable lines and
+    repeated ids (the first line wins) are dropped and counted in the manifest."""
+    with fs.open_input_stream(path) as f:
+        lines = [ln for ln in f.read().decode(reader.encoding, errors="replace").splitlines() if ln.strip()]
+    df = reader.parse_items(lines)
+    good = df[df[REASON].isna()].drop(columns=[REASON])
+    good = good.drop_duplicates(S.RAW_ITEM_ID, keep="first").reset_index(drop=True)
+    good.attrs["dropped"] = {
+        **df[REASON].dropna().value_counts().to_dict(),
+        **(
+            {R.DUPLICATE: int(df[REASON].isna().sum() - len(good))}
+            if len(good) < df[REASON].isna().sum()
+            else {}
+        ),
+    }
+    return good
+
+
 def stage_meta(cfg: Config) -> dict[str, str]:
-    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v1"})
+    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v2"})
 
 
 def _sort_key(raw: pd.Series) -> pd.Series:
@@ -92,36 +147,55 @@ def build_user_samples(
             S.SPLIT: split,
             S.HISTORY_ITEMS: hist_items,
             S.HISTORY_LABELS: hist_labels,
-            REASON: np.where(dup, ml.DUPLICATE, None),
+            REASON: np.where(dup, R.DUPLICATE, None),
+            # Where each row was read, for the quarantine rows (output rows keep only the schema).
+            L.SOURCE_FILE: g[L.SOURCE_FILE].to_numpy(),
+            L.SOURCE_LINE: g[L.SOURCE_LINE].to_numpy(),
         }
     )
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    import ray.data
 
     storage = Storage.from_config(cfg)
     meta = stage_meta(cfg)
-    out = {t: storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS)}
+    out = {t: storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, USER_IDS, ITEM_IDS)}
     if all(is_complete(storage, uri, meta) for uri in out.values()):
         log.info("prepare: up to date, skipped (%s)", storage.uri("prepare"))
         return storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
 
-    inter_path, item_path, fmt = ml.source_files(cfg.data.dataset, cfg.data.source)
-    items = ml.read_items(item_path, fmt)
+    reader = reader_for(cfg.data.dataset)
+    inter_path, item_path, fs = source_files(cfg, reader)
+    items = read_items(fs, item_path, reader)
     item_map = remap(items[S.RAW_ITEM_ID])
     known_items = set(item_map)
 
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
-        lines = [t for t in batch["text"].tolist() if not t.startswith("user_id:")]
-        df = ml.parse_interaction_lines(lines, fmt)
+        if reader.header:
+            batch = batch[~batch[L.TEXT].fillna("").str.startswith(reader.header)]
+        text = batch[L.TEXT]
+        decoded = text.notna().to_numpy()
+        df = reader.parse_interactions(text[decoded].tolist())
+        full = R.Rows()
+        for _ in range(int((~decoded).sum())):
+            full.bad("", R.BAD_ENCODING)
+        df = pd.concat([df, full.frame()], ignore_index=True) if (~decoded).any() else df
+        where = pd.concat([batch[decoded], batch[~decoded]], ignore_index=True)
+        df[L.SOURCE_FILE] = where[L.SOURCE_FILE].to_numpy()
+        df[L.SOURCE_LINE] = where[L.SOURCE_LINE].to_numpy()
         unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
-        df.loc[unknown, REASON] = ml.UNKNOWN_ITEM
+        df.loc[unknown, REASON] = R.UNKNOWN_ITEM
         return df
 
-    # Whitespace-only lines carry no data; Ray Data's text reader skips them.
-    parsed = ray.data.read_text(inter_path).map_batches(parse, batch_format="pandas").materialize()
+    parsed = (
+        read_lines(inter_path, filesystem=fs, encoding=reader.encoding)
+        .map_batches(parse, batch_format="pandas")
+        .materialize()
+    )
     ok = parsed.filter(lambda r: r[REASON] is None)
+    filtered: dict[str, int] = {}
+    if cfg.data.min_interactions:
+        ok, filtered = filter_active(ok, cfg.data.min_interactions, cfg.data.filter_mode)
     users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
     user_map = remap(users_raw)
     if cfg.data.max_users:
@@ -166,7 +240,9 @@ def run(cfg: Config) -> dict[str, Any]:
         return batch.assign(**{S.USER_ID: np.zeros(len(batch), np.int64)})
 
     config = cfg.to_dict()
-    rows_in = parsed.count() if not cfg.data.max_users else ok.count() + bad.count()
+    # Filter rules remove rows on purpose: rows_in = rows_out + rows_quarantined + rows_filtered.
+    lines_read = parsed.count()
+    rows_in = lines_read - sum(filtered.values()) if not cfg.data.max_users else ok.count() + bad.count()
     w = TableWriter.for_stage(cfg, storage, out[INTERACTIONS], meta, S.INTERACTIONS)
     if not w.complete:
         pending = w.pending_shards()
@@ -190,6 +266,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 "split_rows": counts,
                 "source": inter_path,
                 "dataset": cfg.data.dataset,
+                "item_lines_dropped": items.attrs.get("dropped", {}),
+                "lines_read": lines_read,
+                "rows_filtered": filtered,
+                "filter": {"min_interactions": cfg.data.min_interactions, "mode": cfg.data.filter_mode},
             },
         )
 
@@ -204,7 +284,14 @@ def run(cfg: Config) -> dict[str, Any]:
         config,
     )
     users = pd.DataFrame({S.USER_ID: list(user_map.values()), S.RAW_USER_ID: list(user_map.keys())})
-    _write_small(storage, out[USERS], users.sort_values(S.USER_ID), S.USERS, S.USER_ID, meta, config)
+    users = users.sort_values(S.USER_ID)
+    _write_small(storage, out[USERS], users, S.USERS, S.USER_ID, meta, config)
+    # The id maps (raw id strings <-> 1..N) every later stage looks ids up in (thinkrec/data/ids.py).
+    _write_small(
+        storage, out[USER_IDS], users[[S.RAW_USER_ID, S.USER_ID]], S.USER_IDS, S.USER_ID, meta, config
+    )
+    item_ids = kept_items[[S.RAW_ITEM_ID, S.ITEM_ID]].sort_values(S.ITEM_ID)
+    _write_small(storage, out[ITEM_IDS], item_ids, S.ITEM_IDS, S.ITEM_ID, meta, config)
     man = storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
     log.info(
         "prepare: %s rows (%s quarantined), splits %s",
@@ -213,6 +300,52 @@ def run(cfg: Config) -> dict[str, Any]:
         man.get("split_rows"),
     )
     return man
+
+
+FILTER_USER = "user_min_interactions"
+FILTER_ITEM = "item_min_interactions"
+
+
+def _counts(ds: Any, col: str) -> pd.Series:
+    """Rows per distinct value of ``col``: each block counts its own values, the small per-block
+    counts are summed (cheaper than a shuffle group-by; one row per distinct value comes back)."""
+
+    def block_counts(batch: pd.DataFrame) -> pd.DataFrame:
+        v = batch[col].value_counts()
+        return pd.DataFrame({col: v.index.astype(str), "n": v.to_numpy(np.int64)})
+
+    parts = ds.select_columns([col]).map_batches(block_counts, batch_format="pandas", batch_size=None)
+    df = parts.to_pandas()
+    return df.groupby(col)["n"].sum() if len(df) else pd.Series(dtype="int64")
+
+
+def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[str, int]]:
+    """Keep rows whose user and item both have more than ``min_interactions`` rows. ``single_pass``
+    (the reference code) counts once on the input; ``fixed_point`` repeats until every remaining
+    user and item passes. Returns the kept rows and the rows each rule removed (a row whose user
+    fails counts for the user rule; one whose user passes and item fails, for the item rule)."""
+    removed = {FILTER_USER: 0, FILTER_ITEM: 0}
+    while True:
+        users, items = _counts(ds, S.RAW_USER_ID), _counts(ds, S.RAW_ITEM_ID)
+        keep_u = set(users.index[users > min_interactions])
+        keep_i = set(items.index[items > min_interactions])
+        if len(keep_u) == len(users) and len(keep_i) == len(items):
+            break
+
+        def rule(batch: pd.DataFrame, keep_u: set[str] = keep_u, keep_i: set[str] = keep_i) -> pd.DataFrame:
+            u = batch[S.RAW_USER_ID].isin(keep_u)
+            return batch.assign(_fu=~u, _fi=u & ~batch[S.RAW_ITEM_ID].isin(keep_i))
+
+        flagged = ds.map_batches(rule, batch_format="pandas").materialize()
+        if flagged.count():
+            removed[FILTER_USER] += int(flagged.sum("_fu") or 0)
+            removed[FILTER_ITEM] += int(flagged.sum("_fi") or 0)
+        ds = (
+            flagged.filter(lambda r: not r["_fu"] and not r["_fi"]).drop_columns(["_fu", "_fi"]).materialize()
+        )
+        if mode == "single_pass":
+            break
+    return ds, removed
 
 
 def _shard_filter(pending: list[int], num_shards: int) -> Any:

@@ -1,0 +1,110 @@
+"""Amazon Reviews 2018, one category: reviews and metadata as JSON lines (plain or ``.gz``).
+
+Reviews: ``reviewerID, asin, overall, unixReviewTime, ...``. Metadata: ``asin, title, description,
+category, brand, ...``, where ``title`` may hold HTML, ``description`` and ``category`` are lists, and
+an asin can appear more than once (the first line wins; prepare keeps the first by file order).
+The category path (minus the root category, which every item of the file shares) stands in for
+keywords until the keywords stage writes its own.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from typing import Any
+
+import pandas as pd
+
+from thinkrec.data import reader as R
+from thinkrec.data import schema as S
+from thinkrec.io.commit import REASON
+
+_TAG = re.compile(r"<[^>]+>")
+
+
+def strip_html(text: str) -> str:
+    """Tags removed and entities decoded; whitespace collapsed."""
+    return " ".join(html.unescape(_TAG.sub(" ", text)).split())
+
+
+def text_of(value: Any) -> str:
+    """A metadata field (string or list of strings) as plain text."""
+    if isinstance(value, list):
+        return " ".join(strip_html(str(v)) for v in value if v)
+    return strip_html(str(value)) if value else ""
+
+
+def _json(line: str) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_interaction_lines(lines: list[str]) -> pd.DataFrame:
+    rows = R.Rows()
+    for line in lines:
+        obj = _json(line)
+        if obj is None:
+            rows.bad(line, R.MALFORMED)
+            continue
+        if any(k not in obj for k in ("reviewerID", "asin", "overall", "unixReviewTime")):
+            rows.bad(line, R.MISSING_FIELD)
+            continue
+        user, item = R.clean_id(obj["reviewerID"]), R.clean_id(obj["asin"])
+        if user is None or item is None:
+            rows.bad(line, R.BAD_ID)
+            continue
+        rating = R.check_rating(obj["overall"], 1.0, 5.0, typed=True)
+        if rating is None:
+            rows.bad(line, R.BAD_RATING, user, item)
+            continue
+        ts = obj["unixReviewTime"]
+        if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
+            rows.bad(line, R.BAD_TIMESTAMP, user, item)
+            continue
+        rows.good(user, item, rating, ts)
+    return rows.frame()
+
+
+def parse_item_lines(lines: list[str]) -> pd.DataFrame:
+    out = []
+    for line in lines:
+        obj = _json(line)
+        item = R.clean_id(obj.get("asin")) if obj else None
+        if obj is None or item is None:
+            out.append(
+                {S.RAW_ITEM_ID: line[: R.MAX_LINE_CHARS], S.TITLE: "", S.KEYWORDS: [], REASON: R.MALFORMED}
+            )
+            continue
+        title = text_of(obj.get("title"))
+        cats = obj.get("category") or []
+        cats = [strip_html(str(c)) for c in (cats[1:] if isinstance(cats, list) else [cats])]
+        out.append(
+            {
+                S.RAW_ITEM_ID: item,
+                S.TITLE: title,
+                S.KEYWORDS: [c for c in cats if c],
+                REASON: None if title else R.EMPTY_TITLE,
+            }
+        )
+    return R.item_frame(out)
+
+
+def find(names: list[str]) -> tuple[str, str]:
+    """``<Category>.json[.gz]`` and ``meta_<Category>.json[.gz]``."""
+    js = [n for n in names if n.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))]
+    meta = [n for n in js if n.startswith("meta_")]
+    reviews = [n for n in js if not n.startswith("meta_")]
+    if len(meta) != 1 or len(reviews) != 1:
+        raise FileNotFoundError(
+            f"amazon: data.source must hold one reviews file and one meta_*.json[.gz] file, found {sorted(js)}"
+        )
+    return reviews[0], meta[0]
+
+
+READER = R.Reader(
+    name="amazon", find=find, parse_interactions=parse_interaction_lines, parse_items=parse_item_lines
+)

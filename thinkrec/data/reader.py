@@ -1,0 +1,98 @@
+"""The shape every source-format reader has, and the bad-row reasons they share.
+
+A reader turns raw lines into typed rows. Interaction lines become ``raw_user_id, raw_item_id,
+rating, timestamp, _reason`` (``_reason`` None for good rows); item lines become ``raw_item_id,
+title, keywords, _reason``. A line that cannot be used keeps its text (cut to 200 characters) in
+``raw_user_id`` and gets a reason, so prepare quarantines it instead of dropping it. Raw ids are
+always strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from thinkrec.data import schema as S
+from thinkrec.io.commit import REASON
+
+# Bad-row reasons (also the quarantine table's `reason` values).
+MALFORMED = "malformed"
+MISSING_FIELD = "missing_field"
+BAD_RATING = "bad_rating"
+BAD_TIMESTAMP = "bad_timestamp"
+BAD_ID = "bad_id"
+UNKNOWN_ITEM = "unknown_item"
+DUPLICATE = "duplicate"
+EMPTY_TITLE = "empty_title"
+BAD_ENCODING = "bad_encoding"
+
+MAX_LINE_CHARS = 200
+"""A quarantined line keeps this much of its text."""
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One source format. ``find`` maps the source directory's file names to (interactions file,
+    items file); the parsers are pure functions over lists of lines, run inside Ray Data tasks."""
+
+    name: str
+    find: Callable[[list[str]], tuple[str, str]]
+    parse_interactions: Callable[[list[str]], pd.DataFrame]
+    parse_items: Callable[[list[str]], pd.DataFrame]
+    encoding: str = "utf-8"
+    header: str | None = None
+    """Interaction lines starting with this are a header, not data (neither read nor counted)."""
+
+
+class Rows:
+    """Column-wise builder of a parsed interaction frame."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list[Any]] = {
+            S.RAW_USER_ID: [],
+            S.RAW_ITEM_ID: [],
+            S.RATING: [],
+            S.TIMESTAMP: [],
+            REASON: [],
+        }
+
+    def good(self, user: str, item: str, rating: float, ts: int) -> None:
+        self._add(user, item, rating, ts, None)
+
+    def bad(self, line: str, reason: str, user: str | None = None, item: str | None = None) -> None:
+        self._add(user if user is not None else line[:MAX_LINE_CHARS], item, float("nan"), -1, reason)
+
+    def _add(self, user: str | None, item: str | None, rating: float, ts: int, reason: str | None) -> None:
+        for k, v in zip(self.cols, (user, item, rating, ts, reason), strict=True):
+            self.cols[k].append(v)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.cols).astype({S.RATING: "float64", S.TIMESTAMP: "int64"})
+
+
+def check_rating(value: Any, lo: float = 0.0, hi: float = 5.0, *, typed: bool = False) -> float | None:
+    """The rating as a float, or None when it is not a number in [lo, hi]. ``typed`` (JSON
+    sources): the value must already be a JSON number, a string is a wrong type."""
+    if isinstance(value, bool) or (typed and not isinstance(value, int | float)):
+        return None
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        return None
+    return r if lo <= r <= hi else None
+
+
+def clean_id(value: Any) -> str | None:
+    """A raw id as a non-empty string (integers str()-ed), or None."""
+    if value is None or isinstance(value, bool | float | dict | list):
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def item_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    cols = [S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, REASON]
+    return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
