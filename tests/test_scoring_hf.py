@@ -284,6 +284,9 @@ def test_gpu_bench_tiny_smoke():
     assert split["ms"]["gemm"] > 0 and split["ms"]["attention"] > 0 and split["gemm_tflops_in_forward"] > 0
     assert split["fraction_of_floor_if_only_gemms"] > 0
     assert res["fused_projection_groups"] == 2 * res["model"]["layers"] and res["matmul_tflops_sustained"] > 0
+    pk = res["prefix_packed"]  # packed scoring: full prompts' scores, a floor fraction measured
+    assert pk["max_abs_logit_diff_vs_full"] < 1e-4 and pk["pairs_per_s"] > 0
+    assert pk["fraction_of_floor"] > 0 and pk["sequence_tokens"] > pk["candidates_per_user"]
     shared = res["prefix_shared"]
     # Several users' prefixes in one batch, each row attending to its own user's cache.
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2
