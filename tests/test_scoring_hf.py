@@ -284,6 +284,48 @@ def test_gpu_bench_tiny_smoke():
     assert split["ms"]["gemm"] > 0 and split["ms"]["attention"] > 0 and split["gemm_tflops_in_forward"] > 0
     assert split["fraction_of_floor_if_only_gemms"] > 0
     assert res["fused_projection_groups"] == 2 * res["model"]["layers"] and res["matmul_tflops_sustained"] > 0
+    pk = res["prefix_packed"]  # packed scoring: full prompts' scores, a floor fraction measured
+    assert pk["max_abs_logit_diff_vs_full"] < 1e-4 and pk["pairs_per_s"] > 0
+    assert pk["fraction_of_floor"] > 0 and pk["sequence_tokens"] > pk["candidates_per_user"]
     shared = res["prefix_shared"]
     # Several users' prefixes in one batch, each row attending to its own user's cache.
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_packed_equals_full_prompt(scoring_setup, left_pad):
+    """score.prefix_mode="packed" (a user's candidates after one prefix copy, block mask, positions
+    restarting at the prefix's end): the full prompts' scores (float32, atol 1e-5), right- and
+    left-padded, several users of different prefix and candidate lengths per batch, per-user gates
+    through the fused LoRA, CF tokens, the answer-rows-only last layer; a user split over packs too."""
+    cfg, art = scoring_setup
+    rows = make_rows(cfg, art, users=5, per_user=4, seed=5, gates="random")
+    rng = random.Random(3)
+    rows = rng.sample(rows, len(rows))  # a user's candidates are not adjacent
+    s_full, p_full = scorer_for(cfg, art, prefix_sharing=False).score(rows)
+    for bs in (3, 7, 64):  # packs split a user (3), several users per forward (7, 64)
+        sc = scorer_for(cfg, art, prefix_sharing=True, prefix_mode="packed", batch_size=bs)
+        assert sc.answer_rows is not None and sc.projector is not None
+        sc.left_pad = left_pad
+        s, p = sc.score(rows)
+        np.testing.assert_allclose(s, s_full, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(p, p_full, atol=1e-5, rtol=0)
+    assert len({len(r.candidate.ids) for r in rows}) > 1 and len({len(r.prefix.ids) for r in rows}) > 1
+    assert np.ptp(s_full) > 1e-3
+
+
+def test_packed_mask_blocks_other_candidates():
+    """The block mask: the prefix is causal, a candidate sees the prefix and itself, never another
+    candidate; padding sees itself only; positions restart at the prefix's end."""
+    from thinkrec.scoring.packed import layout
+
+    lay = layout([2, 1], [[2, 1], [1]], left_pad=True)
+    m = lay.mask()[:, 0]
+    # row 0: tokens p p a a b (T=5, no padding); a = candidate 1, b = candidate 2
+    assert lay.positions[0].tolist() == [0, 1, 2, 3, 2]
+    assert m[0, 4].tolist() == [True, True, False, False, True]
+    assert m[0, 3].tolist() == [True, True, True, True, False]
+    # row 1: left-padded by 3: _ _ _ p a
+    assert lay.segment[1].tolist() == [-1, -1, -1, 0, 1] and lay.answer[1].tolist() == [4, 4]
+    assert m[1, 4].tolist() == [False, False, False, True, True]
+    assert m[1, 1].tolist() == [False, True, False, False, False]

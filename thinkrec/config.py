@@ -288,6 +288,11 @@ class ScoreConfig:
     num_cpus_per_actor: float = Field(1, ge=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     prefix_sharing: bool = True
+    prefix_mode: Literal["cache", "packed"] = "cache"
+    """hf backend, with prefix_sharing: "cache" runs each prefix once and copies its keys/values into
+    each candidate row's cache (kv_cache.py); "packed" puts a user's candidates after one copy of the
+    prefix in one sequence with a block attention mask (packed.py), with no per-candidate copies.
+    Both equal full prompts (float32, atol 1e-5); bench/README.md has their pairs/s on a 2-core CPU."""
     fuse_projections: bool = False
     """hf backend: run each layer's q/k/v (and gate/up) projections as one matmul over concatenated
     weights; exact either way. Off by default: it measured 0.85-1.08x on a 2-core CPU with the tiny

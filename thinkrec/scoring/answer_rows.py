@@ -14,6 +14,11 @@ prefix pass that only fills the key/value cache, keeps position 0 of each row).
 For Llama-3-8B the MLP is 81% of a layer's weights, so this skips about 2.5% of a forward's FLOPs
 (1 of 32 layers); for the demo's 2-layer model, close to half of the second layer.
 
+Packed scoring (packed.py) reads several answer positions per row: ``at`` then takes (B, M)
+positions, the norm returns (B, M, H), and a forward hook on the last layer's MLP scatters its
+(B, M, H) output back into zeros of the full (B, T, H) width, so the residual add gives the full
+layer's output at every answer position (and the residual alone elsewhere, which nobody reads).
+
 Only decoder layers known to compute ``h = h + attn(input_layernorm(h))`` then
 ``h = h + mlp(post_attention_layernorm(h))`` are changed (``PRE_NORM_LAYERS``); a model with any other
 last layer (a norm after the MLP, parallel attention and MLP) runs unchanged.
@@ -36,16 +41,28 @@ class AnswerRows:
     """The answer position of each row for the next forward, read by the last layer's norm."""
 
     def __init__(self) -> None:
-        self.positions: torch.Tensor | None = None  # (B,) long
+        self.positions: torch.Tensor | None = None  # (B,) or (B, M) long
+        self.width = 0  # T of the forward in progress, for the packed MLP scatter
 
     @contextmanager
     def at(self, positions: torch.Tensor) -> Iterator[None]:
-        """Within this block, the body's last layer computes its MLP at ``positions`` (B,) only."""
+        """Within this block, the body's last layer computes its MLP at ``positions`` only: (B,) one
+        answer per row, or (B, M) several (packed candidates)."""
         self.positions = positions
         try:
             yield
         finally:
             self.positions = None
+
+    def scatter(self, module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor | None:
+        """MLP forward hook: (B, M, H) at (B, M) positions -> (B, T, H), zeros elsewhere."""
+        pos = self.positions
+        if pos is None or pos.dim() != 2:
+            return None  # (B, 1, H) broadcasts over the row as it is
+        full = out.new_zeros((out.shape[0], self.width, out.shape[-1]))
+        rows = torch.arange(out.shape[0], device=out.device)[:, None]  # (B, 1)
+        full[rows, pos.to(out.device)] = out
+        return full
 
 
 class AnswerRowsNorm(nn.Module):
@@ -59,7 +76,12 @@ class AnswerRowsNorm(nn.Module):
         pos = self.rows.positions
         if pos is not None:
             # The norm is per position, so selecting first gives exactly the selected rows of norm(h).
-            h = h[torch.arange(h.shape[0], device=h.device), pos.to(h.device)].unsqueeze(1)
+            rows = torch.arange(h.shape[0], device=h.device)
+            if pos.dim() == 2:  # packed: (B, M) positions -> (B, M, H)
+                self.rows.width = h.shape[1]
+                h = h[rows[:, None], pos.to(h.device)]
+            else:
+                h = h[rows, pos.to(h.device)].unsqueeze(1)
         return self.norm(h)
 
 
@@ -72,4 +94,5 @@ def install(body: nn.Module) -> AnswerRows | None:
         return None
     rows = AnswerRows()
     last.post_attention_layernorm = AnswerRowsNorm(last.post_attention_layernorm, rows)
+    last.mlp.register_forward_hook(rows.scatter)
     return rows

@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +33,7 @@ import torch
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
-from thinkrec.scoring import answer_rows, causal_attn, fused_lora, fused_proj
+from thinkrec.scoring import answer_rows, causal_attn, fused_lora, fused_proj, packed
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.kv_cache import prefix_cache
 
@@ -53,6 +55,8 @@ class HFScorer:
             torch.set_num_threads(cfg.score.torch_threads)
         self.batch_size = int(cfg.score.batch_size)
         self.prefix_sharing = bool(cfg.score.prefix_sharing)
+        self.packed = self.prefix_sharing and cfg.score.prefix_mode == "packed"
+        self.left_pad = False  # packs are right-padded; tests also run them left-padded
         model = load_model(
             artifacts.base_model,
             dtype=cfg.model.dtype,
@@ -93,7 +97,12 @@ class HFScorer:
         if not rows:
             return np.zeros(0, np.float32), np.zeros(0, np.float32)
         with torch.inference_mode():
-            logits = self._score_shared(rows) if self.prefix_sharing else self._score_full(rows)
+            if self.packed:
+                logits = self._score_packed(rows)
+            elif self.prefix_sharing:
+                logits = self._score_shared(rows)
+            else:
+                logits = self._score_full(rows)
         yes, no = logits[:, 0], logits[:, 1]  # (n,)
         p_yes = torch.sigmoid(yes - no)  # softmax over {Yes, No}
         return yes.numpy().astype(np.float32), p_yes.numpy().astype(np.float32)
@@ -139,13 +148,59 @@ class HFScorer:
             out[idx] = self._answer_logits(last).cpu()
         return out
 
-    def _score_shared(self, rows: list[ScoreRow]) -> torch.Tensor:
-        # Rows sharing a prefix (same user, same history) form one group.
+    @staticmethod
+    def _groups(rows: Sequence[ScoreRow]) -> list[list[int]]:
+        """Rows sharing a prefix (same user, same history, same gate) form one group."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             key = (r.user_id, tuple(r.prefix.ids), tuple(r.prefix.cf_id), tuple(np.asarray(r.gate).tolist()))
             groups.setdefault(key, []).append(i)
-        members = list(groups.values())
+        return list(groups.values())
+
+    def _score_packed(self, rows: list[ScoreRow]) -> torch.Tensor:
+        out = torch.empty(len(rows), 2)
+        # A pack holds at most batch_size candidates (a larger group is split into several packs, each
+        # with its own prefix copy); packs are batched until their candidates fill a scoring batch.
+        packs = [
+            m[s : s + self.batch_size] for m in self._groups(rows) for s in range(0, len(m), self.batch_size)
+        ]
+        pos = 0
+        while pos < len(packs):
+            end, n = pos, 0
+            while end < len(packs) and (end == pos or n + len(packs[end]) <= self.batch_size):
+                n += len(packs[end])
+                end += 1
+            batch = packs[pos:end]
+            pos = end
+            heads = [rows[m[0]] for m in batch]
+            seqs = [
+                functools.reduce(operator.add, (rows[i].candidate for i in m), rows[m[0]].prefix)
+                for m in batch
+            ]
+            lay = packed.layout(
+                [len(h.prefix.ids) for h in heads],
+                [[len(rows[i].candidate.ids) for i in m] for m in batch],
+                left_pad=self.left_pad,
+            )
+            emb, _, _ = self._embed(seqs)  # (B, T, H), right-padded
+            emb = packed.shift_rows(emb, lay.shift)
+            dev = emb.device
+            answer = lay.answer.to(dev)  # (B, M)
+            with self.fused.gates(self._gates(heads)), self._only_at(answer):
+                hs = self.body(
+                    inputs_embeds=emb,
+                    attention_mask=lay.mask().to(dev),
+                    position_ids=lay.positions.to(dev),
+                    use_cache=False,
+                ).last_hidden_state  # (B, T, H)
+            last = hs[torch.arange(len(batch), device=dev)[:, None], answer]  # (B, M, H)
+            logits = self._answer_logits(last).cpu()  # (B, M, 2)
+            for b, m in enumerate(batch):
+                out[m] = logits[b, : len(m)]
+        return out
+
+    def _score_shared(self, rows: list[ScoreRow]) -> torch.Tensor:
+        members = self._groups(rows)
         out = torch.empty(len(rows), 2)
         # Prefix batches: groups until their candidates fill a scoring batch (or B prefixes).
         pos = 0
