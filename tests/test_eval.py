@@ -381,6 +381,7 @@ def test_report_with_curves_and_explanations(tmp_path):
             S.LABEL: np.array([1, 0], np.int8),
             S.EXPLANATION: ["the cat sat on the mat", "dislikes horror"],
             S.REASONING: ["The cat lay on the mat.", None],
+            **{c: ["x", "y"] for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH, S.PROMPT_HASH)},
         },
         S.EXPLANATIONS,
     )
