@@ -420,6 +420,7 @@ def test_report_explanations_without_references(tmp_path):
             S.LABEL: np.array([1, 0, 1], np.int8),
             S.EXPLANATION: ["likes dramas", "dislikes horror", "likes comedies"],
             S.REASONING: [None, None, None],
+            **{c: ["x"] * 3 for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH, S.PROMPT_HASH)},
         },
         S.EXPLANATIONS,
     )
