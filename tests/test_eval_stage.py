@@ -234,6 +234,7 @@ def test_evaluate_explanations(tmp_path):
             S.LABEL: np.array([1, 0, 1], np.int8),
             S.EXPLANATION: ["Yes. The user sat on the mat.", "No No No No No No", ""],
             S.REASONING: ["Yes. The user lay on the mat.", "No. dislikes horror", None],
+            **{c: ["x"] * 3 for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH, S.PROMPT_HASH)},
         },
         S.EXPLANATIONS,
     )

@@ -1,22 +1,25 @@
-"""The explain stage on the prepared 40-user run with random (non-trivial) trained artifacts."""
+"""The explain stage on the prepared 40-user run with random (non-trivial) trained artifacts: per-row
+gates, joins by key, resubmission over committed shards and the prompt cache."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
-import torch
 
 from tests.conftest import small_config
 from thinkrec.data import schema as S
-from thinkrec.io.commit import TableWriter, read_table
+from thinkrec.explain import stage as explain
+from thinkrec.generation.base import GenRequest, prompt_hash
+from thinkrec.io.commit import SUCCESS, TableWriter, part_name, read_table
 from thinkrec.io.fs import Storage
-from thinkrec.model.prompt import Encoded
-from thinkrec.scoring import explain
 
-N_SAMPLES = 3
+N_SAMPLES = 6
+NUM_SHARDS = 4
 
 
 def _config(prepared, root, tiny_qwen, **over):
@@ -26,7 +29,14 @@ def _config(prepared, root, tiny_qwen, **over):
     shutil.copytree(f"{prepared.storage.output_root}/prepare", f"{root}/prepare")
     cfg = small_config(
         str(root),
-        **{"model.base": tiny_qwen, "explain.n_samples": N_SAMPLES, "explain.max_new_tokens": 6, **over},
+        **{
+            "model.base": tiny_qwen,
+            "explain.n_samples": N_SAMPLES,
+            "explain.max_new_tokens": 6,
+            "explain.shards_per_wave": 2,
+            "storage.num_shards": NUM_SHARDS,
+            **over,
+        },
     )
     storage = Storage.from_config(cfg)
     inter = read_table(storage, storage.uri("prepare/interactions"), columns=[S.USER_ID]).column(0)
@@ -77,6 +87,11 @@ def test_explanations_table(explained):
     got = sorted(zip(out[S.USER_ID], out[S.ITEM_ID], strict=True))
     assert got == sorted(zip(sample[S.USER_ID], sample[S.ITEM_ID], strict=True))
     assert all(isinstance(t, str) and t.strip() for t in out[S.EXPLANATION])
+    # provenance: what generated each row
+    assert set(out[S.BACKEND]) == {"hf"} and set(out[S.GEN_MODEL]) == {cfg.model.base}
+    assert set(out[S.DECODING_HASH]) == {explain.decoding(cfg).hash()}
+    assert out[S.PROMPT_HASH].nunique() == N_SAMPLES
+    assert manifest["rows_generated"] == N_SAMPLES and manifest["rows_cached"] == 0
     labels = dict(zip(zip(sample[S.USER_ID], sample[S.ITEM_ID], strict=True), sample[S.LABEL], strict=True))
     assert all(
         labels[(u, i)] == lab for u, i, lab in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.LABEL], strict=True)
@@ -132,46 +147,111 @@ def test_sample_is_deterministic_and_test_only(explained):
     assert len(explain.sample_rows(storage, n_test + 5, cfg.seed)) == n_test
 
 
-def test_left_padded_batch_generates_like_single_rows(explained):
-    """Batched generation (left-padded) starts from the same logits as an unpadded forward pass."""
-    from thinkrec.model.thinkrec import collate, input_embeddings
+def test_reference_decoding_defaults():
+    from thinkrec.config import Config
+
+    d = explain.decoding(Config())
+    assert (d.temperature, d.no_repeat_ngram_size, d.repetition_penalty) == (0.4, 2, 1.2)
+
+
+def test_all_rows_when_n_samples_is_zero(explained):
+    cfg, storage, _, _ = explained
+    inter = read_table(storage, storage.uri("prepare/interactions"), columns=[S.SPLIT]).column(0)
+    assert len(explain.sample_rows(storage, 0, cfg.seed)) == inter.to_pylist().count("test")
+
+
+def test_each_row_generated_with_its_own_gate(explained):
+    """The gate fed to the generator is the fusion rule's for the row's user (global, an expert or
+    a mixture): the recorded adapter label and the prompt hash (which covers the gate) both match
+    an independent computation; users with different gates get different prompt hashes."""
+    from thinkrec.model.fusion import gate
+    from thinkrec.model.thinkrec import CFTable, load_fusion
+    from thinkrec.scoring.base import load_artifacts
 
     cfg, storage, sample, _ = explained
+    out = read_table(storage, storage.uri(explain.EXPLANATIONS)).to_pandas()
+    art = load_artifacts(cfg)
+    cf, fusion = CFTable.load(art.cf_embeddings), load_fusion(art.fusion)
+    assert fusion is not None and len(art.adapter_names) == 3  # global + 2 experts
+    w, labels = gate(cf.user[list(sample[S.USER_ID])], fusion, "thinkrec")
+    want = {
+        (int(u), int(i)): lab for u, i, lab in zip(sample[S.USER_ID], sample[S.ITEM_ID], labels, strict=True)
+    }
+    got = {
+        (int(u), int(i)): a for u, i, a in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.ADAPTER], strict=True)
+    }
+    assert got == want
+    assert any(lab != "global" for lab in labels), "random experts should not all fall back to global"
+
     needed = set(sample[S.ITEM_ID].tolist()) | {int(i) for h in sample[S.HISTORY_ITEMS] for i in h}
-    ex = explain.Explainer(cfg.to_dict(), explain.item_infos(storage, needed))
-    assert ex.projector is not None and ex.cf is not None  # CF slots are filled
-    encs = [ex.encode(r) for r in sample.to_dict("records")]
-    assert len({len(e.ids) for e in encs}) > 1, "rows of different lengths exercise the padding"
-    pad = ex.builder.placeholder_id
-    T = max(len(e.ids) for e in encs)
-    shifted = [
-        Encoded([pad] * (T - len(e.ids)) + e.ids, [p + T - len(e.ids) for p in e.cf_pos], e.cf_kind, e.cf_id)
-        for e in encs
-    ]
-    batch = collate(shifted, pad)
-    for r, e in enumerate(encs):
-        batch.attention_mask[r, : T - len(e.ids)] = 0
-    with torch.inference_mode():
-        out = ex.model.generate(
-            inputs_embeds=input_embeddings(ex.model, batch, ex.cf, ex.projector),
-            attention_mask=batch.attention_mask,
-            max_new_tokens=1,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=pad,
+    actor = explain.ExplainActor(cfg.to_dict(), explain.item_infos(storage, needed))
+    hashes = dict(zip(zip(out[S.USER_ID], out[S.ITEM_ID], strict=True), out[S.PROMPT_HASH], strict=True))
+    for r, g in zip(sample.to_dict("records"), w.numpy(), strict=True):
+        req = GenRequest("k", encoded=actor.encode(r), gate=g)
+        assert (
+            prompt_hash(req, actor.model_key, actor.decoding)
+            == hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
         )
-        first = out.scores[0]  # (B, V)
-        for r, e in enumerate(encs):
-            one = collate([e], pad)
-            ref = ex.model(
-                inputs_embeds=input_embeddings(ex.model, one, ex.cf, ex.projector),
-                attention_mask=one.attention_mask,
-            ).logits[0, -1]
-            torch.testing.assert_close(first[r], ref, atol=1e-4, rtol=1e-4)
-    texts = ex.generate(encs)
-    assert texts == [ex.generate([e])[0] for e in encs]
-    assert np.all([len(t) > 0 for t in texts])
+        other = GenRequest("k", encoded=actor.encode(r), gate=np.eye(len(g))[0 if g[0] < 1 else 1])
+        assert (
+            prompt_hash(other, actor.model_key, actor.decoding)
+            != hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
+        )
+
+
+def test_references_join_by_key_not_order():
+    gen = pd.DataFrame({S.USER_ID: [1, 2, 3, 4], S.ITEM_ID: [10, 20, 30, 40], S.EXPLANATION: list("abcd")})
+    refs = {(u, i): f"ref {u}-{i}" for u, i in zip(gen[S.USER_ID], gen[S.ITEM_ID], strict=True)}
+    del refs[(3, 30)]
+    shuffled = gen.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    assert list(shuffled[S.USER_ID]) != [1, 2, 3, 4]
+    out = explain.join_references(shuffled, refs)
+    for u, i, r in zip(out[S.USER_ID], out[S.ITEM_ID], out[S.REASONING], strict=True):
+        assert pd.isna(r) if (u, i) == (3, 30) else r == f"ref {u}-{i}"
+
+
+def test_resubmission_skips_committed_shards(explained):
+    """A run that died after publishing some shards: the resubmission generates only the rest."""
+    cfg, storage, _, _ = explained
+    root = storage.local_path(storage.uri(explain.EXPLANATIONS))
+    before = read_table(storage, storage.uri(explain.EXPLANATIONS)).to_pandas()
+    os.remove(f"{root}/{SUCCESS}")
+    os.remove(f"{root}/_manifest.json")
+    import pyarrow.parquet as pq
+
+    sizes = {s: pq.ParquetFile(f"{root}/{part_name(s)}").metadata.num_rows for s in range(NUM_SHARDS)}
+    lost = max(sizes, key=sizes.get)
+    assert sizes[lost] > 0
+    os.remove(f"{root}/{part_name(lost)}")
+    kept = {s: os.stat(f"{root}/{part_name(s)}").st_mtime_ns for s in range(NUM_SHARDS) if s != lost}
+    manifest = explain.run(cfg)
+    assert manifest["shards_skipped"] == NUM_SHARDS - 1
+    # only the lost shard's rows went through the actors (served by the cache: same prompts)
+    assert manifest["rows_cached"] + manifest["rows_generated"] == sizes[lost]
+    assert manifest["rows_generated"] == 0
+    assert {s: os.stat(f"{root}/{part_name(s)}").st_mtime_ns for s in kept} == kept
+    after = read_table(storage, storage.uri(explain.EXPLANATIONS)).to_pandas()
+    key = [S.USER_ID, S.ITEM_ID]
+    pd.testing.assert_frame_equal(
+        after.sort_values(key).reset_index(drop=True), before.sort_values(key).reset_index(drop=True)
+    )
+
+
+def test_cache_hit_on_a_rerun(explained):
+    """The whole table gone (e.g. a fresh output table after a config change that keeps the prompts):
+    every row comes from the prompt cache, none is generated, and the texts are the same."""
+    cfg, storage, _, _ = explained
+    uri = storage.uri(explain.EXPLANATIONS)
+    before = read_table(storage, uri).to_pandas()
+    storage.delete(uri)
+    manifest = explain.run(cfg)
+    assert manifest["rows_cached"] == N_SAMPLES and manifest["rows_generated"] == 0
+    assert manifest["shards_skipped"] == 0
+    after = read_table(storage, uri).to_pandas()
+    key = [S.USER_ID, S.ITEM_ID]
+    pd.testing.assert_frame_equal(
+        after.sort_values(key).reset_index(drop=True), before.sort_values(key).reset_index(drop=True)
+    )
 
 
 def test_missing_train_names_the_stage(prepared, tmp_path):

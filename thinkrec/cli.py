@@ -20,7 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "reason": ("thinkrec.reasoning.stage:run", "reasoning traces for hard training samples -> reason/"),
     "train": ("thinkrec.train.stage:run", "global LoRA, CF projector, user groups, expert LoRAs -> train/"),
     "score": ("thinkrec.scoring.stage:run", "score candidate pairs with the gated experts -> score/"),
-    "explain": ("thinkrec.scoring.explain:run", "generate explanations for sampled test rows -> explain/"),
+    "explain": ("thinkrec.explain.stage:run", "generate explanations for sampled test rows -> explain/"),
     "evaluate": ("eval.stage:run", "metrics, plots and the report -> report/"),
     "pipeline": ("thinkrec.pipeline:run", "every stage above, in order, skipping finished work"),
     "ablation": (

@@ -367,8 +367,25 @@ class ScoreConfig:
 
 @dataclass(config=_STRICT)
 class ExplainConfig:
+    """The explain stage: generated explanations over ``generation.backend`` (hf or vllm: the rows
+    need the trained adapters and their gates), with the reference decoding settings as defaults."""
+
     n_samples: int = Field(8, ge=0)
+    """Rows to explain, chosen by ``seed`` from the test rows (those of score/scores when it is
+    committed); 0: all of them."""
     max_new_tokens: int = Field(48, ge=1)
+    """New tokens per explanation."""
+    temperature: float = Field(0.4, ge=0)
+    """Sampling temperature (0: greedy); the reference setting is 0.4."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1: off)."""
+    repetition_penalty: float = Field(1.2, gt=0)
+    """The reference setting is 1.2."""
+    no_repeat_ngram_size: int = Field(2, ge=0)
+    """No n-gram of this size twice in one text (hf; 0: off); the reference setting is 2."""
+    shards_per_wave: int = Field(4, ge=1)
+    """Output shards generated and committed per wave: the resume granularity (a resubmitted run
+    skips the shards already published)."""
 
 
 @dataclass(config=_STRICT)

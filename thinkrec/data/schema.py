@@ -136,9 +136,15 @@ EXPLANATIONS = pa.schema(
         (LABEL, pa.int8()),
         (EXPLANATION, pa.string()),
         (REASONING, pa.string()),
+        (BACKEND, pa.string()),
+        (GEN_MODEL, pa.string()),
+        (ADAPTER, pa.string()),
+        (DECODING_HASH, pa.string()),
+        (PROMPT_HASH, pa.string()),
     ]
 )
-"""explain/explanations: generated text, with the reference reasoning when one exists."""
+"""explain/explanations: generated text, with the reference reasoning when one exists, and what
+generated it (backend, model, the row's adapter or mixture, decoding-settings and prompt hashes)."""
 
 CANDIDATE_COLUMNS = (USER_ID, ITEM_ID)
 """Required columns of a candidate table; ``label`` is optional."""

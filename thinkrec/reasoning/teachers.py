@@ -39,68 +39,20 @@ reason.concurrency=<GPUs>``: the stage gives each actor its GPUs and sizes the p
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from thinkrec.data import schema as S
 from thinkrec.io.commit import REASON
 
+# The registry lives below both the reason and explain stages (each looks teachers up by name).
+from thinkrec.teachers import LAZY, TEACHERS, Teacher, get_teacher, register  # noqa: F401
+
 UNKNOWN_ITEM = "unknown_item"
 """Quarantine reason: the target item is not in prepare/items."""
-
-
-@runtime_checkable
-class Teacher(Protocol):
-    """A reasoning backend for Ray Data ``map_batches`` (see the module docstring)."""
-
-    name: ClassVar[str]
-
-    def __init__(self, cfg: Any) -> None: ...
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame: ...
-
-
-TEACHERS: dict[str, type] = {}
-LAZY: dict[str, str] = {"llm": "thinkrec.reasoning.llm"}
-"""Teachers in modules of their own, by name -> module (importing it registers the teacher)."""
-
-
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a teacher available as ``reason.teacher=<name>``."""
-
-    def wrap(cls: type) -> type:
-        if name in TEACHERS and TEACHERS[name] is not cls:
-            raise ValueError(f"teacher {name!r} is already registered ({TEACHERS[name].__qualname__})")
-        TEACHERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_teacher(name: str) -> type:
-    """The teacher class for a registered name or a ``package.module:Class`` path."""
-    if name in TEACHERS:
-        return TEACHERS[name]
-    if name in LAZY:  # registered when imported; imported only when asked for (it loads a generator)
-        importlib.import_module(LAZY[name])
-        return TEACHERS[name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"reason.teacher={name!r}: cannot import it ({err})") from None
-        if not callable(cls):
-            raise ValueError(f"reason.teacher={name!r} is not a class")
-        return cls
-    raise ValueError(
-        f"reason.teacher={name!r} is not a registered teacher ({', '.join(sorted(TEACHERS))}) "
-        "nor a package.module:Class path"
-    )
 
 
 def item_noun(dataset: str) -> str:

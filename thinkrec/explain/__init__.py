@@ -1,0 +1,1 @@
+"""The explain stage (thinkrec/explain/stage.py)."""
