@@ -10,7 +10,6 @@ keywords until the keywords stage writes its own.
 from __future__ import annotations
 
 import html
-import json
 import re
 from typing import Any
 
@@ -35,44 +34,18 @@ def text_of(value: Any) -> str:
     return strip_html(str(value)) if value else ""
 
 
-def _json(line: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
+def _unix_seconds(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def parse_interaction_lines(lines: list[str]) -> pd.DataFrame:
-    rows = R.Rows()
-    for line in lines:
-        obj = _json(line)
-        if obj is None:
-            rows.bad(line, R.MALFORMED)
-            continue
-        if any(k not in obj for k in ("reviewerID", "asin", "overall", "unixReviewTime")):
-            rows.bad(line, R.MISSING_FIELD)
-            continue
-        user, item = R.clean_id(obj["reviewerID"]), R.clean_id(obj["asin"])
-        if user is None or item is None:
-            rows.bad(line, R.BAD_ID)
-            continue
-        rating = R.check_rating(obj["overall"], 1.0, 5.0, typed=True)
-        if rating is None:
-            rows.bad(line, R.BAD_RATING, user, item)
-            continue
-        ts = obj["unixReviewTime"]
-        if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
-            rows.bad(line, R.BAD_TIMESTAMP, user, item)
-            continue
-        rows.good(user, item, rating, ts)
-    return rows.frame()
+    return R.parse_review_lines(lines, ("reviewerID", "asin", "overall", "unixReviewTime"), _unix_seconds)
 
 
 def parse_item_lines(lines: list[str]) -> pd.DataFrame:
     out = []
     for line in lines:
-        obj = _json(line)
+        obj = R.json_object(line)
         item = R.clean_id(obj.get("asin")) if obj else None
         if obj is None or item is None:
             out.append(

@@ -9,6 +9,7 @@ always strings.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,3 +97,46 @@ def clean_id(value: Any) -> str | None:
 def item_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     cols = [S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, REASON]
     return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
+
+
+def json_object(line: str) -> dict[str, Any] | None:
+    """One JSON-lines record, None when the line is not a JSON object."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_review_lines(
+    lines: list[str],
+    keys: tuple[str, str, str, str],
+    parse_time: Callable[[Any], int | None],
+) -> pd.DataFrame:
+    """JSON-lines reviews (Amazon, Yelp) -> interaction rows, each bad line with its reason.
+    ``keys`` names the (user, item, rating, time) fields; ``parse_time`` maps the time field to Unix
+    seconds (None when it cannot)."""
+    user_key, item_key, rating_key, time_key = keys
+    rows = Rows()
+    for line in lines:
+        obj = json_object(line)
+        if obj is None:
+            rows.bad(line, MALFORMED)
+            continue
+        if any(k not in obj for k in keys):
+            rows.bad(line, MISSING_FIELD)
+            continue
+        user, item = clean_id(obj[user_key]), clean_id(obj[item_key])
+        if user is None or item is None:
+            rows.bad(line, BAD_ID)
+            continue
+        rating = check_rating(obj[rating_key], 1.0, 5.0, typed=True)
+        if rating is None:
+            rows.bad(line, BAD_RATING, user, item)
+            continue
+        ts = parse_time(obj[time_key])
+        if ts is None or ts < 0:
+            rows.bad(line, BAD_TIMESTAMP, user, item)
+            continue
+        rows.good(user, item, rating, ts)
+    return rows.frame()

@@ -8,7 +8,6 @@ stage writes its own.
 from __future__ import annotations
 
 import calendar
-import json
 import time
 from typing import Any
 
@@ -17,14 +16,6 @@ import pandas as pd
 from thinkrec.data import reader as R
 from thinkrec.data import schema as S
 from thinkrec.io.commit import REASON
-
-
-def _json(line: str) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def parse_date(value: Any) -> int | None:
@@ -40,35 +31,13 @@ def parse_date(value: Any) -> int | None:
 
 
 def parse_interaction_lines(lines: list[str]) -> pd.DataFrame:
-    rows = R.Rows()
-    for line in lines:
-        obj = _json(line)
-        if obj is None:
-            rows.bad(line, R.MALFORMED)
-            continue
-        if any(k not in obj for k in ("user_id", "business_id", "stars", "date")):
-            rows.bad(line, R.MISSING_FIELD)
-            continue
-        user, item = R.clean_id(obj["user_id"]), R.clean_id(obj["business_id"])
-        if user is None or item is None:
-            rows.bad(line, R.BAD_ID)
-            continue
-        rating = R.check_rating(obj["stars"], 1.0, 5.0, typed=True)
-        if rating is None:
-            rows.bad(line, R.BAD_RATING, user, item)
-            continue
-        ts = parse_date(obj["date"])
-        if ts is None or ts < 0:
-            rows.bad(line, R.BAD_TIMESTAMP, user, item)
-            continue
-        rows.good(user, item, rating, ts)
-    return rows.frame()
+    return R.parse_review_lines(lines, ("user_id", "business_id", "stars", "date"), parse_date)
 
 
 def parse_item_lines(lines: list[str]) -> pd.DataFrame:
     out = []
     for line in lines:
-        obj = _json(line)
+        obj = R.json_object(line)
         item = R.clean_id(obj.get("business_id")) if obj else None
         if obj is None or item is None:
             out.append(
