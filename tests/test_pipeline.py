@@ -78,10 +78,13 @@ def test_artifacts(run):
     assert os.path.exists(os.path.join(root, "train", "fusion.json"))
     expl = read_table(st, st.uri("explain/explanations")).to_pandas()
     assert len(expl) == cfg.explain.n_samples
-    metrics = out["metrics"]["metrics"]["all"]
-    for model in ("mf", "thinkrec"):
-        assert 0.0 <= metrics[model]["auc"] <= 1.0
-        assert metrics[model]["rows"] == n_test
+    metrics = out["metrics"]
+    assert metrics["rows"]["test"] == metrics["rows"]["evaluated"] == n_test
+    for model in ("cf_mf", "cf_mf_nobias", "item_rate", "history_rate", "logistic", "thinkrec"):
+        m = metrics["metrics"]["all"][model]
+        assert 0.0 <= m["metrics"]["auc"]["value"] <= 1.0, model
+        assert m["metrics"]["auc"]["lo"] <= m["metrics"]["auc"]["value"] <= m["metrics"]["auc"]["hi"]
+        assert m["counts"]["rows"] == n_test, model
     for f in ("metrics.json", "report.md", "report.html"):
         assert os.path.exists(os.path.join(root, "report", f))
     with open(os.path.join(root, "report", "report.md")) as f:
