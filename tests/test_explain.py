@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import small_config
 from thinkrec.data import schema as S
 from thinkrec.explain import stage as explain
-from thinkrec.generation.base import GenRequest, prompt_hash
+from thinkrec.generation.base import GenRequest
 from thinkrec.io.commit import SUCCESS, TableWriter, part_name, read_table
 from thinkrec.io.fs import Storage
 
@@ -68,6 +68,7 @@ def explained(prepared, tiny_qwen, tmp_path_factory):
                     S.LABEL: [int(traced[S.LABEL])],
                     S.REASONING: ["the user likes this genre"],
                     S.TEACHER: ["grounded"],
+                    **{c: [None] for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH)},
                 },
                 schema=S.REASONING_TABLE,
             )
@@ -188,15 +189,9 @@ def test_each_row_generated_with_its_own_gate(explained):
     hashes = dict(zip(zip(out[S.USER_ID], out[S.ITEM_ID], strict=True), out[S.PROMPT_HASH], strict=True))
     for r, g in zip(sample.to_dict("records"), w.numpy(), strict=True):
         req = GenRequest("k", encoded=actor.encode(r), gate=g)
-        assert (
-            prompt_hash(req, actor.model_key, actor.decoding)
-            == hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
-        )
+        assert actor.gen.key(req, actor.decoding) == hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
         other = GenRequest("k", encoded=actor.encode(r), gate=np.eye(len(g))[0 if g[0] < 1 else 1])
-        assert (
-            prompt_hash(other, actor.model_key, actor.decoding)
-            != hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
-        )
+        assert actor.gen.key(other, actor.decoding) != hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
 
 
 def test_references_join_by_key_not_order():

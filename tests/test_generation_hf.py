@@ -123,4 +123,5 @@ def test_llm_keywords_extractor(setup, tmp_path):
     assert LLMExtractor(off, generator=hf)(items) == raw
     assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "adapter": "base",
                              "prompt": ex.settings()["prompt"], "decoding": DECODING.hash()}  # fmt: skip
+    assert ex.label == f"llm:hf:{cfg.model.base}:base:{DECODING.hash()}"
     assert (DECODING.num_beams, DECODING.max_new_tokens, DECODING.repetition_penalty) == (4, 32, 1.2)

@@ -57,6 +57,10 @@ def make_train_inputs(prepared, root: str, *, n_traces: int = 40, seed: int = 0)
                 for y in train.column(S.LABEL).to_pylist()
             ],
             S.TEACHER: ["test"] * train.num_rows,
+            **{
+                c: pa.nulls(train.num_rows, pa.string())
+                for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH)
+            },
         }
     )
     w = TableWriter(

@@ -8,7 +8,7 @@ keywords stage, which also caches by a hash of the text and ``settings()``.
 Below that, every prompt goes through the prompt-hash cache (``cache/keywords``,
 generation/cache.py), so a rerun or an item text met again costs no generation whatever the stage
 around the extractor does. ``settings()`` names what produced the keywords (backend, model, adapter,
-decoding hash, prompt): the stage records it with its rows.
+decoding hash, prompt) and ``label`` puts the same in one string for the stage to store on each row.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class LLMExtractor:
             "prompt": PROMPT,
             "decoding": DECODING.hash(),
         }
+
+    @property
+    def label(self) -> str:
+        """What produced the keywords, for each output row: ``llm:<backend>:<model>:<adapter>:<decoding hash>``."""
+        return f"llm:{self.gen.name}:{self.gen.model}:{ADAPTER}:{DECODING.hash()}"
 
     def __call__(self, items: list[ItemText]) -> list[list[str]]:
         reqs = [GenRequest(str(it.item_id), PROMPT.format(title=it.title, text=it.text)) for it in items]
