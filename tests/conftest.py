@@ -11,6 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("THINKREC_PROGRESS", "0")
 
 from thinkrec import config as C  # noqa: E402
+from thinkrec.runtime import size_local_shuffles  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def ray_local():
             address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    size_local_shuffles(2)
     yield ray
     ray.shutdown()
 
