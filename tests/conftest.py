@@ -87,6 +87,20 @@ def prepared(ray_local, tmp_path_factory) -> C.Config:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def pipeline_run(prepared, tmp_path_factory):
+    """The whole pipeline once, in a fresh root that starts from the session's prepared tables
+    (prepare is tested on its own): test_pipeline checks it, the ablation test starts from it."""
+    import shutil
+
+    from thinkrec import pipeline
+
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    shutil.copytree(os.path.join(prepared.storage.output_root, "prepare"), os.path.join(root, "prepare"))
+    cfg = prepared.replace(**{"storage.output_root": root})
+    return cfg, pipeline.run(cfg)
+
+
 # -- scoring: random model artifacts and one scored run, shared by the score-stage and S3 tests -------
 ML100K_ITEMS = 1682
 
