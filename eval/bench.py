@@ -130,6 +130,7 @@ def measure(n: int, resamples: int, slice_resamples: int) -> dict[str, Any]:
         write_tables(root, n)
         gen = time.perf_counter() - t0
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        load_before = os.getloadavg()[0]
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, root, str(resamples), str(slice_resamples)],
             stdout=subprocess.PIPE,
@@ -152,6 +153,8 @@ def measure(n: int, resamples: int, slice_resamples: int) -> dict[str, Any]:
         "models": 6,
         "write_seconds": round(gen, 1),
         "thinkrec_auc": res["auc"],
+        # The machine may be shared: its 1-minute load average before and after the child ran.
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
 
 
@@ -162,4 +165,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         r = measure(n, resamples=20, slice_resamples=0)
         print(json.dumps(r))
         results.append(r)
-    return {"bench": "evaluate", "hardware": "2-core x86_64 CPU, no GPU", "results": results}
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    return {"bench": "evaluate", "hardware": f"{os.cpu_count()}-core {cpu} CPU, no GPU", "results": results}
