@@ -164,3 +164,35 @@ class Universe:
         hi, vals = idx_c[hit][::-1], np.asarray(values, dtype=np.float64)[hit][::-1]
         out[hi] = vals  # reversed, so the first occurrence is written last and wins
         return out, int((~hit).sum())
+
+
+LOOKUP_STRIDE = 2**31
+"""Key stride of ``lookup``: item ids below 2**31 (the schema's int64 ids, in practice far smaller)."""
+
+
+def lookup(
+    storage: Storage,
+    rel: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    columns: list[str],
+    split: str | None = None,
+) -> list[dict[str, Any] | None]:
+    """The ``columns`` of the table's first row for each (user, item) (None where it has none), the
+    table streamed batch by batch and only the wanted rows kept: for the few rows a report shows
+    (the explanations), not for whole tables. ``split``: only rows of that split."""
+    keys = make_keys(np.asarray(users), np.asarray(items), LOOKUP_STRIDE)
+    want = np.unique(keys)
+    found: dict[int, dict[str, Any]] = {}
+    cols = [S.USER_ID, S.ITEM_ID] + ([S.SPLIT] if split else []) + columns
+    for b in iter_batches(storage, rel, list(dict.fromkeys(cols))):
+        if split:
+            b = b.filter(pc.equal(b.column(S.SPLIT), split))
+        k = make_keys(_np(b.column(S.USER_ID), np.int64), _np(b.column(S.ITEM_ID), np.int64), LOOKUP_STRIDE)
+        sel = np.isin(k, want)
+        if not sel.any():
+            continue
+        sub = b.filter(pa.array(sel)).select(columns)
+        for key, row in zip(k[sel].tolist(), sub.to_pylist(), strict=True):
+            found.setdefault(key, row)
+    return [found.get(k) for k in keys.tolist()]

@@ -38,8 +38,9 @@ from thinkrec.io.fs import Storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "thinkrec.metrics/2"
+SCHEMA_VERSION = "thinkrec.metrics/3"
 EXPLANATIONS = "explain/explanations"
+ITEMS = "prepare/items"
 TRACES = "reason/traces"
 CURVES = "train/curves.json"
 GROUPS = "train/groups.json"
@@ -284,7 +285,7 @@ def _slices(base: dict[str, np.ndarray], gate_names: np.ndarray, cfg: Any) -> di
 
 
 def stage_meta(cfg: Any, storage: Storage) -> dict[str, str]:
-    tables = (I.scores_table(cfg), I.CF_SCORES, I.INTERACTIONS, TRACES, EXPLANATIONS)
+    tables = (I.scores_table(cfg), I.CF_SCORES, I.INTERACTIONS, ITEMS, TRACES, EXPLANATIONS)
     inputs = [storage.uri(t) for t in tables if I.committed(storage, t)]
     sections = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "storage")}
     return fingerprint({**sections, "stage": SCHEMA_VERSION}, inputs, storage)
@@ -426,7 +427,7 @@ def run(cfg: Any) -> dict[str, Any]:
     doc, pngs, mem = evaluate(cfg, storage)
     manifests = {
         t: storage.read_json(f"{storage.uri(t)}/{MANIFEST}")
-        for t in (I.INTERACTIONS, "prepare/items", "prepare/users", I.CF_SCORES, TRACES, st, EXPLANATIONS)
+        for t in (I.INTERACTIONS, ITEMS, "prepare/users", I.CF_SCORES, TRACES, st, EXPLANATIONS)
         if I.committed(storage, t)
     }
     doc["model"] = D.describe_model(cfg)
@@ -439,7 +440,8 @@ def run(cfg: Any) -> dict[str, Any]:
     doc["teacher"] = D.describe_teacher(cfg, traces)
     doc["quarantine"] = D.quarantine_counts(manifests)
     sm = manifests.get(st, {})
-    doc["score_throughput"] = {k: sm[k] for k in ("rows_per_s", "seconds", "backend") if k in sm} or None
+    # The score stage's own record (thinkrec.scoring.stage.throughput); None for tables from before it.
+    doc["score_throughput"] = sm.get("throughput")
     groups = storage.read_json(storage.uri(GROUPS)) if storage.exists(storage.uri(GROUPS)) else None
     doc["groups"] = groups
     if groups and groups.get("sizes"):
@@ -473,20 +475,36 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 def explanations(cfg: Any, storage: Storage, mem: dict[str, Any]) -> dict[str, Any] | None:
+    """Explanation metrics. The score's decision, each row's history and the item titles are looked up
+    for the explained rows only (the score table and prepare/interactions streamed, not loaded)."""
     from eval import text as T
 
     if not I.committed(storage, EXPLANATIONS):
         return None
     ex = read_table(storage, storage.uri(EXPLANATIONS)).to_pandas()
-    decisions = None
-    st = I.scores_table(cfg)
-    sc = read_table(storage, storage.uri(st), columns=[S.USER_ID, S.ITEM_ID, S.P_YES]).to_pandas()
-    sc = sc.drop_duplicates([S.USER_ID, S.ITEM_ID])
-    j = ex.merge(sc, on=[S.USER_ID, S.ITEM_ID], how="left")
-    decisions = [None if np.isnan(p) else int(p >= 0.5) for p in j[S.P_YES].to_numpy(dtype=np.float64)]
+    users, items = ex[S.USER_ID].to_numpy(np.int64), ex[S.ITEM_ID].to_numpy(np.int64)
+    scored = I.lookup(storage, I.scores_table(cfg), users, items, [S.P_YES])
+    decisions = [
+        None if r is None or r[S.P_YES] is None or np.isnan(r[S.P_YES]) else int(r[S.P_YES] >= 0.5)
+        for r in scored
+    ]
+    hist = titles = None
+    if I.committed(storage, I.INTERACTIONS) and I.committed(storage, ITEMS):
+        rows = I.lookup(storage, I.INTERACTIONS, users, items, [S.HISTORY_ITEMS], split="test")
+        hist = [(r or {}).get(S.HISTORY_ITEMS) or [] for r in rows]
+        it = read_table(storage, storage.uri(ITEMS), columns=[S.ITEM_ID, S.TITLE])
+        titles = dict(zip(it.column(S.ITEM_ID).to_pylist(), it.column(S.TITLE).to_pylist(), strict=True))
     res = T.explanation_metrics(
-        ex[S.EXPLANATION].tolist(), ex[S.REASONING].tolist(), decisions, embeddings=cfg.eval.bertscore
+        ex[S.EXPLANATION].tolist(),
+        ex[S.REASONING].tolist(),
+        decisions,
+        history_items=hist,
+        candidates=items.tolist(),
+        titles=titles,
+        embeddings=cfg.eval.bertscore,
     )
+    if titles is None:
+        res["named_items_check"] = "not computed: it needs prepare/interactions and prepare/items"
     per_row = res.pop("per_row")
     samples = []
     for i, r in enumerate(ex.head(cfg.eval.explanation_samples).to_dict("records")):

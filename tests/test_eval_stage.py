@@ -16,8 +16,9 @@ from eval import metrics as M
 from eval import stage
 from thinkrec import config as C
 from thinkrec.data import schema as S
-from thinkrec.io.commit import TableWriter
+from thinkrec.io.commit import TableWriter, read_table
 from thinkrec.io.fs import Storage
+from thinkrec.scoring import stage as score_stage
 
 K = (1, 3, 5, 10)
 
@@ -69,10 +70,15 @@ def test_bootstrap_is_seeded_and_paired():
     assert "logloss" not in a["weak"]["metrics"]  # no probability given: no calibration metrics
 
 
-def _write(storage: Storage, rel: str, rows: dict, schema: pa.Schema) -> None:
-    w = TableWriter(storage, storage.uri(rel), num_shards=2, schema=schema, meta={"stage": "test"})
+def _write(storage: Storage, rel: str, rows: dict, schema: pa.Schema, extra: dict | None = None) -> None:
+    key = schema.names[0]  # user_id, or item_id for prepare/items
+    w = TableWriter(storage, storage.uri(rel), num_shards=2, schema=schema, meta={"stage": "test"}, key=key)
     w.write([pa.table(rows, schema=schema)])
-    w.commit(rows_in=len(rows[S.USER_ID]))
+    w.commit(rows_in=len(rows[key]), extra=extra)
+
+
+# The score stage's own record of its throughput, as its manifest holds it.
+THROUGHPUT = score_stage.throughput(70, 3.5, "hf")
 
 
 CF_SCHEMA = S.CF_SCORES.append(pa.field("cf_mf", pa.float32())).append(pa.field("cf_mf_nobias", pa.float32()))
@@ -147,6 +153,7 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
             S.VERSION: ["v1"] * int(sc_keep.sum()),
         },
         S.SCORES,
+        extra={"backend": "hf", "throughput": THROUGHPUT},
     )
     both = cf_keep & sc_keep
     prior = tr_labels.mean()
@@ -213,9 +220,16 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     assert sl["gate: mixture"]["rows"] == int((t["gates"] == "mix:0.60,0.40").sum())
     assert sum(sl[k]["rows"] for k in sl if k.startswith("history")) == 69
     assert sl["user group 0"]["rows"] == int(np.isin(t["gates"], ["expert-0", "mix:0.60,0.40"]).sum())
+    assert (
+        saved["score_throughput"]
+        == THROUGHPUT
+        == {"rows": 70, "seconds": 3.5, "pairs_per_s": 20.0, "backend": "hf"}
+    )
     md = (out / "report.md").read_text()
     assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md
+    assert "| 70 | 3.5000 | 20.0000 | hf |" in md  # rows, wall seconds, pairs/s, backend
     html = (out / "report.html").read_text()
+    assert "<td>20.0000</td>" in html
     assert "data:image/png;base64," in html and 'src="roc_pr.png"' not in html and "http" not in html
     before = (out / "_manifest.json").read_text()
     assert stage.run(cfg)["generated_at"] == doc["generated_at"]  # up to date: skipped
@@ -225,6 +239,18 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
 def test_evaluate_explanations(tmp_path):
     cfg, _ = _synthetic_run(str(tmp_path / "run"), seed=1)
     storage = Storage.from_config(cfg)
+    titles = {1: "Toy Story (1995)", 2: "Heat (1995)", 3: "Alien (1979)", 4: "Matrix, The (1999)"}
+    _write(
+        storage,
+        "prepare/items",
+        {
+            S.ITEM_ID: np.array(list(titles), np.int64),
+            S.RAW_ITEM_ID: [str(i) for i in titles],
+            S.TITLE: list(titles.values()),
+            S.KEYWORDS: [[] for _ in titles],
+        },
+        S.ITEMS,
+    )
     _write(
         storage,
         "explain/explanations",
@@ -232,13 +258,23 @@ def test_evaluate_explanations(tmp_path):
             S.USER_ID: np.array([1, 2, 3], np.int64),
             S.ITEM_ID: np.array([2, 3, 4], np.int64),
             S.LABEL: np.array([1, 0, 1], np.int8),
-            S.EXPLANATION: ["Yes. The user sat on the mat.", "No No No No No No", ""],
+            S.EXPLANATION: [
+                "Yes. The user sat on the mat, as in Toy Story and Alien.",
+                "No No No No No No",
+                "",
+            ],
             S.REASONING: ["Yes. The user lay on the mat.", "No. dislikes horror", None],
             **{c: ["x"] * 3 for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH, S.PROMPT_HASH)},
         },
         S.EXPLANATIONS,
     )
-    e = stage.run(cfg)["explanations"]
+    # The explained rows' histories as prepare/interactions holds them (every history item is item 1).
+    inter = read_table(storage, storage.uri("prepare/interactions")).to_pylist()
+    hist1 = next(
+        r[S.HISTORY_ITEMS] for r in inter if (r[S.USER_ID], r[S.ITEM_ID], r[S.SPLIT]) == (1, 2, "test")
+    )
+    doc = stage.run(cfg)
+    e = doc["explanations"]
     assert e["rows"] == 3 and e["with_reference"] == 2
     assert (
         0 < e["bleu4"] < 1 and 0 < e["rouge_l_f"] < 1 and 0 < e["meteor"] < 1 and 0 < e["bertscore_f1"] <= 1
@@ -247,6 +283,15 @@ def test_evaluate_explanations(tmp_path):
     assert e["states_answer_share"] == pytest.approx(2 / 3)
     assert "BLEURT is not computed" in e["bleurt"]
     assert {x["user_id"]: x["degenerate"] for x in e["samples"]} == {1: False, 2: True, 3: True}
+    # Named items: row 1 names Toy Story (item 1, in its history when the history is not empty) and
+    # Alien (item 3, never in a history); the others name none.
+    in_hist = int(1 in hist1)
+    assert (e["names_items_share"], e["items_named"]) == (pytest.approx(1 / 3), 2)
+    assert e["named_in_history_share"] == pytest.approx(in_hist / 2)
+    first = next(x for x in e["samples"] if x["user_id"] == 1)
+    assert first["items_named"] == ["toy story", "alien"] and first["items_named_in_history"] == in_hist
+    md = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert "of the explanations name at least one item" in md and "names toy story, alien" in md
 
 
 def test_evaluate_without_scores_names_the_stage(tmp_path):
@@ -298,3 +343,59 @@ def test_engine_auc_equals_sklearn_on_100k_rows():
     assert sub["uauc"] == pytest.approx(ref["uauc"], abs=1e-6) and sub["map@10"] == pytest.approx(
         ref["map@10"], abs=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "text, history, candidate, named, in_history",
+    [
+        # "Toy Story 2" wins over the "Toy Story" inside it; "the matrix" is "Matrix, The (1999)".
+        ("Yes. You liked Toy Story 2 and The Matrix.", [2, 4], 6, ["toy story 2", "the matrix"], 1),
+        ("No: unlike Heat, Alien is too dark.", [4], 6, ["heat"], 1),  # the candidate (Alien) is not counted
+        ("Yes, it looks up your alley.", [1], 4, [], 0),  # "Up": too short a title to match a word
+        ("", [], 1, [], 0),
+        ("Yes, like toy story (1995).", [3], 6, ["toy story 1995"], 0),  # named, not in the history
+    ],
+)
+def test_title_index_names_history_items(text, history, candidate, named, in_history):
+    from eval import text as T
+
+    index = T.TitleIndex(TITLES)
+    got = index.named(text, exclude=candidate)
+    assert [g[0] for g in got] == named
+    assert sum(bool(g[1] & set(history)) for g in got) == in_history
+
+
+TITLES = {
+    1: "Toy Story (1995)",
+    2: "Toy Story 2 (1999)",
+    3: "Matrix, The (1999)",
+    4: "Heat (1995)",
+    5: "Up (2009)",
+    6: "Alien (1979)",
+}
+
+
+def test_named_items_shares_on_crafted_explanations():
+    from eval import text as T
+
+    rows = [
+        ("Yes. You liked Toy Story 2 and The Matrix.", [2, 4], 6),
+        ("No: unlike Heat, Alien is too dark.", [4], 6),
+        ("Yes, it looks up your alley.", [1], 4),
+        ("", [], 1),
+        ("Yes, like toy story (1995).", [3], 6),
+    ]
+    res = T.explanation_metrics(
+        [r[0] for r in rows],
+        [None] * len(rows),
+        history_items=[r[1] for r in rows],
+        candidates=[r[2] for r in rows],
+        titles=TITLES,
+        embeddings=False,
+    )
+    assert res["names_items_share"] == pytest.approx(3 / 5)  # rows 1, 2 and 5 name an item
+    assert res["items_named"] == 4
+    assert res["named_in_history_share"] == pytest.approx(2 / 4)  # Toy Story 2 and Heat
+    assert [r["items_named_in_history"] for r in res["per_row"]] == [1, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="one entry per explanation"):
+        T.explanation_metrics(["x"], [None], history_items=[[1]], candidates=[], titles=TITLES)
