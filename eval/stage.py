@@ -351,7 +351,11 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
             "level": 0.95,
             "method": "percentile; paired for differences to thinkrec",
         },
-        "auc_method": "exact: sort by score, ties count 1/2 (Mann-Whitney); error bound 0 beyond float64 rounding",
+        "auc_method": (
+            "exact: rows sorted by score, a tie counts 1/2 (Mann-Whitney, as sklearn's roc_auc_score), no "
+            "binning; error bound: float64 summation only, relative error below n * 2**-52 = "
+            f"{max(int(common.sum()), 1) * 2.0**-52:.1e} for these rows"
+        ),
         "rows": {
             "test": n_universe,
             "evaluated": int(common.sum()),

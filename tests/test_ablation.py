@@ -4,6 +4,7 @@ _SUCCESS last)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -83,5 +84,10 @@ def test_two_variants_share_upstream_and_fill_the_table(ray_local, tmp_path, cap
     assert rows["tallrec"]["thinkrec"] != rows["collm"]["thinkrec"]
     table = (tmp_path / "ablation" / "comparison.md").read_text()
     assert "| tallrec | False | False | False |" in table and "| collm | True | False | False |" in table
+    # The runner's `thinkrec compare` over the variants: paired intervals, collm against tallrec.
+    cmp = json.loads((tmp_path / "ablation" / "compare" / "comparison.json").read_text())
+    assert cmp["reference"] == "tallrec" and set(cmp["models"]) == {"tallrec", "collm"}
+    assert {"diff", "lo", "hi"} <= set(cmp["models"]["collm"]["vs_reference"]["auc"])
+    assert "| collm |" in (tmp_path / "ablation" / "compare" / "comparison.md").read_text()
     root = Storage(str(tmp_path))
     assert root.exists(root.uri("ablation", "collm", "train", SUCCESS))

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 from eval import engine as E
 from eval import metrics as M
@@ -155,6 +155,20 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
         S.SCORES,
         extra={"backend": "hf", "throughput": THROUGHPUT},
     )
+    # What the train stage leaves beside its checkpoint: the expert groups (the grouping code's own
+    # report on random embeddings) and the curves of two phases (loss per step, validation per epoch).
+    from thinkrec.cf.grouping import group_users
+
+    _, groups = group_users(rng.normal(size=(40, 4)), n_groups=2, seed=0)
+    storage.write_json(storage.uri("train/groups.json"), groups)
+    curves = {
+        ph: {
+            "loss": [float(x) for x in np.linspace(1.0, 0.5, 12) + rng.normal(scale=0.02, size=12)],
+            "valid": [{"epoch": e, "step": 6 * e, "auc": 0.5 + 0.05 * e, "uauc": 0.5} for e in (1, 2)],
+        }
+        for ph in ("global", "expert-0")
+    }
+    storage.write_json(storage.uri("train/curves.json"), curves)
     both = cf_keep & sc_keep
     prior = tr_labels.mean()
     cnt = np.bincount(tr_items, minlength=20)
@@ -168,6 +182,7 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
         "item_rate": item_rate[both],
         "not_cold": not_cold[both],
         "gates": gates[both],
+        "gates_scored": gates[sc_keep],  # gate usage counts every test row ThinkRec scored
     }
     return cfg, truth
 
@@ -187,6 +202,8 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
         "slices.png",
         "gate_usage.png",
         "gate_weights.png",
+        "group_sizes.png",
+        "curves.png",
         "_SUCCESS",
     } <= files
     saved = json.loads((out / "metrics.json").read_text())
@@ -207,6 +224,30 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
         lo, hi = m["metrics"]["auc"]["lo"], m["metrics"]["auc"]["hi"]
         assert lo <= m["metrics"]["auc"]["value"] <= hi
     assert "vs_reference" in allm["cf_mf"] and "vs_reference" not in allm["thinkrec"]
+    # Every model, baselines and CF included, has every metric with a 95% interval, and a paired
+    # difference to ThinkRec for each; log-loss and ECE of its own probability.
+    names = ["auc", "uauc", "gauc", "logloss", "ece"] + [f"{m}@{k}" for m in ("hr", "ndcg", "map") for k in K]
+    for model, m in allm.items():
+        assert set(m["metrics"]) == set(names), model
+        for name in names:
+            assert m["metrics"][name]["lo"] is not None and m["metrics"][name]["hi"] is not None, (
+                model,
+                name,
+            )
+        if model != "thinkrec":
+            assert set(m["vs_reference"]) == set(names), model
+    y = t["labels"].astype(np.float64)
+    for model, prob in (
+        ("thinkrec", 1 / (1 + np.exp(-t["thinkrec"].astype(np.float64)))),
+        ("cf_mf", 1 / (1 + np.exp(-t["cf_mf"].astype(np.float64)))),
+        ("item_rate", t["item_rate"]),
+    ):
+        assert allm[model]["metrics"]["logloss"]["value"] == pytest.approx(log_loss(y, prob), abs=1e-5), model
+        b = np.minimum((prob * 10).astype(int), 9)
+        ece = sum(abs(y[b == i].sum() - prob[b == i].sum()) for i in range(10)) / len(y)
+        assert allm[model]["metrics"]["ece"]["value"] == pytest.approx(ece, abs=1e-5), model
+    assert saved["bootstrap"]["resamples"] == 30 and saved["bootstrap"]["seed"] == cfg.seed
+    assert "exact" in saved["auc_method"] and "error bound" in saved["auc_method"]
     best = saved["strongest_baseline"]
     aucs = {b: allm[b]["metrics"]["auc"]["value"] for b in allm if b != "thinkrec"}
     assert best["model"] == max(aucs, key=aucs.get)
@@ -220,6 +261,25 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     assert sl["gate: mixture"]["rows"] == int((t["gates"] == "mix:0.60,0.40").sum())
     assert sum(sl[k]["rows"] for k in sl if k.startswith("history")) == 69
     assert sl["user group 0"]["rows"] == int(np.isin(t["gates"], ["expert-0", "mix:0.60,0.40"]).sum())
+    assert sum(sl[k]["rows"] for k in sl if k.startswith("items: train count")) == 69  # popularity buckets
+    assert sum(sl[k]["rows"] for k in sl if k.startswith("gate: ")) == 69
+    assert {k for k in sl if k.startswith("gate: ")} == {
+        "gate: global",
+        "gate: single expert",
+        "gate: mixture",
+    }
+    for name, s in sl.items():  # every slice: its rows, its users, every model's metrics with intervals
+        users = len(np.unique(t["users"]))
+        assert 0 < s["users"] <= users and s["rows"] > 0, name
+        assert set(s["models"]) == set(allm), name
+        auc = s["models"]["thinkrec"]["metrics"]["auc"]
+        assert auc["value"] is None or auc["lo"] is not None, name
+    g = saved["gates"]
+    gs = t["gates_scored"]
+    assert g["counts"] == {k: int((gs == k).sum()) for k in np.unique(gs)}
+    assert g["max_weight_mean"] == pytest.approx(np.mean(np.where(gs == "mix:0.60,0.40", 0.6, 1.0)))
+    assert saved["groups"]["sizes"] and saved["groups"]["cohens_d_mean"] is not None
+    assert "global.loss" in saved["training_curves"] and "expert-0.valid.auc" in saved["training_curves"]
     assert (
         saved["score_throughput"]
         == THROUGHPUT
@@ -227,6 +287,7 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     )
     md = (out / "report.md").read_text()
     assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md
+    assert "Cohen's d" in md and "![Training curves](curves.png)" in md and "![Gate weights]" in md
     assert "| 70 | 3.5000 | 20.0000 | hf |" in md  # rows, wall seconds, pairs/s, backend
     html = (out / "report.html").read_text()
     assert "<td>20.0000</td>" in html
@@ -329,20 +390,26 @@ def test_compare_runs_paired(tmp_path):
         compare([str(tmp_path / "a")], str(tmp_path / "x"))
 
 
-def test_engine_auc_equals_sklearn_on_100k_rows():
+def test_engine_figures_equal_sklearn_on_100k_rows():
+    """The engine's figures on a 100k-row sample equal sklearn's within 1e-6: AUC (roc_auc_score),
+    log-loss (log_loss), UAUC and GAUC (roc_auc_score per user) and NDCG@k (ndcg_score over the
+    users' rows as one (users, 100) matrix). HR and MAP have no sklearn form; they are checked against
+    eval/metrics.py in test_engine_equals_reference_metrics."""
     rng = np.random.default_rng(3)
-    n = 100_000
-    u, y = rng.integers(0, 5000, n), rng.integers(0, 2, n)
-    s = (rng.normal(size=n) + 0.5 * y).astype(np.float32)  # float32 scores, as stored: real ties
+    n_users, per_user = 1000, 100
+    u = np.repeat(np.arange(n_users), per_user)  # (100000,)
+    y = rng.integers(0, 2, len(u))
+    s = (rng.normal(size=len(u)) + 0.5 * y).astype(np.float32)  # float32 scores, as stored: real ties
     p = 1 / (1 + np.exp(-s.astype(np.float64)))
     v = E.ModelStats(E.Rows.build(u, y), s, p, K).value()
     assert v["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
     assert v["logloss"] == pytest.approx(log_loss(y, p), abs=1e-6)
-    ref = M.all_metrics(u[:3000], y[:3000], s[:3000], K)
-    sub = E.ModelStats(E.Rows.build(u[:3000], y[:3000]), s[:3000], None, K).value()
-    assert sub["uauc"] == pytest.approx(ref["uauc"], abs=1e-6) and sub["map@10"] == pytest.approx(
-        ref["map@10"], abs=1e-6
-    )
+    Y, Sc = y.reshape(n_users, per_user), s.reshape(n_users, per_user)
+    aucs = np.array([roc_auc_score(Y[i], Sc[i]) for i in range(n_users)])
+    assert v["uauc"] == pytest.approx(aucs.mean(), abs=1e-6)
+    assert v["gauc"] == pytest.approx(aucs.mean(), abs=1e-6)  # every user has 100 rows: the same mean
+    for k in K:
+        assert v[f"ndcg@{k}"] == pytest.approx(ndcg_score(Y, Sc, k=k), abs=1e-6), k
 
 
 @pytest.mark.parametrize(
