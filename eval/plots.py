@@ -38,7 +38,8 @@ def curve_counts(y: np.ndarray, s: np.ndarray, thresholds: int = CURVE_THRESHOLD
     """(fpr, tpr, precision) at each threshold t of the score's quantiles, for "score >= t" decided
     positive; thresholds from high to low, so fpr and tpr rise from 0 to 1."""
     s = np.asarray(s)
-    edges = np.unique(np.quantile(s, np.linspace(0, 1, thresholds + 1)))  # (T,) ascending
+    # Quantiles that are scores ("lower"), so each threshold is a real score, as in sklearn.
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, thresholds + 1), method="lower"))  # (T,) ascending
     b = np.searchsorted(edges, s, side="right") - 1  # (n,) the highest edge <= score: 0..T-1
     yb = np.asarray(y) > 0
     pos = np.bincount(b, weights=yb, minlength=len(edges))[::-1]  # (T,) high thresholds first

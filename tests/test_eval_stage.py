@@ -288,6 +288,16 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     md = (out / "report.md").read_text()
     assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md
     assert "Cohen's d" in md and "![Training curves](curves.png)" in md and "![Gate weights]" in md
+    # The paper's table sits beside ours only where the dataset matches (ML-1M), labelled as the paper's.
+    from eval.markdown import render_markdown
+
+    assert "this run AUC" not in md and "not comparable" in md
+    ml1m = render_markdown({**saved, "data": {**saved["data"], "dataset": "ml-1m"}}, {})
+    ours = allm["thinkrec"]["metrics"]
+    assert (
+        f"| ThinkRec (paper) | 0.7764 | 0.6775 | {ours['auc']['value']:.4f} | {ours['uauc']['value']:.4f} |"
+        in ml1m
+    )
     assert "| 70 | 3.5000 | 20.0000 | hf |" in md  # rows, wall seconds, pairs/s, backend
     html = (out / "report.html").read_text()
     assert "<td>20.0000</td>" in html
@@ -342,6 +352,11 @@ def test_evaluate_explanations(tmp_path):
     )
     assert e["degenerate_share"] == pytest.approx(2 / 3)  # the repeated "No" and the empty one
     assert e["states_answer_share"] == pytest.approx(2 / 3)
+    # The stated Yes/No against the score's decision (p_yes >= 0.5) of the two rows that state one.
+    sc = read_table(storage, storage.uri("score/scores")).to_pylist()
+    p_yes = {(r[S.USER_ID], r[S.ITEM_ID]): r[S.P_YES] for r in sc}
+    agree = [int(p_yes[(1, 2)] >= 0.5) == 1, int(p_yes[(2, 3)] >= 0.5) == 0]
+    assert e["answer_agrees_share"] == pytest.approx(sum(agree) / 2)
     assert "BLEURT is not computed" in e["bleurt"]
     assert {x["user_id"]: x["degenerate"] for x in e["samples"]} == {1: False, 2: True, 3: True}
     # Named items: row 1 names Toy Story (item 1, in its history when the history is not empty) and
@@ -466,3 +481,22 @@ def test_named_items_shares_on_crafted_explanations():
     assert [r["items_named_in_history"] for r in res["per_row"]] == [1, 1, 0, 0, 0]
     with pytest.raises(ValueError, match="one entry per explanation"):
         T.explanation_metrics(["x"], [None], history_items=[[1]], candidates=[], titles=TITLES)
+
+
+def test_histogram_curves_equal_sklearn_at_their_thresholds():
+    """ROC points counted per threshold bin equal sklearn's roc_curve when every distinct score is a
+    threshold, and precision there equals precision_recall_curve's."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    from eval.plots import curve_counts
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 600)
+    s = np.round(rng.normal(size=600) + y, 1)  # ties: fewer distinct scores than thresholds
+    fpr, tpr, prec = curve_counts(y, s, thresholds=5000)
+    f, t, _ = roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, f, atol=1e-12)
+    np.testing.assert_allclose(tpr, t, atol=1e-12)
+    pr, rc, _ = precision_recall_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(prec[1:], pr[:-1][::-1], atol=1e-12)  # sklearn: low thresholds first
+    np.testing.assert_allclose(tpr[1:], rc[:-1][::-1], atol=1e-12)
