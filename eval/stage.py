@@ -249,8 +249,6 @@ def load(cfg: Any, storage: Storage) -> dict[str, Any]:
         "baseline_info": baseline_info,
         "notes": notes,
         "score_table": st,
-        "universe": uni,
-        "stride": stride,
     }
 
 
