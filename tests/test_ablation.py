@@ -4,6 +4,7 @@ _SUCCESS last)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -96,5 +97,10 @@ def test_two_variants_share_upstream_and_fill_the_table(pipeline_run, tmp_path, 
     assert rows["tallrec"]["thinkrec"] != rows["thinkrec"]["thinkrec"]
     table = (tmp_path / "ablation" / "comparison.md").read_text()
     assert "| tallrec | False | False | False |" in table and "| thinkrec | True | True | True |" in table
+    # The runner's `thinkrec compare` over the variants: paired intervals, tallrec against thinkrec.
+    cmp = json.loads((tmp_path / "ablation" / "compare" / "comparison.json").read_text())
+    assert cmp["reference"] == "thinkrec" and set(cmp["models"]) == {"thinkrec", "tallrec"}
+    assert {"diff", "lo", "hi"} <= set(cmp["models"]["tallrec"]["vs_reference"]["auc"])
+    assert "| tallrec |" in (tmp_path / "ablation" / "compare" / "comparison.md").read_text()
     root = Storage(str(tmp_path))
     assert root.exists(root.uri("ablation", "tallrec", "train", SUCCESS))

@@ -33,6 +33,9 @@ def test_scores_every_test_row(scored):
     test = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "test")).drop_columns([S.SPLIT])
     assert table.schema == S.SCORES
     assert man["rows"] == test.num_rows > 0 and man["rows_quarantined"] == 0
+    tp = man["throughput"]  # what evaluate reports as the score stage's throughput
+    assert tp["rows"] == man["rows"] and tp["backend"] == cfg.score.backend and tp["seconds"] > 0
+    assert tp["pairs_per_s"] == pytest.approx(tp["rows"] / tp["seconds"], rel=1e-2)
 
     def key(t):
         return sorted(zip(*(t.column(c).to_pylist() for c in (S.USER_ID, S.ITEM_ID, S.LABEL)), strict=True))
@@ -92,6 +95,8 @@ def test_resubmission_recomputes_only_missing_shard(scored):
     again = stage.run(cfg)
     after = read_table(storage, storage.uri(stage.SCORES))
     assert again["rows"] == man["rows"] == after.num_rows  # no duplicates
+    # Throughput counts only what this run scored: the one missing shard.
+    assert again["throughput"]["rows"] == man["files"][part_name(1)]["rows"] < man["rows"]
     assert os.stat(kept).st_mtime_ns == kept_stat.st_mtime_ns  # shard 0 untouched
     assert again["files"][part_name(0)] == man["files"][part_name(0)]
     a, b = sorted_rows(before), sorted_rows(after)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -324,7 +325,19 @@ def buffer_limit(max_mb: int | None) -> Iterator[None]:
         options.resource_limits = saved
 
 
-def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int]) -> None:
+def throughput(rows: int, seconds: float, backend: str) -> dict[str, Any]:
+    """The stage's throughput as its manifest records it (``throughput``; evaluate reports it): the
+    rows this invocation scored (a resumed run counts only the shards it wrote), its wall seconds over
+    the scoring waves (reading, prompts, scoring and writing; not the model loading before them)."""
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "pairs_per_s": round(rows / seconds, 2) if seconds > 0 else None,
+        "backend": backend,
+    }
+
+
+def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int]) -> int:
     """One pass over the candidates: prompts for the wave's shards (CPU actors) -> scorer actors ->
     the wave's output shards, published as they complete."""
     import ray.data
@@ -348,6 +361,7 @@ def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int
     )
     counts = writer.write(scored.iter_batches(batch_format="pyarrow", batch_size=None), wave)
     log.info("score: wave %s written (%s rows)", wave, sum(counts.values()))
+    return sum(counts.values())
 
 
 def output_uri(cfg: Config, storage: Storage) -> str:
@@ -379,10 +393,12 @@ def run(cfg: Config) -> dict[str, Any]:
         return storage.read_json(f"{out}/{MANIFEST}")
     artifacts = load_artifacts(cfg)
     sc = cfg.score
+    scored, t0 = 0, time.perf_counter()
     with buffer_limit(sc.max_buffer_mb):
         candidates = read_candidates(cfg, storage)  # a dataset keeps the context it was made in
         for wave in writer.waves(sc.shards_per_wave):
-            score_wave(cfg, candidates, writer, wave)
+            scored += score_wave(cfg, candidates, writer, wave)
+    seconds = time.perf_counter() - t0
     manifest = writer.commit(
         rows_in=rows_in,
         extra={
@@ -390,6 +406,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "backend": sc.backend,
             "candidates": sc.candidates or "test split",
             "id_space": sc.id_space if sc.candidates else "internal",
+            "throughput": throughput(scored, seconds, sc.backend),
         },
     )
     log.info(
