@@ -93,6 +93,7 @@ def test_two_variants_share_upstream_and_fill_the_table(pipeline_run, tmp_path, 
     assert rows["tallrec"]["mf"] == rows["thinkrec"]["mf"]
     for stage in ("prepare", "cf"):
         assert f"{stage}: up to date, skipped" in caplog.text
+    assert "ablation: reused prepare" in caplog.text
     # ...and still trained its own model (CF tokens change the model, so the scores differ).
     assert rows["tallrec"]["thinkrec"] != rows["thinkrec"]["thinkrec"]
     table = (tmp_path / "ablation" / "comparison.md").read_text()
