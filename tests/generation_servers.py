@@ -66,6 +66,20 @@ class VLLMServer:
             time.sleep(2)
         raise TimeoutError(f"vllm serve not ready after {timeout}s; see {self.log_path}")
 
+    def kill(self) -> None:
+        """The server dies at once (SIGKILL to its process group: API server and engine): in-flight
+        requests lose their connections, new ones are refused until ``start()`` brings it back on the
+        same port."""
+        assert self.proc is not None and self.proc.poll() is None, "the server is not running"
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(60)
+        self.log.close()
+
+    def completions(self) -> int:
+        """Completions the server has answered so far (its access log, over every start)."""
+        with open(self.log_path, errors="replace") as f:
+            return sum('"POST /v1/completions HTTP/1.1" 200' in line for line in f)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and its engine only
@@ -198,10 +212,14 @@ CRAFTED: dict[str, tuple[int, bytes]] = {
 
 
 class CraftedServer:
-    """Answers each completions request by the CRAFTED entry its prompt names."""
+    """Answers each completions request by the CRAFTED entry its prompt names; ``busy`` answers 429
+    twice, then as ``ok``; ``slow`` answers ``ok`` after 0.3 s. ``max_in_flight``: the most requests
+    it was answering at once."""
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
+        self.in_flight = self.max_in_flight = 0
+        lock = threading.Lock()
 
         outer = self
 
@@ -209,8 +227,18 @@ class CraftedServer:
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 kind = body["prompt"]
-                outer.hits[kind] = outer.hits.get(kind, 0) + 1
-                status, payload = CRAFTED[kind]
+                with lock:
+                    outer.hits[kind] = outer.hits.get(kind, 0) + 1
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                    busy = kind == "busy" and outer.hits[kind] <= 2
+                if kind == "slow":
+                    time.sleep(0.3)
+                status, payload = (
+                    (429, b'{"error": "slow down"}') if busy else CRAFTED.get(kind, CRAFTED["ok"])
+                )
+                with lock:
+                    outer.in_flight -= 1
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -227,3 +255,15 @@ class CraftedServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class Counting:
+    """A real generator, counting the rows it is asked to generate: what the prompt cache must save."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.name, self.model = inner, inner.name, inner.model
+        self.rows = 0
+
+    def generate(self, requests, decoding):
+        self.rows += len(requests)
+        return self.inner.generate(requests, decoding)

@@ -2,7 +2,8 @@
 job driver does, for tests/test_generation_openai.py: the API key reaches the actors through the
 environment the Ray processes inherit, never through a runtime_env.
 
-    python tests/generation_stage_check.py --url URL --model NAME --key-env VAR --root DIR --out out.json
+    python tests/generation_stage_check.py --url URL --model NAME --key-env VAR --root DIR --out out.json \
+        [--rows N] [--max-new-tokens N] [--set generation.max_tries=100 ...]
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ import os
 import ray
 
 
+def prompt(i: int) -> str:
+    return f"User {i} liked movie {i % 7}. Next they watch"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     for a in ("--url", "--model", "--key-env", "--root", "--out"):
         ap.add_argument(a, required=True)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value (YAML values)")
     args = ap.parse_args()
     import pandas as pd
 
@@ -31,12 +39,12 @@ def main() -> None:
         "configs/demo.yaml",
         {"storage.output_root": args.root, "ray.num_cpus": 2, "generation.backend": "openai",
          "generation.base_url": args.url, "generation.model": args.model, "generation.api_key_env": args.key_env,
-         "generation.batch_size": 4},
+         "generation.batch_size": 4, **C.parse_overrides(args.set)},
     )  # fmt: skip
     init_ray(cfg)
-    rows = pd.DataFrame({S.ROW_KEY: [f"r{i}" for i in range(8)],
-                         S.PROMPT: [f"User {i} liked movie {i % 7}. Next they watch" for i in range(8)]})  # fmt: skip
-    out = generate(ray.data.from_pandas(rows), cfg, Decoding(max_new_tokens=8)).to_pandas()
+    rows = pd.DataFrame({S.ROW_KEY: [f"r{i}" for i in range(args.rows)],
+                         S.PROMPT: [prompt(i) for i in range(args.rows)]})  # fmt: skip
+    out = generate(ray.data.from_pandas(rows), cfg, Decoding(max_new_tokens=args.max_new_tokens)).to_pandas()
 
     @ray.remote
     def runtime_env() -> str:

@@ -71,21 +71,56 @@ def test_sampling_follows_the_seed(setup):
     assert texts(gen, reqs, d1) == texts(gen, reqs, d1)
 
 
-def test_llm_keywords_extractor(setup):
+def test_prompt_cache_serves_repeats_and_reruns(setup, tmp_path):
+    from generation_servers import Counting
+
+    from thinkrec.generation.cache import CachedGenerator
+    from thinkrec.io.fs import Storage
+
+    cfg, _ = setup
+    storage = Storage(root=str(tmp_path))
+    hf = HFGenerator(cfg)
+    reqs = [GenRequest("a", PROMPTS[0]), GenRequest("b", PROMPTS[1]), GenRequest("c", PROMPTS[0])]
+    first = Counting(hf)
+    res = CachedGenerator(first, storage, "cache/t").generate(reqs, GREEDY)
+    assert first.rows == 2  # the repeated prompt is generated once
+    assert [r.key for r in res] == ["a", "b", "c"] and res[2].text == res[0].text
+    assert [(r.cached, r.tries) for r in res] == [(False, 1), (False, 1), (True, 0)]
+    rerun = Counting(hf)  # a new actor or a rerun: the cache is read back from storage
+    res2 = CachedGenerator(rerun, storage, "cache/t").generate(reqs, GREEDY)
+    assert rerun.rows == 0 and [r.text for r in res2] == [r.text for r in res]
+    assert all(r.cached and r.new_tokens == res[0].new_tokens for r in res2[::2])
+    other = Counting(hf)  # other decoding settings never hit
+    CachedGenerator(other, storage, "cache/t").generate(reqs[:1], Decoding(max_new_tokens=5))
+    off = Counting(hf)
+    CachedGenerator(off, storage, "cache/t", enabled=False).generate(reqs, GREEDY)
+    assert (other.rows, off.rows) == (1, 3)
+
+
+def test_llm_keywords_extractor(setup, tmp_path):
+    from generation_servers import Counting
+
     from thinkrec.keywords.base import EXTRACTORS, ItemText, postprocess
     from thinkrec.keywords.llm import DECODING, LLMExtractor
 
-    cfg, _ = setup
+    cfg = small_config(str(tmp_path), **{"model.base": setup[0].model.base, "generation.torch_threads": 1})
     assert EXTRACTORS["llm"] == "thinkrec.keywords.llm:LLMExtractor"
-    ex = LLMExtractor(cfg)
     items = [
         ItemText(1, "Heat", "A crime film about a heist in Los Angeles."),
         ItemText(2, "Alien", "Space horror."),
     ]
+    hf = HFGenerator(cfg)
+    first = Counting(hf)
+    ex = LLMExtractor(cfg, generator=first)
     raw = ex(items)
+    assert first.rows == 2
     assert len(raw) == 2 and all(isinstance(w, str) and w and "," not in w for ws in raw for w in ws)
     assert all(len(postprocess(ws)) <= 10 for ws in raw)
-    assert ex(items) == raw  # beam search: deterministic, so the content-hash cache is sound
-    assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "prompt": ex.settings()["prompt"],
-                             "decoding": DECODING.hash()}  # fmt: skip
+    rerun = Counting(hf)
+    assert LLMExtractor(cfg, generator=rerun)(items) == raw and rerun.rows == 0  # a rerun costs nothing
+    # Beam search is deterministic, so a cache-free run gives the same keywords.
+    off = small_config(str(tmp_path), **{"model.base": cfg.model.base, "generation.cache": False})
+    assert LLMExtractor(off, generator=hf)(items) == raw
+    assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "adapter": "base",
+                             "prompt": ex.settings()["prompt"], "decoding": DECODING.hash()}  # fmt: skip
     assert (DECODING.num_beams, DECODING.max_new_tokens, DECODING.repetition_penalty) == (4, 32, 1.2)

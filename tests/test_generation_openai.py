@@ -147,6 +147,23 @@ def test_malformed_responses_quarantined(kind, reason, tmp_path):
     assert srv.hits == {kind: 1, "ok": 1}  # not retried
 
 
+def test_429_retried_with_backoff_and_concurrency_bounded(tmp_path):
+    srv = CraftedServer()
+    try:
+        gen = OpenAIGenerator(gen_config(srv.url, tmp_path, **{"generation.concurrency": 3}))
+        t0 = time.perf_counter()
+        busy = gen.generate([GenRequest("a", "busy")], DEC)[0]
+        waited = time.perf_counter() - t0
+        res = gen.generate([GenRequest(f"s{i}", "slow") for i in range(12)], DEC)
+    finally:
+        srv.close()
+    # Two 429s, then the answer: three tries, with (jittered, doubling) waits from 0.05 s between them.
+    assert (busy.text, busy.error, busy.tries, srv.hits["busy"]) == (" fine", None, 3, 3)
+    assert waited >= 0.05 + 0.1
+    assert [r.text for r in res] == [" fine"] * 12
+    assert srv.max_in_flight == 3  # generation.concurrency requests at once, never more
+
+
 def test_key_never_printed(vllm_serve, direct, tmp_path, caplog, capfd):
     """Through the Ray Data stage under its own Ray (a job driver, tests/generation_stage_check.py): the
     key reaches the server (rows succeed) but not the logs, the runtime_env, config or output rows."""
@@ -186,3 +203,62 @@ def test_key_never_printed(vllm_serve, direct, tmp_path, caplog, capfd):
     assert (
         PLANTED_KEY not in result["runtime_env"] + result["job_runtime_env"]
     )  # ...and nothing carries the key
+
+
+def test_server_killed_mid_stage_and_restarted(vllm_serve, tmp_path):
+    """The real ``vllm serve`` process (the session's) is killed while the Ray Data stage is running
+    and started again on the same port: requests in flight lose their connections, new ones are
+    refused or hang until it is back; the stage retries them with backoff, and every row comes out
+    once, generated, with the texts a fault-free run gives. Last in this file: the restart costs one
+    more server start (1.5-4 minutes on this CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    from generation_stage_check import prompt
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    n, out = 48, tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    env[KEY_ENV] = PLANTED_KEY
+    before = vllm_serve.completions()
+    # Retries outlast a restart: up to 300 tries, at most 3 s apart, each request 20 s at most.
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(repo, "tests", "generation_stage_check.py"), "--url", vllm_serve.url,
+         "--model", SERVED_NAME, "--key-env", KEY_ENV, "--root", str(tmp_path / "run"), "--out", str(out),
+         "--rows", str(n), "--max-new-tokens", "24",
+         "--set", "generation.max_tries=300", "generation.backoff_initial_s=0.2", "generation.backoff_max_s=3",
+         "generation.timeout_s=20", "generation.concurrency=2", "generation.batch_size=8"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 600
+        while vllm_serve.completions() - before < 3:  # the stage is under way
+            assert proc.poll() is None, f"the stage ended before the server was killed: {proc.stdout.read()}"
+            assert time.time() < deadline, "the stage sent no requests in 600 s"
+            time.sleep(0.05)
+        vllm_serve.kill()
+        answered_before_kill = vllm_serve.completions() - before
+        vllm_serve.start()
+        log, _ = proc.communicate(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log[-4000:]
+    assert answered_before_kill < n  # killed mid-stage
+    rows = json.loads(out.read_text())["rows"]
+    keys = [r[S.ROW_KEY] for r in rows]
+    assert sorted(keys) == sorted(f"r{i}" for i in range(n)) and len(set(keys)) == n  # none lost or twice
+    assert [r[S.GEN_ERROR] for r in rows if r[S.GEN_ERROR]] == []
+    tries = {r[S.ROW_KEY]: r[S.GEN_TRIES] for r in rows}
+    assert (
+        sum(t > 1 for t in tries.values()) >= n - answered_before_kill - 2
+    )  # the rows after the kill retried
+    # The texts equal a fault-free run's (greedy; the restarted server answers as the first one did).
+    os.environ[KEY_ENV] = PLANTED_KEY
+    try:
+        gen = OpenAIGenerator(gen_config(vllm_serve.url, tmp_path))
+        want = gen.generate([GenRequest(f"r{i}", prompt(i)) for i in range(n)], Decoding(max_new_tokens=24))
+    finally:
+        del os.environ[KEY_ENV]
+    assert {r[S.ROW_KEY]: r[S.GENERATED] for r in rows} == {w.key: w.text for w in want}

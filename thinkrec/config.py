@@ -174,13 +174,18 @@ class GenerationConfig:
     """``openai`` only: tries per row on 429, 5xx, timeouts and connection errors; a row failing all
     of them goes to quarantine with its last error (the job goes on)."""
     backoff_initial_s: float = Field(0.5, gt=0)
-    """``openai`` only: first retry wait; it doubles each try, plus up to the same again in jitter."""
+    """``openai`` only: first retry wait; it doubles each try (up to ``backoff_max_s``), plus a random
+    jitter of up to this much, so clients that failed together do not retry together."""
     backoff_max_s: float = Field(8.0, gt=0)
     """``openai`` only: the longest wait between two tries."""
     torch_threads: int = Field(0, ge=0)
     """``hf`` on CPU: torch threads per actor (0: torch's default)."""
     actors: int = Field(1, ge=1)
     """Ray Data actors running the generator."""
+    cache: bool = True
+    """Serve a prompt generated before (same model, decoding settings, prompt and gate) from the
+    prompt-hash cache under the output root (``cache/<stage>``) instead of generating it again, so a
+    rerun or a repeated prompt costs nothing. Off: every prompt is generated (e.g. fresh samples)."""
 
 
 @dataclass(config=_STRICT)

@@ -111,9 +111,15 @@ REASONING_TABLE = pa.schema(
         (LABEL, pa.int8()),
         (REASONING, pa.string()),
         (TEACHER, pa.string()),
+        (BACKEND, pa.string()),
+        (GEN_MODEL, pa.string()),
+        (ADAPTER, pa.string()),
+        (DECODING_HASH, pa.string()),
     ]
 )
-"""reason/traces: a reasoning trace for each hard training sample."""
+"""reason/traces: a reasoning trace for each hard training sample, the teacher that wrote it and, for
+a teacher that generates (``llm``), what generated it (backend, model, adapter, decoding-settings hash;
+null for the rule-based ``grounded`` teacher)."""
 
 SCORES = pa.schema(
     [

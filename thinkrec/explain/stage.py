@@ -33,7 +33,7 @@ import pandas as pd
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
 from thinkrec.generation import cache
-from thinkrec.generation.base import Decoding, GenRequest, prompt_hash
+from thinkrec.generation.base import Decoding, GenRequest
 from thinkrec.io.commit import REASON, SUCCESS, TableWriter, fingerprint, read_table, stable_shard
 from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
@@ -165,7 +165,13 @@ class ExplainActor:
                 "gate, so generation.backend=hf or vllm"
             )
         # The cache key's model names the adapters too: a retrained model never hits stale texts.
-        self.model_key = f"{self.gen.model}@{art.version}"
+        self.gen = cache.CachedGenerator(
+            self.gen,
+            Storage.from_config(cfg),
+            CACHE,
+            model_key=f"{self.gen.model}@{art.version}",
+            enabled=cfg.generation.cache,
+        )
         self.decoding = decoding(cfg)
         self.dhash = self.decoding.hash()
         tok = load_tokenizer(art.base_model, cfg.model.trust_remote_code)
@@ -179,7 +185,6 @@ class ExplainActor:
         self.fusion = load_fusion(art.fusion) if art.fusion else None
         self.n_adapters = len(art.adapter_names)
         self.items = {int(k): ItemInfo(t, tuple(kw)) for k, (t, kw) in items.items()}
-        self.cache = cache.load(Storage.from_config(cfg), CACHE)
 
     def _info(self, item_id: int) -> ItemInfo:
         # An item missing from prepare/items still gets a prompt line (its CF slot reads the zero row).
@@ -217,46 +222,21 @@ class ExplainActor:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         reqs = self.requests(batch)
-        hashes = [prompt_hash(q, self.model_key, self.decoding) for q in reqs]
-        todo = [i for i, h in enumerate(hashes) if h not in self.cache]
-        # A prompt repeated inside the batch is generated once.
-        first: dict[str, int] = {}
-        for i in todo:
-            first.setdefault(hashes[i], i)
-        fresh = dict(
-            zip(first, self.gen.generate([reqs[i] for i in first.values()], self.decoding), strict=True)
-        )
-        texts, errors, cached = [], [], []
-        for h in hashes:
-            if h in self.cache:
-                texts.append(self.cache[h][0])
-                errors.append(None)
-                cached.append(True)
-            else:
-                res = fresh[h]
-                texts.append(res.text.strip() if res.text is not None else None)
-                errors.append(res.error)
-                cached.append(False)
+        res = self.gen.generate(reqs, self.decoding)  # cached prompts are served, not generated
         return pd.DataFrame(
             {
                 S.USER_ID: batch[S.USER_ID].astype(np.int64).to_numpy(),
                 S.ITEM_ID: batch[S.ITEM_ID].astype(np.int64).to_numpy(),
                 S.LABEL: batch[S.LABEL].astype(np.int8).to_numpy(),
-                S.EXPLANATION: texts,
+                S.EXPLANATION: [r.text.strip() if r.text is not None else None for r in res],
                 S.BACKEND: self.gen.name,
                 S.GEN_MODEL: self.gen.model,
                 S.ADAPTER: [q.adapter for q in reqs],
                 S.DECODING_HASH: self.dhash,
-                S.PROMPT_HASH: hashes,
-                S.NEW_TOKENS: np.array(
-                    [
-                        self.cache[h][1] if c else fresh[h].new_tokens
-                        for h, c in zip(hashes, cached, strict=True)
-                    ],
-                    dtype=np.int32,
-                ),
-                CACHED: cached,
-                REASON: [None if e is None else f"generation_failed: {e}" for e in errors],
+                S.PROMPT_HASH: [self.gen.key(q, self.decoding) for q in reqs],
+                S.NEW_TOKENS: np.array([r.new_tokens for r in res], dtype=np.int32),
+                CACHED: [r.cached for r in res],
+                REASON: [None if r.error is None else f"generation_failed: {r.error}" for r in res],
             }
         )
 
@@ -333,19 +313,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 num_gpus=cfg.score.num_gpus_per_actor,
             )
             generated = join_references(ds.to_pandas(), refs)
+            # The actors cached their new texts before returning them: what is published is cached.
             hit = generated[CACHED].to_numpy(bool)
             n_cached += int(hit.sum())
-            ok = ~hit & generated[REASON].isna().to_numpy()
             n_generated += int((~hit).sum())
-            new = generated[ok].drop_duplicates(S.PROMPT_HASH)
-            # Cache before publishing: a shard that is published always has its texts cached.
-            cache.add(
-                storage,
-                CACHE,
-                new[S.PROMPT_HASH].tolist(),
-                new[S.EXPLANATION].tolist(),
-                new[S.NEW_TOKENS].astype(int).tolist(),
-            )
         writer.write([generated] if len(generated) else [], shards=wave)
     extra = {"shards_skipped": skipped, "rows_generated": n_generated, "rows_cached": n_cached}
     manifest = writer.commit(rows_in=len(sample), extra=extra)

@@ -54,8 +54,9 @@ class GenResult:
     key: str
     text: str | None  # None when ``error`` is set
     error: str | None = None  # quarantine reason, e.g. "http_500 after 4 tries: ..."
-    tries: int = 1
+    tries: int = 1  # requests sent for this row (0: served from the prompt cache)
     new_tokens: int = 0
+    cached: bool = False  # served from the prompt-hash cache (generation/cache.py), no generation
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 - At most ``generation.concurrency`` requests are in flight per actor (an asyncio semaphore over one
   pooled httpx client); each has ``generation.timeout_s``.
 - Retries (tenacity): 429, 5xx, timeouts and connection errors (refused, reset, closed mid-response)
-  are retried with exponential backoff and full jitter, up to ``generation.max_tries`` tries.
+  are retried with exponential backoff and random jitter, up to ``generation.max_tries`` tries.
   Other 4xx and malformed bodies are not retried: they will not get better.
 - A row that still fails comes back as ``GenResult(error=...)`` with the reason; the caller quarantines
   it. One row's failure never fails the batch.
@@ -163,7 +163,10 @@ class OpenAIGenerator:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_tries),
-            wait=wait_exponential_jitter(initial=self.backoff[0], max=self.backoff[1]),
+            # initial * 2^(try - 1) plus up to ``initial`` of random jitter, capped at the max.
+            wait=wait_exponential_jitter(
+                initial=self.backoff[0], max=self.backoff[1], jitter=self.backoff[0]
+            ),
             retry=retry_if_exception(_retryable),
             reraise=False,
         )

@@ -1,25 +1,54 @@
 """The ``vllm`` generation backend: vLLM's offline engine inside the actor.
 
-- Text prompts go to ``LLM.generate`` in one call per batch (vLLM batches and schedules them itself).
-- Per-row adapters: a row whose gate is one-hot on adapter k gets ``LoRARequest(name_k, k + 1,
-  dir_k)``; vLLM serves several LoRAs in one batch. Mixed gates (a soft mixture of experts) are not
-  served by this backend yet: such a row comes back with an error (quarantined), use ``hf``.
-- Not yet: encoded prompts with CF embeddings (``enable_prompt_embeds``); such rows are refused
-  the same way.
+- All prompts of a batch go to one ``LLM.generate`` call (vLLM batches and schedules them itself):
+  text prompts as text, encoded prompts as token ids, or as ``prompt_embeds`` when they have CF slots.
+- Per-row adapters: vLLM applies one LoRA per request. A row whose gate is one-hot on adapter k gets
+  that adapter's ``LoRARequest``. A row whose gate mixes adapters gets the exact fused adapter of that
+  gate: the weighted sum of LoRA deltas sum_k w_k s_k B_k A_k is one LoRA of rank sum(r_k) (the A's
+  stacked, the B's scaled by w_k s_k and concatenated; ``scoring/merge.py``), so it computes the same
+  mixture as the hf backend's fused gates, unquantised. Each distinct gate is merged once, saved under
+  a local temporary directory and kept by a hash of its weights, with its own ``LoRARequest``.
+- CF tokens: the token embeddings with the projected CF embeddings in the CF slots are computed on the
+  CPU (``input_embeddings``, from the base model's input-embedding matrix only: the same function the
+  hf backend and the trainer use) and sent as ``prompt_embeds`` (the engine then runs with
+  ``enable_prompt_embeds``; vLLM takes prompt embeddings and LoRA together).
+- Not served: ``fusion.mode=linear`` (peft's inexact linear merge; use ``hf``) and beam search
+  (``num_beams`` is ignored: vLLM decodes greedily or samples). ``no_repeat_ngram_size`` has no vLLM
+  equivalent and is ignored; both stay in the decoding hash.
+
+vLLM starts worker processes: a script that builds this generator must do so under
+``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
+import weakref
 from typing import Any
 
 import numpy as np
+import torch
 
 from thinkrec.generation.base import Decoding, GenRequest, GenResult
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
 from thinkrec.scoring.base import Artifacts
+from thinkrec.scoring.merge import LoraAdapter, load_adapter, merge_exact, save_adapter
+from thinkrec.scoring.vllm import load_input_embeddings, lora_rank_bound
+
+_ONE_HOT_TOL = 1e-9
+
+
+def gate_hash(gate: np.ndarray) -> str:
+    """Key of a merged mixture: its weights to 1e-9 (a merge is exact for the weights it was made of)."""
+    return hashlib.sha256(np.round(np.asarray(gate, np.float64), 9).tobytes()).hexdigest()[:16]
 
 
 class VLLMGenerator:
+    """``Generator`` on vLLM's offline engine. ``engine_kwargs`` are passed to ``vllm.LLM`` last."""
+
     name = "vllm"
 
     def __init__(
@@ -28,7 +57,14 @@ class VLLMGenerator:
         from vllm import LLM
 
         self.model = artifacts.base_model if artifacts else (cfg.generation.model or cfg.model.base)
-        self.adapters: list[tuple[str, str]] = []
+        self.names: list[str] = []
+        self.paths: dict[str, str] = {}
+        self.adapters: dict[str, LoraAdapter] = {}
+        self.lora_ids: dict[str, int] = {}
+        self.mixtures: dict[str, str] = {}  # gate hash -> merged adapter name
+        self.cf: CFTable | None = None
+        self.projector: CFProjector | None = None
+        self.embedder: Any = None
         kw: dict[str, Any] = dict(
             model=self.model,
             dtype=cfg.model.dtype,
@@ -42,8 +78,32 @@ class VLLMGenerator:
         if cfg.score.vllm_kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(cfg.score.vllm_kv_cache_gib * 2**30)
         if artifacts is not None:
-            self.adapters = [(n, os.path.join(artifacts.adapters_dir, n)) for n in artifacts.adapter_names]
-            kw.update(enable_lora=True, max_loras=len(self.adapters), max_lora_rank=64)
+            if cfg.fusion.mode == "linear":
+                raise ValueError(
+                    "fusion.mode=linear (peft's inexact linear merge) is not served by "
+                    "generation.backend=vllm, which serves exact mixtures only; use generation.backend=hf"
+                )
+            self.names = list(artifacts.adapter_names)
+            self.paths = {n: os.path.join(artifacts.adapters_dir, n) for n in self.names}
+            self.adapters = {n: load_adapter(p) for n, p in self.paths.items()}
+            self.lora_ids = {n: i + 1 for i, n in enumerate(self.names)}
+            self.mix_dir = tempfile.mkdtemp(prefix="thinkrec-gen-mixtures-")
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self.mix_dir, True)
+            # Every distinct mixture of a batch may be in flight at once, beside the plain adapters.
+            slots = len(self.names) + int(cfg.generation.batch_size)
+            kw.update(
+                enable_lora=True,
+                max_lora_rank=lora_rank_bound(sum(int(a.config["r"]) for a in self.adapters.values())),
+                max_loras=slots,
+                max_cpu_loras=slots,
+            )
+            if artifacts.projector and artifacts.cf_embeddings:
+                self.cf = CFTable.load(artifacts.cf_embeddings)
+                self.projector = CFProjector.load(artifacts.projector).eval()
+                self.embedder = load_input_embeddings(
+                    artifacts.base_model, getattr(torch, cfg.model.dtype), cfg.model.trust_remote_code
+                )
+                kw["enable_prompt_embeds"] = True
         kw.update(engine_kwargs or {})
         self.llm = LLM(**kw)
 
@@ -58,29 +118,57 @@ class VLLMGenerator:
             seed=d.seed,
         )
 
-    def _lora(self, r: GenRequest) -> tuple[Any, str | None]:
-        if r.gate is None or not self.adapters:
-            return None, None
+    # -- adapters --------------------------------------------------------------------------------
+    def _lora(self, r: GenRequest) -> Any:
+        """The row's LoRARequest (None: the base model); ValueError for a gate of the wrong width."""
+        if r.gate is None or not self.names:
+            return None
         g = np.asarray(r.gate, dtype=np.float64)
-        k = int(np.argmax(g))
-        if len(g) != len(self.adapters) or not np.isclose(g[k], 1.0):
-            return None, "vllm_mixture_unsupported: gate is not one-hot on an adapter"
+        if g.shape != (len(self.names),):
+            raise ValueError(f"gate over {g.shape[0] if g.ndim else 0} adapters; the model has {self.names}")
+        nz = np.flatnonzero(np.abs(g) > _ONE_HOT_TOL)
+        if len(nz) == 1 and abs(float(g[nz[0]]) - 1.0) < 1e-6:
+            name = self.names[int(nz[0])]
+        else:
+            name = self._mixture(g)
         from vllm.lora.request import LoRARequest
 
-        name, path = self.adapters[k]
-        return LoRARequest(name, k + 1, path), None
+        return LoRARequest(name, self.lora_ids[name], self.paths[name])
+
+    def _mixture(self, g: np.ndarray) -> str:
+        """The fused adapter of this gate, merged and saved on first use."""
+        h = gate_hash(g)
+        if h not in self.mixtures:
+            name = f"mix-{h}"
+            path = os.path.join(self.mix_dir, name)
+            save_adapter(path, merge_exact([self.adapters[n] for n in self.names], g.tolist()))
+            self.paths[name] = path
+            self.lora_ids[name] = len(self.lora_ids) + 1
+            self.mixtures[h] = name
+        return self.mixtures[h]
+
+    # -- prompts ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _prompt(self, r: GenRequest) -> Any:
+        if r.encoded is None:
+            return r.prompt
+        if not r.encoded.cf_pos:
+            return {"prompt_token_ids": list(r.encoded.ids)}
+        if self.embedder is None:
+            raise ValueError("the prompt has CF slots but the generator has no projector and CF table")
+        batch = collate([r.encoded], pad_id=0)
+        return {"prompt_embeds": input_embeddings(self.embedder, batch, self.cf, self.projector)[0]}  # (T, H)
 
     def generate(self, requests: list[GenRequest], decoding: Decoding) -> list[GenResult]:
         out: list[GenResult | None] = [None] * len(requests)
         prompts, loras, idx = [], [], []
         for n, r in enumerate(requests):
-            lora, err = self._lora(r)
-            if r.encoded is not None:
-                err = "vllm_prompt_embeds_unsupported: encoded prompts need generation.backend=hf"
-            if err:
-                out[n] = GenResult(r.key, None, err)
+            try:
+                lora, prompt = self._lora(r), self._prompt(r)
+            except ValueError as e:  # this row is quarantined with the reason; the batch goes on
+                out[n] = GenResult(r.key, None, f"bad_request: row {r.key}: {e}")
                 continue
-            prompts.append(r.prompt)
+            prompts.append(prompt)
             loras.append(lora)
             idx.append(n)
         if prompts:
@@ -90,3 +178,13 @@ class VLLMGenerator:
                 c = o.outputs[0]
                 out[n] = GenResult(requests[n].key, c.text, None, 1, len(c.token_ids))
         return [o for o in out if o is not None]
+
+    def close(self) -> None:
+        """Stop the engine and remove the merged mixtures."""
+        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+        self.llm = None
+        if hasattr(self, "_finalizer"):
+            self._finalizer()

@@ -8,21 +8,31 @@ re-analysis, at most ``reason.max_reflections`` times. A trace is dropped to qua
 reason, when it still disagrees, leaks the hint, is empty or is over the token budget
 (``train.max_answer_tokens`` of the student's tokenizer: the trace is a training target).
 
+Every turn goes through the prompt-hash cache (``cache/reason``, generation/cache.py): a rerun, or a
+question met again, is answered without generating. Each row records backend, model, adapter
+("base") and the decoding hash; ``GENERATED`` / ``CACHED`` count the turns per row that went to the
+backend / came from the cache (the reason stage sums them into its manifest).
+
 The stored ``reasoning`` is the rationale only; the training target "Yes. <reasoning>" /
 "No. <reasoning>" is built from it by PromptBuilder.answer_ids, as for every teacher.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import zlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from thinkrec.data import schema as S
 from thinkrec.generation.base import Decoding, GenRequest, make_generator
+from thinkrec.generation.cache import CachedGenerator
 from thinkrec.io.commit import REASON
+from thinkrec.io.fs import Storage
 from thinkrec.reasoning.teachers import UNKNOWN_ITEM, item_noun, load_items, register
 
 DISAGREES = "teacher_disagrees"
@@ -32,12 +42,18 @@ EMPTY = "empty_trace"
 OVER_BUDGET = "over_token_budget"
 GEN_FAILED = "generation_failed"
 
+CACHE = "cache/reason"
+GENERATED = "_turns_generated"
+CACHED = "_turns_cached"
+"""Per-row counters of the teacher's output (not stored): turns sent to the backend / served cached."""
+ADAPTER = "base"  # the teacher model is used as it is
+
 HINTS: tuple[str, ...] = (
     "In fact the user {verdict} this {noun}. Look at the history again and explain why.",
     "Reconsider: this user {verdict} it. Re-analyse their history step by step.",
     "Your conclusion does not match what happened: the user {verdict} this {noun}. Think it over again.",
 )
-"""Reflection hints, rotated per row and per turn (the paper varies the phrasing)."""
+"""Reflection hints, rotated per sample and per turn (the paper varies the phrasing)."""
 
 # Phrases a trace must not contain: it would teach the student to cite an answer it is never given.
 LEAK_PATTERNS = re.compile(
@@ -94,7 +110,15 @@ class LLMTeacher:
         self.cfg = cfg
         self.items = load_items(cfg) if items is None else items
         self.noun = item_noun(cfg.data.dataset)
-        self.gen = generator or make_generator(cfg)
+        if generator is None:
+            # ``reason.model`` names the teacher model; else ``generation.model`` (else model.base).
+            gcfg = cfg
+            if cfg.reason.model:
+                gcfg = dataclasses.replace(
+                    cfg, generation=dataclasses.replace(cfg.generation, model=cfg.reason.model)
+                )
+            generator = make_generator(gcfg)
+        self.gen = CachedGenerator(generator, Storage.from_config(cfg), CACHE, enabled=cfg.generation.cache)
         r = cfg.reason
         self.decoding = Decoding(
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, repetition_penalty=1.0, seed=cfg.seed
@@ -103,6 +127,7 @@ class LLMTeacher:
         self.student_tok = load_tokenizer(cfg.model.base, cfg.model.trust_remote_code)
         self.label = f"llm:{self.gen.name}:{self.gen.model}"
         self.stats = {"reflections": 0}
+        self.turns: list[tuple[int, int]] = []  # per row of the last traces() call: (generated, cached)
 
     def question(self, item: int, history: Sequence[int], labels: Sequence[int]) -> str:
         lines = []
@@ -125,15 +150,21 @@ class LLMTeacher:
         """(rationale, None) or (None, quarantine reason) per (item, label, history, labels) row."""
         mode = self.cfg.reason.think_blocks
         convo = [self.question(i, h, hl) for i, _, h, hl in rows]
+        # The hint rotation starts at a point fixed by the question, not by the row's place in its
+        # batch: the same sample gets the same reflection prompts (and cache hits) however Ray
+        # Data batches the rows.
+        start = [zlib.crc32(q.encode()) for q in convo]
         out: list[tuple[str | None, str | None] | None] = [None] * len(rows)
         pending = list(range(len(rows)))
         last: dict[int, tuple[int | None, str]] = {}
+        turns = [[0, 0] for _ in rows]
         for turn in range(self.cfg.reason.max_reflections + 1):
             if not pending:
                 break
             res = self.gen.generate([GenRequest(str(k), convo[k]) for k in pending], self.decoding)
             again = []
             for k, r in zip(pending, res, strict=True):
+                turns[k][1 if r.cached else 0] += 1
                 if r.error is not None:
                     out[k] = (None, f"{GEN_FAILED}: {r.error}")
                     continue
@@ -144,12 +175,13 @@ class LLMTeacher:
                     continue
                 again.append(k)
                 # The reflection turn: the conversation so far, then the rotating hint.
-                convo[k] = f"{convo[k]}{r.text}\n\n{hint(rows[k][1], self.noun, turn, k)}\n"
+                convo[k] = f"{convo[k]}{r.text}\n\n{hint(rows[k][1], self.noun, turn, start[k])}\n"
             if turn < self.cfg.reason.max_reflections:
                 self.stats["reflections"] += len(again)
             pending = again
         for k in pending:
             out[k] = (None, NO_ANSWER if last.get(k, (None, ""))[0] is None else DISAGREES)
+        self.turns = [(g, c) for g, c in turns]
         return [o if o is not None else (None, NO_ANSWER) for o in out]
 
     def _check(self, rationale: str) -> tuple[str | None, str | None]:
@@ -176,12 +208,20 @@ class LLMTeacher:
                 continue
             rows.append((int(item), int(label), list(hist), list(hl)))
             idx.append(n)
-        for n, (text, why) in zip(idx, self.traces(rows), strict=True):
+        generated, cached = np.zeros(len(batch), np.int64), np.zeros(len(batch), np.int64)
+        for n, (text, why), (g, c) in zip(idx, self.traces(rows), self.turns, strict=True):
             texts[n], reasons[n] = text, why
+            generated[n], cached[n] = g, c
         return batch.assign(
             **{
                 S.REASONING: pd.Series(texts, index=batch.index, dtype=object),
                 S.TEACHER: self.label,
+                S.BACKEND: self.gen.name,
+                S.GEN_MODEL: self.gen.model,
+                S.ADAPTER: ADAPTER,
+                S.DECODING_HASH: self.decoding.hash(),
                 REASON: pd.Series(reasons, index=batch.index, dtype=object),
+                GENERATED: generated,
+                CACHED: cached,
             }
         )

@@ -8,7 +8,9 @@ on the seed and the data, never on how Ray split or ordered the rows.
 
 Pipeline: read_dataset(prepare/interactions) -> filter train, mark hard (map_batches) -> sort by
 priority, limit -> teacher actors (map_batches) -> TableWriter (sharded by user_id; rows a teacher
-cannot explain go to quarantine; rows_in = the hard samples selected).
+cannot explain go to quarantine; rows_in = the hard samples selected). A generating teacher's
+per-row turn counters (``reasoning/llm.py``) are summed into the manifest (``turns_generated``,
+``turns_cached``: a rerun served from the prompt cache generates nothing) and not stored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from thinkrec.cf import mf
 from thinkrec.cf import stage as cf_stage
@@ -27,11 +30,13 @@ from thinkrec.data import prepare
 from thinkrec.data import schema as S
 from thinkrec.io.commit import TableWriter, fingerprint, read_dataset, stable_shard
 from thinkrec.io.fs import Storage
+from thinkrec.reasoning.llm import CACHED, GENERATED
 from thinkrec.reasoning.teachers import get_teacher
 
 log = logging.getLogger(__name__)
 
 TRACES = "reason/traces"
+PROVENANCE = (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH)
 PRIORITY = "_priority"
 INPUTS = (prepare.INTERACTIONS, prepare.ITEMS, cf_stage.MODEL)
 SAMPLE_COLUMNS = [
@@ -53,8 +58,10 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "data": d["data"],
         "seed": d["seed"],
         "storage.num_shards": d["storage"]["num_shards"],
-        "stage": "reason/v1",
+        "stage": "reason/v2",
     }
+    if cfg.reason.teacher != "grounded":  # a generating teacher: its backend and model change the traces
+        sections["generation"] = {k: d["generation"][k] for k in ("backend", "model")}
     return fingerprint(sections, [storage.uri(t) for t in INPUTS], storage)
 
 
@@ -150,10 +157,29 @@ def run(cfg: Config) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=cfg.reason.concurrency),
         num_gpus=cfg.reason.num_gpus_per_actor or None,
     )
-    w.write(traces.iter_batches(batch_format="pyarrow", batch_size=4096), pending)
+    turns = {GENERATED: 0, CACHED: 0}
+
+    def provenance(batches: Any) -> Any:
+        """Null provenance for teachers that do not generate; the turn counters summed, then dropped."""
+        for b in batches:
+            for c in PROVENANCE:
+                if c not in b.column_names:
+                    b = b.append_column(c, pa.nulls(b.num_rows, pa.string()))
+            for c in turns:
+                if c in b.column_names:
+                    turns[c] += int(pc.sum(b.column(c)).as_py() or 0)
+                    b = b.drop_columns([c])
+            yield b
+
+    w.write(provenance(traces.iter_batches(batch_format="pyarrow", batch_size=4096)), pending)
     man = w.commit(
         rows_in=chosen,
-        extra={"teacher": getattr(teacher_cls, "name", cfg.reason.teacher), "hard_samples": total},
+        extra={
+            "teacher": getattr(teacher_cls, "name", cfg.reason.teacher),
+            "hard_samples": total,
+            "turns_generated": turns[GENERATED],
+            "turns_cached": turns[CACHED],
+        },
     )
     log.info(
         "reason: %d traces (%d quarantined) for %d of %d hard train samples, teacher %s",
