@@ -49,9 +49,9 @@ def test_scores_every_test_row(scored):
     out = storage.local_path(storage.uri(stage.SCORES))
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     shards = cfg.storage.num_shards
-    assert names == {SUCCESS, MANIFEST, "_config.json"} | {part_name(s) for s in range(shards)} | {
-        f"quarantine/{part_name(s)}" for s in range(shards)
-    }
+    assert names == {SUCCESS, MANIFEST, "_config.json", stage.FINGERPRINT} | {
+        part_name(s) for s in range(shards)
+    } | {f"quarantine/{part_name(s)}" for s in range(shards)}
     # Skip when complete: same manifest, nothing rewritten.
     mtime = os.path.getmtime(os.path.join(out, part_name(0)))
     assert stage.run(cfg) == man
@@ -221,22 +221,3 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
         assert diff[~single].max() < 0.05
     p = got.column(S.P_YES).to_numpy()
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
-
-
-def test_buffer_limit_caps_ray_data_object_store_and_restores_it(ray_local):
-    """Datasets made inside ``buffer_limit`` carry the cap (a dataset keeps the context it was made
-    in); the previous limits come back after, also after an error."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.resource_limits
-    with stage.buffer_limit(64):
-        ds = ray.data.range(4)
-        assert options.resource_limits.object_store_memory == 64 * 2**20
-    assert ds.context.execution_options.resource_limits.object_store_memory == 64 * 2**20
-    assert options.resource_limits == before
-    with pytest.raises(RuntimeError), stage.buffer_limit(32):
-        raise RuntimeError("boom")
-    assert options.resource_limits == before
-    with stage.buffer_limit(None):
-        assert options.resource_limits == before
