@@ -1,6 +1,11 @@
 """The score stage's prompt-building step: candidate rows -> encoded prompts, gates and quarantine
 reasons, as Arrow columns a scorer actor turns back into ``ScoreRow``s.
 
+Per batch (in the stage: one shard, whose rows are one set of users), ``Lookups`` reads only what
+the batch needs from the prepared tables: its raw ids' map entries, its users, their timelines and
+the texts of its candidate and history items (``read_rows``: streamed, filtered, and for tables
+sharded by user only the matching shards), never a whole table.
+
 Per row:
 - ids are mapped and checked: a raw-id table's ids go through prepare's id maps; a null user or item
   id is quarantined (``null_id``); an id outside the maps (raw) or prepare/users / prepare/items
