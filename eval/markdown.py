@@ -182,11 +182,11 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
     tp = doc.get("score_throughput")
     if tp:
         md += [
-            "Score stage throughput (its manifest; the scoring waves' wall time, model loading excluded):",
+            "Score stage throughput (its manifest; the stage's wall time from start to commit):",
             "",
-            "| rows scored | wall seconds | pairs/s | backend |",
+            "| rows | wall seconds | pairs/s | backend |",
             "|---|---|---|---|",
-            f"| {tp.get('rows')} | {fmt(tp.get('seconds'))} | {fmt(tp.get('pairs_per_s'))} | {tp.get('backend')} |",
+            f"| {tp.get('rows')} | {fmt(tp.get('wall_s'))} | {fmt(tp.get('pairs_per_s'))} | {tp.get('backend')} |",
             "",
         ]
     else:

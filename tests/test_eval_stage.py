@@ -283,7 +283,7 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     assert (
         saved["score_throughput"]
         == THROUGHPUT
-        == {"rows": 70, "seconds": 3.5, "pairs_per_s": 20.0, "backend": "hf"}
+        == {"rows": 70, "wall_s": 3.5, "pairs_per_s": 20.0, "backend": "hf"}
     )
     md = (out / "report.md").read_text()
     assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md

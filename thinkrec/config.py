@@ -289,7 +289,11 @@ class ScoreConfig:
     columns pass through to the output unchanged. Empty: the test split of prepare/interactions."""
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
-    """Scorer actors."""
+    """Scorer actors; each scores and publishes whole shards."""
+    num_shards: int | None = Field(None, ge=1, le=4096)
+    """Shards of a scored table: the unit each scorer actor scores, publishes and a resubmitted job
+    skips (a killed job redoes only the shards that were in flight). None: ``storage.num_shards``.
+    A shard's candidates are held by one actor at a time, so a very large table wants more."""
     num_cpus_per_actor: float = Field(1, ge=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     prefix_sharing: bool = True
@@ -316,23 +320,12 @@ class ScoreConfig:
     mixture_step: float = Field(0.1, gt=0, le=0.5)
     """vLLM: grid of the mixture weights; 1 / mixture_step must be an integer so grid points sum to 1."""
     block_rows: int = Field(1024, ge=1)
-    """Rows handed to one prompt-builder or scorer call; a user's candidates share one prefix pass
-    only within a call, so keep it well above the candidates per user."""
-    prompt_concurrency: int = Field(1, ge=1)
-    """Prompt-builder actors (CPU: tokenization, histories, gates)."""
-    prompt_cpus: float = Field(0.5, gt=0)
-    """CPUs reserved per prompt-builder actor."""
+    """Rows per read block and per scorer call. A shard's rows are sorted by user and cut only
+    between users, so a user's candidates always share one call (one prefix pass) whatever the
+    table's order; a larger value only means fewer, larger calls."""
     read_cpus: float = Field(0.25, gt=0)
-    """CPUs reserved per candidate-read task; below one, so reads still run while the actor pools
-    hold the other CPUs (on a 2-CPU machine a 1-CPU read would wait forever)."""
-    max_buffer_mb: int | None = Field(512, ge=16)
-    """Object-store memory (MiB, whole cluster) Ray Data may fill with blocks queued between the
-    read, prompt and scorer operators. Bounds the job's memory whatever the table's size (prompt
-    blocks are larger than the candidates they come from). None: Ray Data's default share of the
-    object store, which a large table fills. Raise it with many scorer actors (each keeps a few
-    blocks of ``block_rows`` queued)."""
-    shards_per_wave: int = Field(64, ge=1)
-    """Output shards written per pass over the candidates; a resubmitted job resumes at wave granularity."""
+    """CPUs reserved per partition task (one per candidate file: read, split by user shard, stage);
+    below one, so it still runs beside scorer actors that hold whole CPUs."""
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads per scorer on CPU (0: torch's default, Ray sets it from the actor's num_cpus)."""
     vllm_max_model_len: int | None = Field(None, ge=16)

@@ -22,6 +22,7 @@ ThinkRec.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,13 @@ from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import PromptBuilder
 from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name, save_fusion
 from thinkrec.runtime import fit
-from thinkrec.scoring.base import CF_EMBEDDINGS, CF_MODEL_DIR, TRAIN_DIR, base_model_path
+from thinkrec.scoring.base import (
+    BASE_MODEL_DIR,
+    CF_EMBEDDINGS,
+    CF_MODEL_DIR,
+    TRAIN_DIR,
+    base_model_path,
+)
 from thinkrec.train import data as D
 from thinkrec.train import loop as L
 
@@ -80,15 +87,27 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 
 
 def ensure_base_model(cfg: Config) -> str:
-    """The configured base model, or the tiny one, built once at base_model_path(cfg)."""
-    path = base_model_path(cfg)
-    if not cfg.model.base and not os.path.exists(os.path.join(path, "config.json")):
+    """The configured base model, or the tiny one: built once and committed under the run root's
+    ``base_model`` (an S3 root gets an upload), so every node's scorer reads the same files.
+    Returns a local directory with the model."""
+    if cfg.model.base:
+        return cfg.model.base
+    storage = Storage.from_config(cfg)
+    uri = storage.uri(BASE_MODEL_DIR)
+    if not storage.exists(f"{uri}/{SUCCESS}"):
         from thinkrec.model.base import build_tiny_model
 
-        tmp = f"{path}.tmp-{os.getpid()}"
-        build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
-        os.replace(tmp, path)  # never a half-written model dir under the final name
-    return path
+        local = storage.local_path(uri)
+        if local is not None and not os.path.exists(os.path.join(local, "config.json")):
+            tmp = f"{local}.tmp-{os.getpid()}"
+            build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
+            os.replace(tmp, local)  # never a half-written model dir under the final name
+        elif local is None:
+            with tempfile.TemporaryDirectory(prefix="thinkrec-tiny-") as tmp:
+                build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
+                storage.copy_tree(tmp, uri)
+        mark_success(storage, uri, {"stage": "base_model", "tiny": dataclasses.asdict(cfg.model.tiny)})
+    return base_model_path(cfg)
 
 
 def _publish_file(storage: Storage, local: str, uri: str) -> None:
