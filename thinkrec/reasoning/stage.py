@@ -25,6 +25,7 @@ from thinkrec.cf import stage as cf_stage
 from thinkrec.config import Config
 from thinkrec.data import prepare
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import TableWriter, fingerprint, read_dataset, stable_shard
 from thinkrec.io.fs import Storage
 from thinkrec.reasoning.teachers import get_teacher
@@ -55,7 +56,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "storage.num_shards": d["storage"]["num_shards"],
         "stage": "reason/v1",
     }
-    return fingerprint(sections, [storage.uri(t) for t in INPUTS], storage)
+    return fingerprint(sections, [*(storage.uri(t) for t in INPUTS), *keywords_inputs(storage)], storage)
 
 
 def priority(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, seed: int) -> np.ndarray:

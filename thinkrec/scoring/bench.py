@@ -297,6 +297,7 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
             S.RAW_ITEM_ID: [str(i) for i in range(1, items + 1)],
             S.TITLE: [f"A film title number {i}" for i in range(1, items + 1)],
             S.KEYWORDS: [["drama", f"genre{i % 9}"] for i in range(1, items + 1)],
+            S.DESCRIPTION: [[] for _ in range(items)],
         },
         schema=S.ITEMS,
     )

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
 from thinkrec.data.ids import ids_table
-from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
+from thinkrec.data.items import read_items
+from thinkrec.data.prepare import INTERACTIONS, USERS
 from thinkrec.io.commit import REASON, read_table, stable_shard
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_tokenizer
@@ -81,7 +82,7 @@ class PromptStep:
             use_chat_template=c.model.use_chat_template,
             max_title_chars=c.model.max_title_chars,
         )
-        items = read_table(storage, storage.uri(ITEMS), [S.ITEM_ID, S.TITLE, S.KEYWORDS]).to_pydict()
+        items = read_items(storage).to_pydict()
         self.items = {
             int(i): ItemInfo(t or "", tuple(k or ()))
             for i, t, k in zip(items[S.ITEM_ID], items[S.TITLE], items[S.KEYWORDS], strict=True)

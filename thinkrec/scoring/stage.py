@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs
 from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
 from thinkrec.io.commit import MANIFEST, REASON, TableWriter, fingerprint, manifest_files
 from thinkrec.io.fs import Storage
@@ -302,6 +303,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
             for f in _file_infos(_storage_for(cfg, storage), cfg.score.candidates)
         ]
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
+    inputs += keywords_inputs(storage)
     return fingerprint(sections, inputs, storage)
 
 
