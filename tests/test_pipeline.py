@@ -17,6 +17,7 @@ COMMITTED = [
     "prepare/interactions",
     "prepare/items",
     "prepare/users",
+    "keywords/keywords",
     "cf/model",
     "cf/scores",
     "reason/traces",

@@ -26,12 +26,48 @@ class ConfigError(ValueError):
 
 
 @dataclass(config=_STRICT)
+class GenericConfig:
+    """``data.dataset: generic``: which files under data.source hold the log and the items, and which
+    of their columns are which (thinkrec/data/generic.py)."""
+
+    interactions: str = "*.parquet"
+    """File name or glob (``part-*.csv.gz``) of the interaction files under data.source."""
+    items: str = ""
+    """File name or glob of the item table. Empty: the items are those the log names (titled by id)."""
+    format: Literal["auto", "parquet", "csv", "json"] = "auto"
+    """``auto``: from each file's extension (``.parquet``, ``.csv``, ``.json``/``.jsonl``, plus
+    ``.gz``). CSV files start with a header line and hold one record per line."""
+    user: str = "user_id"
+    """Column of the raw user id (any string or integer)."""
+    item: str = "item_id"
+    """Column of the raw item id in the log."""
+    rating: str = "rating"
+    """Column of the rating, within [rating_min, rating_max]; the label is rating >= data.label_threshold."""
+    label: str = ""
+    """Column of a 0/1 label instead of a rating (it becomes the rating; set data.label_threshold: 1)."""
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    timestamp: str = "timestamp"
+    """Column of the event time."""
+    timestamp_unit: Literal["s", "ms", "iso"] = "s"
+    """Unix seconds, Unix milliseconds, or ISO-8601 strings (no zone: UTC)."""
+    item_id: str = ""
+    """Column of the item id in the item table (empty: the same name as ``item``)."""
+    title: str = "title"
+    """Column of the item's title in the item table."""
+    text: list[str] = dataclasses.field(default_factory=list)
+    """Columns of the item table whose text the keywords stage reads (each cut to keywords.max_words)."""
+
+
+@dataclass(config=_STRICT)
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp"] = "ml-100k"
+    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp", "generic"] = "ml-100k"
     """Which reader (thinkrec/data/<format>.py): ``ml-100k`` (RecBole atomic files; the copy shipped
     in the ``recbole`` wheel when data.source is empty), ``ml-1m`` (``ratings.dat``, ``movies.dat``),
     ``amazon`` (Amazon Reviews 2018: ``<Category>.json[.gz]`` and ``meta_<Category>.json[.gz]``),
-    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``)."""
+    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``), ``generic`` (Parquet, CSV or
+    JSON lines with the columns data.generic names)."""
+    generic: GenericConfig = dataclasses.field(default_factory=GenericConfig)
     source: str = ""
     """URI of the directory holding the raw files (local path, file:// or s3://, read through
     storage.s3_endpoint). Empty: the dataset's embedded copy."""
@@ -52,6 +88,10 @@ class DataConfig:
     manifest."""
     max_users: int | None = Field(None, ge=2)
     """Keep only the first N users by id (small runs and tests). None keeps all."""
+    unknown_items: Literal["quarantine", "keep"] = "quarantine"
+    """Reviews of items with no usable metadata (no line in the item file, or one with an empty
+    title): ``quarantine`` them (reason ``unknown_item``), or ``keep`` them, the item entering
+    prepare/items titled by its raw id."""
     max_quarantine_rate: float = Field(0.01, ge=0, le=1)
     """A stage fails, writing no _SUCCESS, when more than this share of its input rows is malformed."""
 
@@ -123,7 +163,28 @@ class ModelConfig:
 
 @dataclass(config=_STRICT)
 class KeywordsConfig:
-    """The keywords stage (between prepare and cf): up to 10 keywords per item."""
+    """The keywords stage (between prepare and cf): up to 10 keywords per item -> keywords/keywords."""
+
+    extractor: str = "auto"
+    """``genres`` (the genres MovieLens ships), ``tfidf`` (the highest TF-IDF terms of the item's
+    title and description, the IDF fitted on every item's text), ``llm`` (generation.*), a
+    ``package.module:Class`` built as ``Cls(cfg)``, or ``auto``: ``genres`` for MovieLens, ``tfidf``
+    for datasets whose items have text."""
+    max_keywords: int = Field(10, ge=1, le=10)
+    """Keywords kept per item (the reference keeps at most 10)."""
+    max_words: int = Field(100, ge=1)
+    """Each description field is cut to this many words before extraction (the reference: 100)."""
+    cache: str = ""
+    """URI of the keyword cache (entries keyed by a hash of the item's text and the extractor's
+    settings). Point several runs or datasets at one cache so shared items are computed once.
+    Empty: <output_root>/keywords/cache."""
+    batch_size: int = Field(64, ge=1)
+    """Items per extractor call."""
+    concurrency: int | None = Field(None, ge=1)
+    """Extractor actors (None: the cluster's CPUs, at most 4)."""
+    tfidf_max_df: float = Field(0.5, gt=0, le=1)
+    """tfidf: terms in more than this share of items carry no information and are never keywords
+    (scikit-learn's ``max_df``)."""
 
 
 @dataclass(config=_STRICT)

@@ -13,7 +13,7 @@ from thinkrec.io.fs import Storage
 
 log = logging.getLogger("thinkrec.pipeline")
 
-ORDER = ("prepare", "cf", "reason", "train", "score", "explain", "evaluate")
+ORDER = ("prepare", "keywords", "cf", "reason", "train", "score", "explain", "evaluate")
 
 
 def run(cfg: Config) -> dict[str, Any]:

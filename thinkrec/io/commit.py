@@ -382,6 +382,7 @@ class TableWriter:
         files: dict[str, Any] = {}
         rows_out = rows_q = 0
         reasons: dict[str, int] = {}
+        examples: dict[str, str] = {}
         for s in range(self.num_shards):
             rec_uri = f"{self.uri}/{record_name(s)}"
             if self.storage.exists(rec_uri):
@@ -400,10 +401,10 @@ class TableWriter:
                 if is_q:
                     rows_q += n
                     if n:
-                        for r in (
-                            pq.read_table(path, filesystem=self.fs, columns=["reason"]).column(0).to_pylist()
-                        ):
+                        q = pq.read_table(path, filesystem=self.fs, columns=["reason", "row"])
+                        for r, row in zip(q.column(0).to_pylist(), q.column(1).to_pylist(), strict=True):
                             reasons[r] = reasons.get(r, 0) + 1
+                            examples.setdefault(r, row)
                 else:
                     rows_out += n
         if rows_in is not None and rows_in != rows_out + rows_q:
@@ -426,9 +427,11 @@ class TableWriter:
             self.storage.write_json(f"{self.uri}/{CONFIG}", self.config)
         self.storage.write_json(f"{self.uri}/{MANIFEST}", manifest)
         if rate > self.max_quarantine_rate:
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            named = "; ".join(f"{r}: {n} rows, e.g. {examples[r][:300]}" for r, n in top)
             raise CommitError(
                 f"{self.uri}: {rows_q} of {total} rows quarantined ({rate:.2%}) > max {self.max_quarantine_rate:.2%}; "
-                f"reasons {reasons}; see {self.uri}/quarantine/"
+                f"top reasons: {named}; see {self.uri}/quarantine/"
             )
         self.storage.write_bytes(f"{self.uri}/{SUCCESS}", b"")
         self.complete = True

@@ -306,6 +306,7 @@ def synthetic_run(
             S.RAW_ITEM_ID: [str(i) for i in range(1, items + 1)],
             S.TITLE: [f"A film title number {i}" for i in range(1, items + 1)],
             S.KEYWORDS: [["drama", f"genre{i % 9}"] for i in range(1, items + 1)],
+            S.DESCRIPTION: [[] for _ in range(items)],
         },
         schema=S.ITEMS,
     )

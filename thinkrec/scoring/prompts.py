@@ -34,7 +34,8 @@ import pyarrow.compute as pc
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
 from thinkrec.data.ids import lookup
-from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
+from thinkrec.data.items import lookup_items
+from thinkrec.data.prepare import INTERACTIONS, USERS
 from thinkrec.io.commit import REASON, read_rows
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_tokenizer
@@ -115,9 +116,7 @@ class Lookups:
         needed = pa.chunked_array(
             [pc.cast(item_ids, pa.int64()), pc.cast(hist_items, pa.int64())], pa.int64()
         )
-        items = read_rows(
-            storage, storage.uri(ITEMS), S.ITEM_ID, needed, [S.ITEM_ID, S.TITLE, S.KEYWORDS]
-        ).to_pydict()
+        items = lookup_items(storage, needed).to_pydict()
         self.items = {
             int(i): ItemInfo(t or "", tuple(k or ()))
             for i, t, k in zip(items[S.ITEM_ID], items[S.TITLE], items[S.KEYWORDS], strict=True)

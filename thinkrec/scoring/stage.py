@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs
 from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
 from thinkrec.io.commit import (
     MANIFEST,
@@ -222,6 +223,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
             for f in _file_infos(_storage_for(cfg, storage), cfg.score.candidates)
         ]
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
+    inputs += keywords_inputs(storage)
     return fingerprint(sections, inputs, storage)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from thinkrec.config import Config
+from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import PromptBuilder
@@ -78,7 +79,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "seed": d["seed"],
         "stage": "train/v1",
     }
-    inputs = [storage.uri(D.INTERACTIONS), storage.uri(D.ITEMS)]
+    inputs = [storage.uri(D.INTERACTIONS), storage.uri(D.ITEMS), *keywords_inputs(storage)]
     if cfg.model.cf_tokens or cfg.train.experts:
         inputs.append(storage.uri(CF_MODEL_DIR))
     if cfg.train.reasoning and storage.exists(storage.uri(D.TRACES, SUCCESS)):
