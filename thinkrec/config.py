@@ -119,6 +119,17 @@ class ModelConfig:
     """Write projected CF embeddings over placeholder tokens (CoLLM/ThinkRec). False: text only (TALLRec)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
+    warmup_steps: int = Field(0, ge=0)
+    """Locally built base only (``model.base`` empty; never applied to a pretrained model): before
+    any LoRA training, this many full-parameter causal-LM steps on the train split's own text (the
+    reasoning traces' prompts and rationales, item titles and keywords), so a random-weight model
+    has a language to write explanations in (thinkrec/train/warmup.py). 0: off."""
+    warmup_lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate of the warm-up (constant after a short linear ramp)."""
+    warmup_batch_size: int = Field(16, ge=1)
+    """Sequences per warm-up step (each ``warmup_seq_len`` tokens of packed text)."""
+    warmup_seq_len: int = Field(128, ge=8)
+    """Tokens per warm-up sequence."""
 
 
 @dataclass(config=_STRICT)

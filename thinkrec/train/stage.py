@@ -80,13 +80,24 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 
 
 def ensure_base_model(cfg: Config) -> str:
-    """The configured base model, or the tiny one, built once at base_model_path(cfg)."""
+    """The configured base model, or the tiny one, built once at base_model_path(cfg) and warmed up
+    on the train split's text when model.warmup_steps asks (thinkrec/train/warmup.py)."""
+    from thinkrec.train import warmup
+
     path = base_model_path(cfg)
-    if not cfg.model.base and not os.path.exists(os.path.join(path, "config.json")):
+    if cfg.model.base:
+        if cfg.model.warmup_steps:
+            log.info("model.warmup_steps ignored: %s is not a locally built model", cfg.model.base)
+        return path
+    storage = Storage.from_config(cfg)
+    if not warmup.is_current(path, cfg, storage):
         from thinkrec.model.base import build_tiny_model
 
         tmp = f"{path}.tmp-{os.getpid()}"
         build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
+        if cfg.model.warmup_steps:
+            warmup.warm_up(cfg, storage, tmp)
+        shutil.rmtree(path, ignore_errors=True)  # one built or warmed for another config
         os.replace(tmp, path)  # never a half-written model dir under the final name
     return path
 
