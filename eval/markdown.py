@@ -199,9 +199,9 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
         md += [
             f"{e['rows']} explanations, {e['with_reference']} with a reference.",
             "",
-            "| BLEU-4 | ROUGE-L F | METEOR | BERTScore F1 | degenerate share | states Yes/No | agrees with decision |",
-            "|---|---|---|---|---|---|---|",
-            f"| {fmt(e['bleu4'])} | {fmt(e['rouge_l_f'])} | {fmt(e['meteor'])} | {fmt(e['bertscore_f1'])} | {fmt(e['degenerate_share'])} | {fmt(e.get('states_answer_share'))} | {fmt(e.get('answer_agrees_share'))} |",
+            "| BLEU-4 | ROUGE-L F | METEOR | BERTScore F1 | distinct-2 | degenerate share | states Yes/No | agrees with decision |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {fmt(e['bleu4'])} | {fmt(e['rouge_l_f'])} | {fmt(e['meteor'])} | {fmt(e['bertscore_f1'])} | {fmt(e.get('distinct_2'))} | {fmt(e['degenerate_share'])} | {fmt(e.get('states_answer_share'))} | {fmt(e.get('answer_agrees_share'))} |",
             "",
         ]
         if "names_items_share" in e:

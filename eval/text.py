@@ -89,6 +89,16 @@ def degenerate(text: str | None) -> bool:
     return Counter(grams).most_common(1)[0][1] / len(grams) >= DEGENERATE_SHARE
 
 
+def distinct_n(texts: Sequence[str | None], n: int = 2) -> float | None:
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all n-grams, across every text
+    (normalised words, n-grams never span two texts). None without any n-gram."""
+    grams = []
+    for t in texts:
+        words = normalize_text(t or "").split()
+        grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return len(set(grams)) / len(grams) if grams else None
+
+
 def stated_answer(text: str | None) -> int | None:
     """1 for an explanation starting "Yes", 0 for "No", None otherwise."""
     m = re.match(r"\s*(yes|no)\b", (text or "").lower())
@@ -217,6 +227,7 @@ def explanation_metrics(
     # Checks that need no model.
     degen = [degenerate(e) for e in explanations]
     out["degenerate_share"] = sum(degen) / n if n else None
+    out["distinct_2"] = distinct_n(explanations, 2)
     for i, d in enumerate(degen):
         per_row[i]["degenerate"] = d
     if decisions is not None:

@@ -64,6 +64,8 @@ def small_config(root: str, **overrides) -> C.Config:
         "ray.num_cpus": 2,
         "data.max_users": 40,
         "cf.epochs": 3,
+        "cf.baselines": [],  # the demo's LightGCN and SASRec baselines: tests/test_cf_models.py
+        "model.warmup_steps": 0,  # the demo's warm-up of the tiny model: tests/test_warmup.py
         "train.max_train_samples": 64,
         "train.max_valid_samples": 32,
         "train.warmup_steps": 2,

@@ -81,7 +81,8 @@ def _write(storage: Storage, rel: str, rows: dict, schema: pa.Schema, extra: dic
 THROUGHPUT = score_stage.throughput(70, 3.5, "hf")
 
 
-CF_SCHEMA = S.CF_SCORES.append(pa.field("cf_mf", pa.float32())).append(pa.field("cf_mf_nobias", pa.float32()))
+# One column per CF model the cf stage trained: MF (with and without biases), LightGCN, SASRec.
+CF_SCHEMA = S.cf_scores_schema(["cf_mf", "cf_mf_nobias", "cf_lightgcn", "cf_sasrec"])
 
 
 def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
@@ -123,6 +124,9 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
     )
     mf = (rng.normal(size=n) + labels).astype(np.float32)
     cf_keep = np.arange(n) != 5
+    other = np.random.default_rng(1)  # its own stream: the draws below stay as they were
+    lgcn = (mf * 0.3 + other.normal(size=n)).astype(np.float32)
+    sas = (mf * 0.2 + other.normal(size=n)).astype(np.float32)
     _write(
         storage,
         "cf/scores",
@@ -134,6 +138,8 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
             S.CF_SCORE: mf[cf_keep],
             "cf_mf": mf[cf_keep],
             "cf_mf_nobias": (mf[cf_keep] * 0.5 + rng.normal(size=int(cf_keep.sum()))).astype(np.float32),
+            "cf_lightgcn": lgcn[cf_keep],
+            "cf_sasrec": sas[cf_keep],
         },
         CF_SCHEMA,
     )
@@ -179,6 +185,8 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
         "labels": labels[both],
         "thinkrec": tr[both],
         "cf_mf": mf[both],
+        "cf_lightgcn": lgcn[both],
+        "cf_sasrec": sas[both],
         "item_rate": item_rate[both],
         "not_cold": not_cold[both],
         "gates": gates[both],
@@ -213,8 +221,17 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     assert r["by_model"]["thinkrec"] == {"scored": 70, "missing": 2, "outside_test_rows": 0}
     assert r["by_model"]["cf_mf"]["missing"] == 1 and r["by_model"]["item_rate"]["missing"] == 0
     allm = saved["metrics"]["all"]
-    assert set(allm) == {"thinkrec", "cf_mf", "cf_mf_nobias", "item_rate", "history_rate", "logistic"}
-    for model in ("thinkrec", "cf_mf", "item_rate"):
+    assert set(allm) == {
+        "thinkrec",
+        "cf_mf",
+        "cf_mf_nobias",
+        "cf_lightgcn",
+        "cf_sasrec",
+        "item_rate",
+        "history_rate",
+        "logistic",
+    }
+    for model in ("thinkrec", "cf_mf", "cf_lightgcn", "cf_sasrec", "item_rate"):
         m = allm[model]
         assert m["counts"]["rows"] == 69
         assert m["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(t["labels"], t[model]), abs=1e-6)

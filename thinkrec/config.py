@@ -159,6 +159,17 @@ class ModelConfig:
     """Write projected CF embeddings over placeholder tokens (CoLLM/ThinkRec). False: text only (TALLRec)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
+    warmup_steps: int = Field(0, ge=0)
+    """Locally built base only (``model.base`` empty; never applied to a pretrained model): before
+    any LoRA training, this many full-parameter causal-LM steps on the train split's own text (the
+    reasoning traces' prompts and rationales, item titles and keywords), so a random-weight model
+    has a language to write explanations in (thinkrec/train/warmup.py). 0: off."""
+    warmup_lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate of the warm-up (constant after a short linear ramp)."""
+    warmup_batch_size: int = Field(16, ge=1)
+    """Sequences per warm-up step (each ``warmup_seq_len`` tokens of packed text)."""
+    warmup_seq_len: int = Field(128, ge=8)
+    """Tokens per warm-up sequence."""
 
 
 @dataclass(config=_STRICT)
@@ -187,27 +198,76 @@ class KeywordsConfig:
     (scikit-learn's ``max_df``)."""
 
 
+CFModel = Literal["mf", "lightgcn", "sasrec"]
+
+
+@dataclass(config=_STRICT)
+class LightGCNConfig:
+    """LightGCN (thinkrec/cf/lightgcn.py), the paper's graph CF encoder."""
+
+    dim: int = Field(64, ge=2)
+    """Embedding size (the paper's 64)."""
+    layers: int = Field(2, ge=0)
+    """Propagation layers over the normalised graph of the positive train pairs (the reference's 2)."""
+
+
+@dataclass(config=_STRICT)
+class SASRecConfig:
+    """SASRec (thinkrec/cf/sasrec.py), the paper's sequential CF encoder."""
+
+    hidden: int = Field(64, ge=2)
+    """Hidden size (the paper's 64); also the CF vectors' width."""
+    blocks: int = Field(2, ge=1)
+    """Self-attention blocks (the paper's 2)."""
+    max_len: int = Field(25, ge=1)
+    """Items in a sequence: the user's last N before the row (the paper's 25)."""
+    heads: int = Field(1, ge=1)
+    """Attention heads (the reference's 1); must divide ``hidden``."""
+    dropout: float = Field(0.2, ge=0, lt=1)
+    """Dropout on the embeddings and in every block (the reference's 0.2)."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> SASRecConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"cf.sasrec.heads={self.heads} must divide cf.sasrec.hidden={self.hidden}")
+        return self
+
+
 @dataclass(config=_STRICT)
 class CFConfig:
-    model: Literal["mf"] = "mf"
+    model: CFModel = "mf"
+    """The CF model whose vectors feed the CF tokens (and pick the hard samples): ``mf`` (matrix
+    factorisation, thinkrec/cf/mf.py), ``lightgcn`` or ``sasrec``. Its logit is cf/scores' ``cf_score``."""
+    baselines: tuple[CFModel, ...] = ()
+    """Further CF models trained in the same cf stage only for comparison: each adds its ``cf_<model>``
+    column to cf/scores (and so a row in the evaluation report); their vectors are not exported.
+    One equal to ``cf.model`` is that model itself, trained once."""
     dim: int = Field(64, ge=2)
-    """Embedding size (the paper's MF uses 256; the demo uses 64)."""
+    """MF's embedding size (the paper's MF uses 256; the demo uses 64)."""
     epochs: int = Field(20, ge=1)
-    """Training epochs; the epoch with the best validation AUC is kept."""
+    """Training epochs (every CF model); the epoch with the best validation AUC is kept."""
     batch_size: int = Field(1024, ge=1)
     """Global batch size, split evenly over the workers."""
     lr: float = Field(1e-2, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (every CF model)."""
     weight_decay: float = Field(1e-4, ge=0)
     """AdamW (decoupled) weight decay."""
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (DDP over gloo on CPU)."""
     bias: bool = True
-    """Add user, item and global biases to <u, i>, saved beside the embeddings in
+    """MF only: add user, item and global biases to <u, i>, saved beside the embeddings in
     cf/model/bias.safetensors. The reference MF has none (false), but on a time split most valid/test
     rows have a cold user, which only the item bias can score (ML-100K valid AUC 0.67 vs 0.52)."""
     max_failures: int = Field(2, ge=0)
     """Times Ray Train restarts the workers from the last checkpoint after a worker fails."""
+    lightgcn: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
+    sasrec: SASRecConfig = dataclasses.field(default_factory=SASRecConfig)
+
+    @model_validator(mode="after")
+    def _baselines(self) -> CFConfig:
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"cf.baselines lists a model twice: {list(self.baselines)}")
+        return self
 
 
 @dataclass(config=_STRICT)

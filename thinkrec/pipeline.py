@@ -56,6 +56,11 @@ def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], tot
             f"  explanations: BLEU-4 {fmt(text['bleu4'])}  ROUGE-L F {fmt(text['rouge_l_f'])}  "
             f"METEOR {fmt(text['meteor'])}  ({text['with_reference']} rows with a reference)"
         )
+        lines.append(
+            f"  explanations: distinct-2 {fmt(text.get('distinct_2'))}  states Yes/No "
+            f"{fmt(text.get('states_answer_share'))}  agrees with the score's decision "
+            f"{fmt(text.get('answer_agrees_share'))}"
+        )
     lines.append(
         "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"
     )

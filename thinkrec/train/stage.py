@@ -88,26 +88,40 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 
 
 def ensure_base_model(cfg: Config) -> str:
-    """The configured base model, or the tiny one: built once and committed under the run root's
+    """The configured base model, or the tiny one: built once (and warmed up on the train split's
+    text when model.warmup_steps asks, thinkrec/train/warmup.py) and committed under the run root's
     ``base_model`` (an S3 root gets an upload), so every node's scorer reads the same files.
     Returns a local directory with the model."""
+    from thinkrec.train import warmup
+
     if cfg.model.base:
+        if cfg.model.warmup_steps:
+            log.info("model.warmup_steps ignored: %s is not a locally built model", cfg.model.base)
         return cfg.model.base
     storage = Storage.from_config(cfg)
     uri = storage.uri(BASE_MODEL_DIR)
-    if not storage.exists(f"{uri}/{SUCCESS}"):
-        from thinkrec.model.base import build_tiny_model
+    if storage.exists(f"{uri}/{SUCCESS}") and warmup.is_current(base_model_path(cfg), cfg, storage):
+        return base_model_path(cfg)
+    from thinkrec.model.base import build_tiny_model
 
-        local = storage.local_path(uri)
-        if local is not None and not os.path.exists(os.path.join(local, "config.json")):
-            tmp = f"{local}.tmp-{os.getpid()}"
-            build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
-            os.replace(tmp, local)  # never a half-written model dir under the final name
-        elif local is None:
-            with tempfile.TemporaryDirectory(prefix="thinkrec-tiny-") as tmp:
-                build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
-                storage.copy_tree(tmp, uri)
-        mark_success(storage, uri, {"stage": "base_model", "tiny": dataclasses.asdict(cfg.model.tiny)})
+    def build(path: str) -> None:
+        build_tiny_model(path, cfg.model.tiny, seed=cfg.seed)
+        if cfg.model.warmup_steps:
+            warmup.warm_up(cfg, storage, path)
+
+    local = storage.local_path(uri)
+    if local is not None:
+        tmp = f"{local}.tmp-{os.getpid()}"
+        build(tmp)
+        shutil.rmtree(local, ignore_errors=True)  # one built or warmed for another config
+        os.replace(tmp, local)  # never a half-written model dir under the final name
+    else:
+        with tempfile.TemporaryDirectory(prefix="thinkrec-tiny-") as tmp:
+            build(tmp)
+            if storage.exists(uri):
+                storage.delete(uri)
+            storage.copy_tree(tmp, uri)
+    mark_success(storage, uri, {"stage": "base_model", "tiny": dataclasses.asdict(cfg.model.tiny)})
     return base_model_path(cfg)
 
 
