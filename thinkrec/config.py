@@ -349,6 +349,11 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lr: float = Field(1e-4, gt=0)
     projector_lr: float = Field(1e-3, gt=0)
+    projector_lora: bool = False
+    """Stage 2 trains the global LoRA (at ``lr``) together with the projector, and its LoRA replaces
+    stage 1's. False: the reference's stage 2, LoRA frozen. A random-weight base (the tiny model)
+    needs it: with frozen attention the CF tokens barely reach the answer position
+    (tests/test_planted.py)."""
     expert_lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     warmup_steps: int = Field(200, ge=0)

@@ -1,8 +1,9 @@
 """train stage: global LoRA -> CF projector -> user groups -> expert LoRAs, on Ray Train.
 
 1. global: one LoRA over text-only prompts (titles, labels, keywords; reasoning mix), lr train.lr.
-2. projector: CF tokens on, LoRA frozen, the projector alone trained (lr train.projector_lr);
-   skipped when model.cf_tokens is false.
+2. projector: CF tokens on, the projector trained (lr train.projector_lr) with the LoRA frozen, or
+   with train.projector_lora the LoRA too (lr train.lr), starting from stage 1's adapter and then
+   replacing it as adapters/global; skipped when model.cf_tokens is false.
 3. groups: the train users' CF embeddings clustered (thinkrec.cf.grouping); prototypes = mean raw
    embedding per group.
 4. experts: per group, a LoRA initialised from the global one with only its last
@@ -10,7 +11,8 @@
    skipped when train.experts is false.
 
 Outputs under <output_root>/train/: adapters/global/, adapters/expert-<g>/ (peft, safetensors),
-projector.safetensors, fusion.json, groups.json, curves.json, committed with mark_success. Each
+projector.safetensors, fusion.json, groups.json (sizes, separation, each train user's group),
+curves.json, committed with mark_success. Each
 phase is one TorchTrainer run with a stable name under train/_ray, so a resubmitted job resumes the
 phase it was in from its last checkpoint; finished phases are recorded in train/_phases and not rerun.
 Both helper folders are removed before the commit.
@@ -55,6 +57,7 @@ GROUPS = "groups.json"
 CURVES = "curves.json"
 RAY_DIR = "_ray"
 PHASES_DIR = "_phases"
+STAGE1_ADAPTER = "global-adapter"  # stage 1's LoRA under _phases (stage 2 may replace adapters/global)
 # Fields that steer fault tolerance only; they never change what is trained.
 _NOT_FINGERPRINTED = (
     "fail_at_step",
@@ -277,24 +280,46 @@ def run(cfg: Config) -> dict[str, Any]:
 
         return publish
 
+    def publish_global(final: str) -> None:
+        publish_adapter(GLOBAL)(final)
+        src = storage.uri(TRAIN_DIR, ADAPTERS, GLOBAL)
+        dst = storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER)
+        storage.delete(dst)
+        storage.copy_tree(src, dst)
+
     # 1. global LoRA, text-only prompts
     phase(
         GLOBAL,
         {"phase": "global", "cf_tokens": False, "lr": t.lr, "epochs": t.epochs},
         rows(text_pb, samples),
         rows(text_pb, vsamples),
-        publish_adapter(GLOBAL),
+        publish_global,
     )
     # 2. projector (LoRA frozen)
     pb = text_pb
     if cfg.model.cf_tokens:
         pb = builder(True)
+
+        def publish_projector(final: str) -> None:
+            _publish_file(storage, os.path.join(final, L.PROJECTOR_FILE), f"{out}/{PROJECTOR}")
+            if t.projector_lora:  # stage 2's LoRA replaces stage 1's as the global adapter
+                publish_adapter(GLOBAL)(final)
+
         phase(
             "projector",
-            {"phase": "projector", "cf_tokens": True, "lr": t.projector_lr, "epochs": t.projector_epochs},
+            {
+                "phase": "projector",
+                "cf_tokens": True,
+                "lr": t.projector_lr,
+                "lora_lr": t.lr if t.projector_lora else None,
+                "epochs": t.projector_epochs,
+                # Stage 1's adapter, kept apart: a rerun of this phase must start from it, not from
+                # the adapter this phase publishes over adapters/global.
+                "init_adapter": storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER),
+            },
             rows(pb, samples),
             rows(pb, vsamples),
-            lambda final: _publish_file(storage, os.path.join(final, L.PROJECTOR_FILE), f"{out}/{PROJECTOR}"),
+            publish_projector,
         )
     # 3. groups and 4. experts
     report: dict[str, Any] = {}
@@ -309,6 +334,8 @@ def run(cfg: Config) -> dict[str, Any]:
         groups, protos, report = group_train_users(
             cf.user.numpy(), train_users, t.grouping, t.n_groups, cfg.seed
         )
+        # Which group each train user is in, beside the sizes and separation (user id -> group).
+        report["assignments"] = {str(int(u)): int(groups[u]) for u in train_users}
         storage.write_json(f"{out}/{GROUPS}", report)
         names = []
         for g in range(protos.shape[0]):
