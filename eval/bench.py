@@ -37,6 +37,9 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rows": doc["rows"]["eval
 
 
 def write_tables(root: str, n: int, seed: int = 0, chunk: int = 1_000_000) -> None:
+    """``n`` scored test rows: prepare/interactions holds them plus a train and a valid row for every
+    eight (n * 10 / 8 rows in all); score/scores and cf/scores hold the test rows only. Each chunk's
+    labels and scores come from a generator seeded by the chunk, so the three tables agree."""
     from thinkrec.data import schema as S
     from thinkrec.io.commit import TableWriter
     from thinkrec.io.fs import Storage
@@ -48,21 +51,26 @@ def write_tables(root: str, n: int, seed: int = 0, chunk: int = 1_000_000) -> No
     )
 
     def chunks(kind: str):
-        rng = np.random.default_rng(seed)
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
+        total = -(-n * 10 // 8)
+        for start in range(0, total, chunk):
+            m = min(chunk, total - start)
             rows = np.arange(start, start + m)
-            u = (rows // 20 + 1).astype(np.int64)  # 20 candidates per user
+            u = (rows // 25 + 1).astype(np.int64)  # 25 rows per user, 20 of them test candidates
             it = (rows % n_items + 1).astype(np.int64)
-            y = (rng.random(m) < 0.4).astype(np.int8)
-            s = (rng.normal(size=m) + y).astype(np.float32)
+            r0 = np.random.default_rng([seed, start])
+            y = (r0.random(m) < 0.4).astype(np.int8)
+            s = (r0.normal(size=m) + y).astype(np.float32)
+            rng = np.random.default_rng([seed, start, 1])
+            split = np.where(rows % 10 == 0, "train", np.where(rows % 10 == 1, "valid", "test"))
+            if kind != "inter":
+                test = split == "test"
+                rows, u, it, y, s, m = rows[test], u[test], it[test], y[test], s[test], int(test.sum())
             if kind == "inter":
                 hl = rng.integers(0, 11, m)
                 off = np.r_[0, np.cumsum(hl)].astype(np.int32)
                 flat = (rng.random(int(off[-1])) < 0.5).astype(np.int8)
                 hist = pa.ListArray.from_arrays(pa.array(off), pa.array(flat, pa.int8()))
                 hitems = pa.ListArray.from_arrays(pa.array(off), pa.array(np.ones(int(off[-1]), np.int64)))
-                split = np.where(rows % 10 == 0, "train", np.where(rows % 10 == 1, "valid", "test"))
                 yield pa.table(
                     {
                         S.USER_ID: u,
@@ -122,6 +130,7 @@ def measure(n: int, resamples: int, slice_resamples: int) -> dict[str, Any]:
         write_tables(root, n)
         gen = time.perf_counter() - t0
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        load_before = os.getloadavg()[0]
         proc = subprocess.Popen(
             [sys.executable, "-c", CHILD, root, str(resamples), str(slice_resamples)],
             stdout=subprocess.PIPE,
@@ -134,7 +143,7 @@ def measure(n: int, resamples: int, slice_resamples: int) -> dict[str, Any]:
         res = json.loads(out.strip().splitlines()[-1])
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB, the largest child so far
     return {
-        "table_rows": n,
+        "scored_rows": n,
         "evaluated_rows": res["rows"],
         "seconds": round(res["seconds"], 1),
         "rows_per_s": round(res["rows"] / res["seconds"]),
@@ -144,6 +153,8 @@ def measure(n: int, resamples: int, slice_resamples: int) -> dict[str, Any]:
         "models": 6,
         "write_seconds": round(gen, 1),
         "thinkrec_auc": res["auc"],
+        # The machine may be shared: its 1-minute load average before and after the child ran.
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
 
 
@@ -154,4 +165,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         r = measure(n, resamples=20, slice_resamples=0)
         print(json.dumps(r))
         results.append(r)
-    return {"bench": "evaluate", "hardware": "2-core x86_64 CPU, no GPU", "results": results}
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    return {"bench": "evaluate", "hardware": f"{os.cpu_count()}-core {cpu} CPU, no GPU", "results": results}

@@ -19,10 +19,13 @@ metric is undefined, e.g. one class only, is left out of that metric's percentil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+Probability = np.ndarray | Callable[[np.ndarray], np.ndarray] | None
+"""A model's probability: an array (n,), a function of its score array, or None."""
 
 ECE_BINS = 10
 """Equal-width probability bins of the expected calibration error."""
@@ -39,7 +42,8 @@ class Rows:
     @classmethod
     def build(cls, user_ids: np.ndarray, labels: np.ndarray) -> Rows:
         uniq, uidx = np.unique(np.asarray(user_ids), return_inverse=True)
-        return cls(uidx.astype(np.int64), (np.asarray(labels) > 0).astype(np.int8), len(uniq))
+        idx_t = np.int32 if len(uniq) < 2**31 else np.int64
+        return cls(uidx.astype(idx_t).ravel(), (np.asarray(labels) > 0).astype(np.int8), len(uniq))
 
     def take(self, mask: np.ndarray) -> Rows:
         return Rows.build(self.uidx[mask], self.y[mask])
@@ -54,35 +58,43 @@ class ModelStats:
     """Per-user sufficient statistics of one model's scores on ``Rows``; ``value(weights)`` gives every
     metric for user weights (all ones: the point estimate)."""
 
-    def __init__(self, rows: Rows, score: np.ndarray, prob: np.ndarray | None, k_values: Sequence[int]):
-        s = np.asarray(score, dtype=np.float64)
+    def __init__(self, rows: Rows, score: np.ndarray, prob: Probability, k_values: Sequence[int]):
+        s = np.asarray(score, dtype=np.float64)  # (n,)
         y, u, U = rows.y, rows.uidx, rows.n_users
+        n = len(s)
+        idx_t = np.int32 if n < 2**31 else np.int64
         self.rows, self.k_values = rows, tuple(int(k) for k in k_values)
         self.pos = np.bincount(u, weights=y, minlength=U)  # (U,)
         self.cnt = np.bincount(u, minlength=U).astype(np.float64)  # (U,)
         self.neg = self.cnt - self.pos
+        # The temporaries below are deleted as soon as they are used: at 10M rows each is 40-80 MB.
 
         # Global AUC: tie groups of the score order; a row's group and the label counts per group.
-        order = np.argsort(s, kind="stable")
+        order = np.argsort(s, kind="stable")  # (n,)
         ss = s[order]
-        starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-        # Kept compact (1 + 4 bytes a row): every bootstrap resample re-reads them.
-        self._starts = starts
+        # Kept compact (4 + 1 + 4 bytes a row): every bootstrap resample re-reads them.
+        self._starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]]).astype(idx_t)
+        del ss
         self._ysorted = y[order].astype(np.int8)
-        self._usorted = u[order].astype(np.int32 if U < 2**31 else np.int64)
-        del order, ss
+        self._usorted = u[order].astype(idx_t)
+        del order
 
         # Per-user AUC (Mann-Whitney within each user): midranks of the score within the user.
-        o2 = np.lexsort((s, u))  # by user, then score
+        o2 = np.lexsort((s, u))  # (n,) by user, then score
         us, s2 = u[o2], s[o2]
         new_group = np.r_[True, (us[1:] != us[:-1]) | (s2[1:] != s2[:-1])]
-        gid = np.cumsum(new_group) - 1
+        del s2
         gstart = np.flatnonzero(new_group)
-        gsize = np.diff(np.r_[gstart, len(s2)])
-        ustart = np.r_[0, np.cumsum(self.cnt)][:-1].astype(np.int64)  # first sorted row of each user
+        gid = np.cumsum(new_group) - 1
+        del new_group
+        gsize = np.diff(np.r_[gstart, n])
+        ustart = np.r_[0, np.cumsum(self.cnt)][:-1].astype(np.int64)  # (U,) first sorted row of each user
         first_rank = gstart - ustart[us[gstart]] + 1  # 1-based rank of the group's first row
         midrank = (first_rank + (gsize - 1) / 2.0)[gid]  # (n,) in o2 order
-        rsum = np.bincount(us, weights=midrank * y[o2], minlength=U)
+        del gid, gstart, gsize, first_rank
+        midrank *= y[o2]
+        rsum = np.bincount(us, weights=midrank, minlength=U)
+        del midrank, us, o2
         both = (self.pos > 0) & (self.neg > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.user_auc = np.where(
@@ -91,39 +103,53 @@ class ModelStats:
         self.both = both
 
         # Ranking inside each user: best first, ties in input order (stable), as eval/metrics.py.
-        o3 = np.lexsort((np.arange(len(s)), -s, u))
+        o3 = np.lexsort((np.arange(n), -s, u))  # (n,)
         u3, rel = u[o3], y[o3].astype(np.float64)
-        pos_in_user = np.arange(len(s)) - ustart[u3]  # 0-based rank
+        del o3
+        pos_in_user = np.arange(n) - ustart[u3]  # (n,) 0-based rank
         hits = np.cumsum(rel)
-        hits_before_user = (hits - rel)[np.r_[0, np.flatnonzero(u3[1:] != u3[:-1]) + 1]]
-        hits_in_user = hits - hits_before_user[np.cumsum(np.r_[True, u3[1:] != u3[:-1]]) - 1]
+        first_of_user = np.r_[True, u3[1:] != u3[:-1]]
+        hits_before_user = (hits - rel)[np.flatnonzero(first_of_user)]
+        hits -= hits_before_user[np.cumsum(first_of_user) - 1]  # now: hits within the user so far
+        del hits_before_user, first_of_user
+        # Only the top max(k) rows of each user matter from here on.
+        top_rows = pos_in_user < max(self.k_values, default=0)
+        u3, rel, rank0, hits = u3[top_rows], rel[top_rows], pos_in_user[top_rows], hits[top_rows]
+        del pos_in_user, top_rows
         self.ranked = self.pos > 0
         self.rank: dict[str, np.ndarray] = {}
         for k in self.k_values:
-            top = (pos_in_user < k) * rel
+            top = (rank0 < k) * rel
             hr = np.bincount(u3, weights=top, minlength=U) > 0
-            dcg = np.bincount(u3, weights=top / np.log2(pos_in_user + 2), minlength=U)
+            dcg = np.bincount(u3, weights=top / np.log2(rank0 + 2), minlength=U)
             ideal_n = np.minimum(self.pos, k).astype(np.int64)
             disc = np.r_[0.0, np.cumsum(1 / np.log2(np.arange(k) + 2))]
             idcg = disc[ideal_n]
-            ap = np.bincount(u3, weights=top * hits_in_user / (pos_in_user + 1), minlength=U)
+            ap = np.bincount(u3, weights=top * hits / (rank0 + 1), minlength=U)
             with np.errstate(invalid="ignore", divide="ignore"):
                 self.rank[f"hr@{k}"] = hr.astype(np.float64)
                 self.rank[f"ndcg@{k}"] = np.where(self.ranked, dcg / np.where(idcg > 0, idcg, 1), 0.0)
                 self.rank[f"map@{k}"] = np.where(self.ranked, ap / np.maximum(ideal_n, 1), 0.0)
+        del u3, rel, rank0, hits
 
+        if callable(prob):
+            prob = prob(np.asarray(score, dtype=np.float64))
         self.probability = prob is not None
         if prob is not None:
-            p = np.clip(
-                np.asarray(prob, dtype=np.float64), np.finfo(np.float64).eps, 1 - np.finfo(np.float64).eps
-            )
+            eps = np.finfo(np.float64).eps
+            p = np.clip(np.asarray(prob, dtype=np.float64), eps, 1 - eps)  # (n,)
             ll = -(y * np.log(p) + (1 - y) * np.log1p(-p))
             self.ll_sum = np.bincount(u, weights=ll, minlength=U)
-            b = np.minimum((p * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-            cell = u * ECE_BINS + b
-            self.ece_y = np.bincount(cell, weights=y, minlength=U * ECE_BINS).reshape(U, ECE_BINS)
-            self.ece_p = np.bincount(cell, weights=p, minlength=U * ECE_BINS).reshape(U, ECE_BINS)
-            self.ece_n = np.bincount(cell, minlength=U * ECE_BINS).reshape(U, ECE_BINS).astype(np.float64)
+            del ll
+            # ECE by (user, bin) cell, kept sparse: only the cells that hold rows (at most n, at most
+            # U * ECE_BINS), so many users with few rows each cost no U x ECE_BINS matrix.
+            cell = u.astype(np.int64) * ECE_BINS + np.minimum((p * ECE_BINS).astype(np.int64), ECE_BINS - 1)
+            cells, inv = np.unique(cell, return_inverse=True)
+            del cell
+            self.ece_user = (cells // ECE_BINS).astype(idx_t)  # (C,)
+            self.ece_bin = (cells % ECE_BINS).astype(np.int8)  # (C,)
+            self.ece_y = np.bincount(inv, weights=y, minlength=len(cells))  # (C,)
+            self.ece_p = np.bincount(inv, weights=p, minlength=len(cells))  # (C,)
 
     def names(self) -> list[str]:
         return metric_names(self.k_values, self.probability)
@@ -156,7 +182,9 @@ class ModelStats:
         if self.probability:
             n = (w * self.cnt).sum()
             out["logloss"] = float((w * self.ll_sum).sum() / n) if n > 0 else float("nan")
-            ey, ep = w @ self.ece_y, w @ self.ece_p
+            wc = w[self.ece_user]
+            ey = np.bincount(self.ece_bin, weights=wc * self.ece_y, minlength=ECE_BINS)
+            ep = np.bincount(self.ece_bin, weights=wc * self.ece_p, minlength=ECE_BINS)
             out["ece"] = float(np.abs(ey - ep).sum() / n) if n > 0 else float("nan")
         for name, vals in self.rank.items():
             out[name] = wmean(vals, self.ranked)
@@ -180,44 +208,56 @@ def _interval(vals: np.ndarray) -> tuple[float | None, float | None]:
     return float(lo), float(hi)
 
 
+def _resample_weights(rng: np.random.Generator, n_users: int) -> np.ndarray:
+    """One bootstrap resample as user weights (U,): how often each user was drawn."""
+    return np.bincount(rng.integers(0, n_users, n_users), minlength=n_users).astype(np.float64)
+
+
 def evaluate_models(
     rows: Rows,
-    models: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    models: Mapping[str, tuple[np.ndarray, Probability]],
     k_values: Sequence[int],
     resamples: int,
     seed: int,
     reference: str | None = None,
 ) -> dict[str, dict[str, object]]:
     """{model: {"counts": ..., "metrics": {name: {"value", "lo", "hi"}}, "vs_reference": {name: {"diff",
-    "lo", "hi", "p_le_0"}}}} for models given as name -> (score, probability or None), all on ``rows``.
+    "lo", "hi", "p_le_0"}}}} for models given as name -> (score, probability), all on ``rows``. The
+    probability is an array, a function of the score (e.g. a sigmoid, so no second array is held), or
+    None (no calibration metrics).
+
     ``reference`` (ThinkRec) is compared with each other model by a paired bootstrap: the difference
-    reference - model in every resample, its percentiles and the share of resamples where it is <= 0."""
-    stats = {name: ModelStats(rows, s, p, k_values) for name, (s, p) in models.items()}
-    point = {name: st.value() for name, st in stats.items()}
-    rng = np.random.default_rng(seed)
-    draws: dict[str, dict[str, list[float]]] = {n: {m: [] for m in st.names()} for n, st in stats.items()}
-    for _ in range(resamples):
-        w = np.bincount(rng.integers(0, rows.n_users, rows.n_users), minlength=rows.n_users).astype(
-            np.float64
-        )
-        for name, st in stats.items():
-            for m, v in st.value(w).items():
-                draws[name][m].append(v)
+    reference - model in every resample, its percentiles and the share of resamples where it is <= 0.
+    Models are done one at a time (one model's statistics in memory, not all of them: at 10M rows each
+    is a few hundred MB); the generator is re-seeded for each, so every model sees the same resamples."""
+    point: dict[str, dict[str, float]] = {}
+    draws: dict[str, dict[str, np.ndarray]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for name, (score, prob) in models.items():
+        st = ModelStats(rows, score, prob, k_values)
+        point[name], counts[name] = st.value(), st.counts()
+        rng = np.random.default_rng(seed)
+        d = {m: np.empty(resamples) for m in st.names()}
+        for i in range(resamples):
+            for m, v in st.value(_resample_weights(rng, rows.n_users)).items():
+                d[m][i] = v
+        draws[name] = d
+        del st
     out: dict[str, dict[str, object]] = {}
-    for name, st in stats.items():
+    for name in models:
         metrics = {}
-        for m in st.names():
-            lo, hi = _interval(np.asarray(draws[name][m])) if resamples else (None, None)
+        for m, vals in draws[name].items():
+            lo, hi = _interval(vals) if resamples else (None, None)
             metrics[m] = {"value": point[name][m], "lo": lo, "hi": hi}
-        entry: dict[str, object] = {"counts": st.counts(), "metrics": metrics}
-        if reference is not None and name != reference and reference in stats:
+        entry: dict[str, object] = {"counts": counts[name], "metrics": metrics}
+        if reference is not None and name != reference and reference in draws:
             diffs = {}
-            for m in st.names():
+            for m in draws[name]:
                 if m not in draws[reference]:
                     continue
-                d = np.asarray(draws[reference][m]) - np.asarray(draws[name][m])
-                lo, hi = _interval(d) if resamples else (None, None)
-                fin = d[np.isfinite(d)]
+                dd = draws[reference][m] - draws[name][m]
+                lo, hi = _interval(dd) if resamples else (None, None)
+                fin = dd[np.isfinite(dd)]
                 diffs[m] = {
                     "diff": point[reference][m] - point[name][m],
                     "lo": lo,

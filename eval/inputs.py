@@ -100,13 +100,19 @@ def read_interactions(storage: Storage) -> dict[str, Any]:
             d = parts[sp]
             d["user"].append(_np(t.column(S.USER_ID), np.int64))
             d["item"].append(_np(t.column(S.ITEM_ID), np.int64))
-            d["label"].append(_np(t.column(S.LABEL), np.float64, -1))
+            d["label"].append(_np(t.column(S.LABEL), np.int8, -1))
             d["not_cold"].append(_np(t.column(S.NOT_COLD), bool, False))
-            d["hist_len"].append(hl)
-            d["hist_rate"].append(rate)
+            d["hist_len"].append(hl.astype(np.int32))
+            d["hist_rate"].append(rate.astype(np.float32))
     out: dict[str, Any] = {}
     for sp, d in parts.items():
-        out[sp] = {k: (np.concatenate(v) if v else np.zeros(0)) for k, v in d.items()}
+        # Concatenated one column at a time, each column's chunks dropped right after (no second
+        # copy of every column at once).
+        out[sp] = {}
+        for k in list(d):
+            chunks = d.pop(k)
+            out[sp][k] = np.concatenate(chunks) if chunks else np.zeros(0)
+            del chunks
     ti = np.concatenate(train_items) if train_items else np.zeros(0, np.int64)
     tl = np.concatenate(train_labels) if train_labels else np.zeros(0)
     n_items = int(max([ti.max(initial=0)] + [out[s]["item"].max(initial=0) for s in out])) + 1
@@ -117,7 +123,12 @@ def read_interactions(storage: Storage) -> dict[str, Any]:
 
 
 def make_keys(users: np.ndarray, items: np.ndarray, stride: int) -> np.ndarray:
-    return users.astype(np.int64) * stride + items.astype(np.int64)
+    """Row keys; an item id outside [0, stride) gets key -1, which no universe row has (its key would
+    collide with another user's row otherwise)."""
+    it = items.astype(np.int64)
+    keys = users.astype(np.int64) * stride + it
+    keys[(it < 0) | (it >= stride)] = -1
+    return keys
 
 
 class Universe:
@@ -126,6 +137,20 @@ class Universe:
     def __init__(self, keys: np.ndarray):
         uniq, first = np.unique(keys, return_index=True)
         self.keys, self.first, self.duplicates = uniq, first, len(keys) - len(uniq)
+
+    def place_into(self, out: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Write ``values`` into ``out`` (the universe's rows, NaN where not yet placed) at their keys'
+        rows, one batch of a streamed table at a time; a row already placed (by this or an earlier
+        batch) keeps its first value. Returns the mask of ``keys`` inside the universe."""
+        if not len(self.keys):
+            return np.zeros(len(keys), bool)
+        idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        hit = self.keys[idx] == keys
+        hi, vals = idx[hit], np.asarray(values)[hit]
+        fresh = np.isnan(out[hi])
+        # Reversed, so within the batch the first occurrence is written last and wins.
+        out[hi[fresh][::-1]] = vals[fresh][::-1]
+        return hit
 
     def place(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, int]:
         """``values`` at the universe's rows (NaN where absent) and how many of ``keys`` fall outside
@@ -139,3 +164,35 @@ class Universe:
         hi, vals = idx_c[hit][::-1], np.asarray(values, dtype=np.float64)[hit][::-1]
         out[hi] = vals  # reversed, so the first occurrence is written last and wins
         return out, int((~hit).sum())
+
+
+LOOKUP_STRIDE = 2**31
+"""Key stride of ``lookup``: item ids below 2**31 (the schema's int64 ids, in practice far smaller)."""
+
+
+def lookup(
+    storage: Storage,
+    rel: str,
+    users: np.ndarray,
+    items: np.ndarray,
+    columns: list[str],
+    split: str | None = None,
+) -> list[dict[str, Any] | None]:
+    """The ``columns`` of the table's first row for each (user, item) (None where it has none), the
+    table streamed batch by batch and only the wanted rows kept: for the few rows a report shows
+    (the explanations), not for whole tables. ``split``: only rows of that split."""
+    keys = make_keys(np.asarray(users), np.asarray(items), LOOKUP_STRIDE)
+    want = np.unique(keys)
+    found: dict[int, dict[str, Any]] = {}
+    cols = [S.USER_ID, S.ITEM_ID] + ([S.SPLIT] if split else []) + columns
+    for b in iter_batches(storage, rel, list(dict.fromkeys(cols))):
+        if split:
+            b = b.filter(pc.equal(b.column(S.SPLIT), split))
+        k = make_keys(_np(b.column(S.USER_ID), np.int64), _np(b.column(S.ITEM_ID), np.int64), LOOKUP_STRIDE)
+        sel = np.isin(k, want)
+        if not sel.any():
+            continue
+        sub = b.filter(pa.array(sel)).select(columns)
+        for key, row in zip(k[sel].tolist(), sub.to_pylist(), strict=True):
+            found.setdefault(key, row)
+    return [found.get(k) for k in keys.tolist()]

@@ -180,12 +180,17 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
         "No training curves: train/curves.json is absent or holds no numeric series.",
     )
     tp = doc.get("score_throughput")
-    md += [
-        f"Score stage throughput: {tp}."
-        if tp
-        else "> Score stage throughput: not recorded in the score table's manifest.",
-        "",
-    ]
+    if tp:
+        md += [
+            "Score stage throughput (its manifest; the stage's wall time from start to commit):",
+            "",
+            "| rows | wall seconds | pairs/s | backend |",
+            "|---|---|---|---|",
+            f"| {tp.get('rows')} | {fmt(tp.get('wall_s'))} | {fmt(tp.get('pairs_per_s'))} | {tp.get('backend')} |",
+            "",
+        ]
+    else:
+        md += ["> Score stage throughput: not recorded in the score table's manifest.", ""]
     md += ["## Explanations", ""]
     e = doc.get("explanations")
     if not e:
@@ -194,10 +199,21 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
         md += [
             f"{e['rows']} explanations, {e['with_reference']} with a reference.",
             "",
-            "| BLEU-4 | ROUGE-L F | METEOR | BERTScore F1 | degenerate share | states Yes/No | agrees with decision |",
-            "|---|---|---|---|---|---|---|",
-            f"| {fmt(e['bleu4'])} | {fmt(e['rouge_l_f'])} | {fmt(e['meteor'])} | {fmt(e['bertscore_f1'])} | {fmt(e['degenerate_share'])} | {fmt(e.get('states_answer_share'))} | {fmt(e.get('answer_agrees_share'))} |",
+            "| BLEU-4 | ROUGE-L F | METEOR | BERTScore F1 | distinct-2 | degenerate share | states Yes/No | agrees with decision |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {fmt(e['bleu4'])} | {fmt(e['rouge_l_f'])} | {fmt(e['meteor'])} | {fmt(e['bertscore_f1'])} | {fmt(e.get('distinct_2'))} | {fmt(e['degenerate_share'])} | {fmt(e.get('states_answer_share'))} | {fmt(e.get('answer_agrees_share'))} |",
             "",
+        ]
+        if "names_items_share" in e:
+            md += [
+                f"Named items: {fmt(e['names_items_share'])} of the explanations name at least one item "
+                f"besides the one explained ({e['items_named']} named in all); {fmt(e['named_in_history_share'])} "
+                "of the named items are in the user's history (titles from prepare/items).",
+                "",
+            ]
+        else:
+            md += [f"Named items: {e.get('named_items_check', 'not computed')}.", ""]
+        md += [
             "BLEU-4: sacrebleu; ROUGE-L: rouge-score; METEOR: nltk with WordNet; BERTScore F1: bert-score with all-MiniLM-L6-v2 (offline). "
             + e["bleurt"]
             + ".",
@@ -206,7 +222,14 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
         for s in e["samples"]:
             text = (s.get("explanation") or "").replace("\n", " ")[:300]
             md.append(
-                f"- user {s['user_id']}, item {s['item_id']}, label {s['label']}: “{text}” (ROUGE-L {fmt(s.get('rouge_l_f'))}, METEOR {fmt(s.get('meteor'))}, BERTScore {fmt(s.get('bertscore_f1'))}, degenerate {s.get('degenerate')})"
+                f"- user {s['user_id']}, item {s['item_id']}, label {s['label']}: “{text}” (ROUGE-L {fmt(s.get('rouge_l_f'))}, METEOR {fmt(s.get('meteor'))}, BERTScore {fmt(s.get('bertscore_f1'))}, degenerate {s.get('degenerate')}"
+                + (
+                    f", names {', '.join(s['items_named']) or 'no item'}"
+                    f" ({s['items_named_in_history']} in the history)"
+                    if "items_named" in s
+                    else ""
+                )
+                + ")"
             )
         md.append("")
     md += ["## Quarantine", "", "| table | rows | quarantined | reasons |", "|---|---|---|---|"]

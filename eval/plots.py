@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -27,34 +28,50 @@ def _save(fig: Any) -> bytes:
 
 
 CURVE_POINTS = 501
+CURVE_THRESHOLDS = 2000
+"""ROC and PR points are exact at up to this many thresholds (the score's quantiles): the rows are
+counted per threshold bin (a histogram), so a curve costs a few arrays of bins, not a sort of every
+row (sklearn's ``roc_curve`` keeps one point per distinct score: millions at 10M rows)."""
 
 
-def roc_pr(y: np.ndarray, scores: dict[str, np.ndarray]) -> bytes:
-    from sklearn.metrics import precision_recall_curve, roc_curve
+def curve_counts(y: np.ndarray, s: np.ndarray, thresholds: int = CURVE_THRESHOLDS) -> tuple[np.ndarray, ...]:
+    """(fpr, tpr, precision) at each threshold t of the score's quantiles, for "score >= t" decided
+    positive; thresholds from high to low, so fpr and tpr rise from 0 to 1."""
+    s = np.asarray(s)
+    # Quantiles that are scores ("lower"), so each threshold is a real score, as in sklearn.
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, thresholds + 1), method="lower"))  # (T,) ascending
+    b = np.searchsorted(edges, s, side="right") - 1  # (n,) the highest edge <= score: 0..T-1
+    yb = np.asarray(y) > 0
+    pos = np.bincount(b, weights=yb, minlength=len(edges))[::-1]  # (T,) high thresholds first
+    neg = np.bincount(b, minlength=len(edges))[::-1] - pos
+    tp, fp = np.cumsum(pos), np.cumsum(neg)
+    P, N = max(tp[-1], 1), max(fp[-1], 1)
+    fpr, tpr = np.r_[0.0, fp / N], np.r_[0.0, tp / P]
+    prec = np.r_[1.0, tp / np.maximum(tp + fp, 1)]
+    return fpr, tpr, prec
 
+
+def roc_pr(y: np.ndarray, scores: Iterable[tuple[str, np.ndarray]]) -> bytes:
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.5))
     grid = np.linspace(0, 1, CURVE_POINTS)
-    for name, s in scores.items():
-        # Drawn at CURVE_POINTS x positions: a curve through every threshold of 10M rows would take
-        # matplotlib minutes and look the same.
-        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=True)
+    for name, s in scores:
+        fpr, tpr, prec = curve_counts(y, s)
         a.plot(grid, np.interp(grid, fpr, tpr), label=name, lw=1.2)
-        prec, rec, _ = precision_recall_curve(y, s, drop_intermediate=True)
-        b.plot(grid, np.interp(grid, rec[::-1], prec[::-1]), label=name, lw=1.2)
+        b.plot(grid, np.interp(grid, tpr, prec), label=name, lw=1.2)
     a.plot([0, 1], [0, 1], "k:", lw=1)
     a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    b.axhline(y.mean(), color="k", ls=":", lw=1)
+    b.axhline(float(np.mean(y)), color="k", ls=":", lw=1)
     b.set(xlabel="recall", ylabel="precision", title="precision-recall")
     a.legend(fontsize=7, loc="lower right")
     return _save(fig)
 
 
-def reliability(y: np.ndarray, probs: dict[str, np.ndarray], bins: int = 10) -> bytes:
+def reliability(y: np.ndarray, probs: Iterable[tuple[str, np.ndarray]], bins: int = 10) -> bytes:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     edges = np.linspace(0, 1, bins + 1)
-    for name, p in probs.items():
+    for name, p in probs:
         b = np.minimum((p * bins).astype(int), bins - 1)
         n = np.bincount(b, minlength=bins)
         ok = n > 0
@@ -68,6 +85,7 @@ def reliability(y: np.ndarray, probs: dict[str, np.ndarray], bins: int = 10) -> 
 
 
 def histograms(y: np.ndarray, scores: dict[str, np.ndarray]) -> bytes:
+    """Score histograms by label, one panel per model (30 bins over the model's score range)."""
     plt = _plt()
     n = len(scores)
     cols = min(n, 3)
@@ -77,7 +95,7 @@ def histograms(y: np.ndarray, scores: dict[str, np.ndarray]) -> bytes:
         for label, color in ((0, "tab:red"), (1, "tab:green")):
             v = s[y == label]
             if len(v):
-                counts, edges = np.histogram(v, bins=30, range=(float(s.min()), float(s.max())))
+                counts, edges = np.histogram(v, bins=30, range=(float(np.min(s)), float(np.max(s))))
                 ax.stairs(counts, edges, fill=True, alpha=0.55, color=color, label=f"label {label}")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,9 @@ from thinkrec.io.fs import Storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "thinkrec.metrics/2"
+SCHEMA_VERSION = "thinkrec.metrics/3"
 EXPLANATIONS = "explain/explanations"
+ITEMS = "prepare/items"
 TRACES = "reason/traces"
 CURVES = "train/curves.json"
 GROUPS = "train/groups.json"
@@ -54,6 +56,28 @@ class MissingInputError(FileNotFoundError):
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.clip(x, -60, 60)))
+
+
+def _take(p: E.Probability, mask: np.ndarray) -> E.Probability:
+    return p[mask] if isinstance(p, np.ndarray) else p
+
+
+class _Masked(Mapping):
+    """Every model's values on a slice's rows, made one model at a time as the engine asks for them
+    (not every model's slice copy at once)."""
+
+    def __init__(self, models: Mapping[str, tuple[np.ndarray, E.Probability]], mask: np.ndarray):
+        self.models, self.mask = models, mask
+
+    def __getitem__(self, name: str) -> tuple[np.ndarray, E.Probability]:
+        s, p = self.models[name]
+        return s[self.mask], _take(p, self.mask)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
 
 
 def gate_kind(gate: str) -> str:
@@ -80,56 +104,73 @@ def gate_max_weight(gate: str) -> float:
     return 1.0
 
 
+def _score_universe(storage: Storage, st: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Without prepare/interactions: the labelled rows of the score table are the universe."""
+    parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "label": []}
+    for b in I.iter_batches(storage, st, [S.USER_ID, S.ITEM_ID, S.LABEL]):
+        lab = I._np(b.column(S.LABEL), np.int8, -1)
+        ok = lab >= 0
+        parts["user"].append(I._np(b.column(S.USER_ID), np.int64)[ok])
+        parts["item"].append(I._np(b.column(S.ITEM_ID), np.int64)[ok])
+        parts["label"].append(lab[ok])
+    return tuple(np.concatenate(v) if v else np.zeros(0, np.int64) for v in parts.values())  # type: ignore[return-value]
+
+
 def load(cfg: Any, storage: Storage) -> dict[str, Any]:
-    """Every model's values on the universe of rows, plus the columns slices need."""
+    """Every model's values on the universe of rows, plus the columns slices need.
+
+    Streams: the universe (test rows) is read first, then each model's table one batch at a time is
+    placed straight onto it, so no table is ever held whole; a model's values are float32 when its
+    table stores float32 (nothing is lost) and float64 when computed here (the baselines)."""
     notes: list[str] = []
     st = I.scores_table(cfg)
-    sc_cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SCORE, S.P_YES, S.GATE]
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in sc_cols}
-    gate_codes: dict[str, int] = {}
-    for b in I.iter_batches(storage, st, sc_cols):
-        for c in (S.USER_ID, S.ITEM_ID):
-            parts[c].append(I._np(b.column(c), np.int64))
-        parts[S.LABEL].append(I._np(b.column(S.LABEL), np.float64, -1))
-        parts[S.SCORE].append(I._np(b.column(S.SCORE), np.float64))
-        parts[S.P_YES].append(I._np(b.column(S.P_YES), np.float64))
-        enc = pc.dictionary_encode(pc.fill_null(b.column(S.GATE), "none"))
-        remap = np.array([gate_codes.setdefault(str(v), len(gate_codes)) for v in enc.dictionary.to_pylist()])
-        parts[S.GATE].append(remap[I._np(enc.indices, np.int64)] if len(remap) else np.zeros(0, np.int64))
-    sc = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
-    gate_names = np.array(sorted(gate_codes, key=gate_codes.get), dtype=object)
-    scored_total = len(sc[S.USER_ID])
-    unlabelled = int((sc[S.LABEL] < 0).sum())
-
     inter = I.read_interactions(storage) if I.committed(storage, I.INTERACTIONS) else None
     if inter is not None:
         t = inter["test"]
         users, items, labels = t["user"], t["item"], t["label"]
     else:
-        lab = sc[S.LABEL] >= 0
-        users, items, labels = sc[S.USER_ID][lab], sc[S.ITEM_ID][lab], sc[S.LABEL][lab]
+        users, items, labels = _score_universe(storage, st)
         notes.append("prepare/interactions is absent: the rows are the labelled rows of the score table")
-    stride = int(max(items.max(initial=0), sc[S.ITEM_ID].max(initial=0))) + 1
+    stride = int(items.max(initial=0)) + 1
     uni = I.Universe(I.make_keys(users, items, stride))
     if uni.duplicates:
         notes.append(f"{uni.duplicates} repeated (user_id, item_id) test rows counted once (first kept)")
     pick = uni.first
-    base = {"user": users[pick], "item": items[pick], "label": labels[pick]}
-    sc_keys = I.make_keys(sc[S.USER_ID], sc[S.ITEM_ID], stride)
-    values: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    outside: dict[str, int] = {}
-    s, outside[REFERENCE] = uni.place(sc_keys, sc[S.SCORE])
-    p, _ = uni.place(sc_keys, sc[S.P_YES])
-    values[REFERENCE] = (s, p)
-    g, _ = uni.place(sc_keys, sc[S.GATE].astype(np.float64))
-    base["gate"] = g
-    lab_sc, _ = uni.place(sc_keys, sc[S.LABEL])
+    base: dict[str, np.ndarray] = {"user": users[pick], "item": items[pick], "label": labels[pick]}
+    del users, items, labels
+    N = len(pick)
+
+    # The score table, batch by batch: score and p_yes (float32, as stored), gate codes, label check.
+    s = np.full(N, np.nan, np.float32)
+    p = np.full(N, np.nan, np.float32)
+    g = np.full(N, np.nan, np.float32)  # gate code (index into gate_names)
+    lab_sc = np.full(N, np.nan, np.float32)
+    gate_codes: dict[str, int] = {}
+    scored_total = unlabelled = outside_sc = 0
+    for b in I.iter_batches(storage, st, [S.USER_ID, S.ITEM_ID, S.LABEL, S.SCORE, S.P_YES, S.GATE]):
+        keys = I.make_keys(I._np(b.column(S.USER_ID), np.int64), I._np(b.column(S.ITEM_ID), np.int64), stride)
+        lab = I._np(b.column(S.LABEL), np.float32, -1)
+        scored_total += len(keys)
+        unlabelled += int((lab < 0).sum())
+        hit = uni.place_into(s, keys, I._np(b.column(S.SCORE), np.float32))
+        outside_sc += int((~hit).sum())
+        uni.place_into(p, keys, I._np(b.column(S.P_YES), np.float32))
+        uni.place_into(lab_sc, keys, lab)
+        enc = pc.dictionary_encode(pc.fill_null(b.column(S.GATE), "none"))
+        remap = np.array([gate_codes.setdefault(str(v), len(gate_codes)) for v in enc.dictionary.to_pylist()])
+        codes = remap[I._np(enc.indices, np.int64)] if len(remap) else np.zeros(0, np.int64)
+        uni.place_into(g, keys, codes.astype(np.float32))
+    gate_names = np.array(sorted(gate_codes, key=gate_codes.get), dtype=object)
     bad = np.isfinite(lab_sc) & (lab_sc >= 0) & (lab_sc != base["label"])
     if bad.any():
         raise ValueError(
             f"{storage.uri(st)} and prepare/interactions disagree on the label of {int(bad.sum())} rows: "
             "they were made from different prepare outputs"
         )
+    del lab_sc, bad
+    values: dict[str, tuple[np.ndarray, E.Probability]] = {REFERENCE: (s, p)}
+    outside: dict[str, int] = {REFERENCE: outside_sc}
+    base["gate"] = g
 
     cf_models: list[str] = []
     if I.committed(storage, I.CF_SCORES):
@@ -137,19 +178,21 @@ def load(cfg: Any, storage: Storage) -> dict[str, Any]:
         cf_cols = [c for c in names if c.startswith("cf_") and c != S.CF_SCORE]
         configured = f"cf_{cfg.cf.model}"
         use_cf_score = configured not in cf_cols and S.CF_SCORE in names
-        cols = [S.USER_ID, S.ITEM_ID, S.SPLIT] + cf_cols + ([S.CF_SCORE] if use_cf_score else [])
-        cparts: dict[str, list[np.ndarray]] = {c: [] for c in cols if c != S.SPLIT}
-        for b in I.iter_batches(storage, I.CF_SCORES, cols):
+        read = cf_cols + ([S.CF_SCORE] if use_cf_score else [])
+        placed = {c: np.full(N, np.nan, np.float32) for c in read}
+        out_cf = 0
+        for b in I.iter_batches(storage, I.CF_SCORES, [S.USER_ID, S.ITEM_ID, S.SPLIT] + read):
             b = b.filter(pc.equal(b.column(S.SPLIT), "test"))
-            for c in cparts:
-                dtype = np.int64 if c in (S.USER_ID, S.ITEM_ID) else np.float64
-                cparts[c].append(I._np(b.column(c), dtype))
-        cf = {c: np.concatenate(v) if v else np.zeros(0) for c, v in cparts.items()}
-        ck = I.make_keys(cf[S.USER_ID], cf[S.ITEM_ID], stride)
-        for c in cf_cols + ([S.CF_SCORE] if use_cf_score else []):
+            keys = I.make_keys(
+                I._np(b.column(S.USER_ID), np.int64), I._np(b.column(S.ITEM_ID), np.int64), stride
+            )
+            for c in read:
+                hit = uni.place_into(placed[c], keys, I._np(b.column(c), np.float32))
+            out_cf += int((~hit).sum()) if read else 0
+        for c in read:
             name = configured if c == S.CF_SCORE else c
-            v, outside[name] = uni.place(ck, cf[c])
-            values[name] = (v, _sigmoid(v))
+            # Its probability is sigmoid(logit), computed when needed rather than held as a second array.
+            values[name], outside[name] = (placed[c], _sigmoid), out_cf
             cf_models.append(name)
     else:
         notes.append("cf/scores is absent: no CF model in this report (run the cf stage)")
@@ -167,12 +210,13 @@ def load(cfg: Any, storage: Storage) -> dict[str, Any]:
             return np.where(np.isfinite(r), r, prior)
 
         t = inter["test"]
-        ir, hr = item_rate(base["item"]), hist_rate(t["hist_rate"][pick])
+        ir, hr = item_rate(base["item"]), hist_rate(t["hist_rate"][pick].astype(np.float64))
         values["item_rate"] = (ir, ir)
         values["history_rate"] = (hr, hr)
         base["not_cold"] = t["not_cold"][pick]
         base["hist_len"] = t["hist_len"][pick]
-        base["popularity"] = inter["train_count"][base["item"]]
+        base["popularity"] = inter["train_count"][base["item"]].astype(np.float32)
+        inter["test"] = t = None  # the test columns are placed: free them before the baselines' work
         baseline_info = {"smoothing": m, "prior": prior}
         v = inter["valid"]
         vy = v["label"]
@@ -180,7 +224,7 @@ def load(cfg: Any, storage: Storage) -> dict[str, Any]:
             from sklearn.linear_model import LogisticRegression
 
             ok = vy >= 0
-            X = np.c_[item_rate(v["item"][ok]), hist_rate(v["hist_rate"][ok])]
+            X = np.c_[item_rate(v["item"][ok]), hist_rate(v["hist_rate"][ok].astype(np.float64))]
             lr = LogisticRegression(C=1.0, max_iter=1000).fit(X, vy[ok].astype(int))
             pr = lr.predict_proba(np.c_[ir, hr])[:, 1]
             values["logistic"] = (pr, pr)
@@ -228,19 +272,18 @@ def _slices(base: dict[str, np.ndarray], gate_names: np.ndarray, cfg: Any) -> di
         out[f"items: train count > {qs[1]:.0f}"] = pop > qs[1]
     g = base["gate"]
     if len(gate_names):
-        names = gate_names[g.astype(np.int64)]
-        kinds = np.array([gate_kind(n) for n in gate_names])[g.astype(np.int64)]
-        groups = np.array([gate_group(n) for n in gate_names])[g.astype(np.int64)]
-        for k in sorted(set(kinds)):
-            out[f"gate: {k}"] = kinds == k
-        for k in sorted(set(groups)):
-            out[f"user {k}"] = groups == k
-        del names
+        codes = g.astype(np.int64)
+        # Kinds and groups are looked up per gate name, then per row through the small code table (no
+        # per-row string arrays: at 10M rows those alone would take GBs).
+        for label_of, prefix in ((gate_kind, "gate: "), (gate_group, "user ")):
+            per_gate = [label_of(str(n)) for n in gate_names]
+            for k in sorted(set(per_gate)):
+                out[prefix + k] = np.isin(codes, [i for i, x in enumerate(per_gate) if x == k])
     return out
 
 
 def stage_meta(cfg: Any, storage: Storage) -> dict[str, str]:
-    tables = (I.scores_table(cfg), I.CF_SCORES, I.INTERACTIONS, TRACES, EXPLANATIONS)
+    tables = (I.scores_table(cfg), I.CF_SCORES, I.INTERACTIONS, ITEMS, TRACES, EXPLANATIONS)
     inputs = [storage.uri(t) for t in tables if I.committed(storage, t)]
     sections = {k: v for k, v in cfg.to_dict().items() if k not in ("ray", "storage")}
     return fingerprint({**sections, "stage": SCHEMA_VERSION}, inputs, storage)
@@ -260,7 +303,7 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
         ev, vals = base, values
     else:
         ev = {k: v[common] for k, v in base.items()}
-        vals = {m: (s[common], None if p is None else p[common]) for m, (s, p) in values.items()}
+        vals = {m: (s[common], _take(p, common)) for m, (s, p) in values.items()}
     k_values = tuple(cfg.eval.k_values)
     e = cfg.eval
     rows = E.Rows.build(ev["user"], ev["label"])
@@ -273,7 +316,7 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
             slices[name] = {"rows": 0, "users": 0, "models": {}}
             continue
         r = rows.take(mask)
-        sub = {m: (s[mask], None if p is None else p[mask]) for m, (s, p) in models.items()}
+        sub = _Masked(models, mask)
         res = E.evaluate_models(r, sub, k_values, e.slice_resamples, cfg.seed, REFERENCE)
         slices[name] = {"rows": int(mask.sum()), "users": r.n_users, "models": res}
     baselines = [b for b in BASELINES if b in models] + list(inp["cf_models"])
@@ -288,7 +331,11 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
     kinds: dict[str, int] = {}
     for n, c in gate_counts.items():
         kinds[gate_kind(n)] = kinds.get(gate_kind(n), 0) + c
-    maxw = np.array([gate_max_weight(str(n)) for n in gate_names])[g_all] if len(gate_names) else np.zeros(0)
+    maxw = (
+        np.array([gate_max_weight(str(n)) for n in gate_names], np.float32)[g_all]
+        if len(gate_names)
+        else np.zeros(0)
+    )
     doc: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "config_hash": cfg.hash(),
@@ -302,7 +349,11 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
             "level": 0.95,
             "method": "percentile; paired for differences to thinkrec",
         },
-        "auc_method": "exact: sort by score, ties count 1/2 (Mann-Whitney); error bound 0 beyond float64 rounding",
+        "auc_method": (
+            "exact: rows sorted by score, a tie counts 1/2 (Mann-Whitney, as sklearn's roc_auc_score), no "
+            "binning; error bound: float64 summation only, relative error below n * 2**-52 = "
+            f"{max(int(common.sum()), 1) * 2.0**-52:.1e} for these rows"
+        ),
         "rows": {
             "test": n_universe,
             "evaluated": int(common.sum()),
@@ -338,10 +389,13 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
         "notes": inp["notes"],
     }
     pngs: dict[str, bytes] = {}
-    y = ev["label"].astype(np.int64)
+    y = ev["label"].astype(np.int8)
     if len(np.unique(y)) == 2:
-        pngs["roc_pr.png"] = P.roc_pr(y, {m: s for m, (s, _) in vals.items()})
-        pngs["reliability.png"] = P.reliability(y, {m: p for m, (_, p) in vals.items() if p is not None})
+        # Generators: one model's (probability) array at a time.
+        pngs["roc_pr.png"] = P.roc_pr(y, ((m, s) for m, (s, _) in vals.items()))
+        pngs["reliability.png"] = P.reliability(
+            y, ((m, p(s) if callable(p) else p) for m, (s, p) in vals.items() if p is not None)
+        )
         pngs["score_hist.png"] = P.histograms(y, {m: s for m, (s, _) in vals.items()})
     pts = [
         (name, *(lambda d: (d["value"], d["lo"], d["hi"]))(sl["models"][REFERENCE]["metrics"]["auc"]))
@@ -375,7 +429,7 @@ def run(cfg: Any) -> dict[str, Any]:
     doc, pngs, mem = evaluate(cfg, storage)
     manifests = {
         t: storage.read_json(f"{storage.uri(t)}/{MANIFEST}")
-        for t in (I.INTERACTIONS, "prepare/items", "prepare/users", I.CF_SCORES, TRACES, st, EXPLANATIONS)
+        for t in (I.INTERACTIONS, ITEMS, "prepare/users", I.CF_SCORES, TRACES, st, EXPLANATIONS)
         if I.committed(storage, t)
     }
     doc["model"] = D.describe_model(cfg)
@@ -388,7 +442,8 @@ def run(cfg: Any) -> dict[str, Any]:
     doc["teacher"] = D.describe_teacher(cfg, traces)
     doc["quarantine"] = D.quarantine_counts(manifests)
     sm = manifests.get(st, {})
-    doc["score_throughput"] = {k: sm[k] for k in ("rows_per_s", "seconds", "backend") if k in sm} or None
+    # The score stage's own record (thinkrec.scoring.stage.throughput); None for tables from before it.
+    doc["score_throughput"] = sm.get("throughput")
     groups = storage.read_json(storage.uri(GROUPS)) if storage.exists(storage.uri(GROUPS)) else None
     doc["groups"] = groups
     if groups and groups.get("sizes"):
@@ -422,20 +477,36 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 def explanations(cfg: Any, storage: Storage, mem: dict[str, Any]) -> dict[str, Any] | None:
+    """Explanation metrics. The score's decision, each row's history and the item titles are looked up
+    for the explained rows only (the score table and prepare/interactions streamed, not loaded)."""
     from eval import text as T
 
     if not I.committed(storage, EXPLANATIONS):
         return None
     ex = read_table(storage, storage.uri(EXPLANATIONS)).to_pandas()
-    decisions = None
-    st = I.scores_table(cfg)
-    sc = read_table(storage, storage.uri(st), columns=[S.USER_ID, S.ITEM_ID, S.P_YES]).to_pandas()
-    sc = sc.drop_duplicates([S.USER_ID, S.ITEM_ID])
-    j = ex.merge(sc, on=[S.USER_ID, S.ITEM_ID], how="left")
-    decisions = [None if np.isnan(p) else int(p >= 0.5) for p in j[S.P_YES].to_numpy(dtype=np.float64)]
+    users, items = ex[S.USER_ID].to_numpy(np.int64), ex[S.ITEM_ID].to_numpy(np.int64)
+    scored = I.lookup(storage, I.scores_table(cfg), users, items, [S.P_YES])
+    decisions = [
+        None if r is None or r[S.P_YES] is None or np.isnan(r[S.P_YES]) else int(r[S.P_YES] >= 0.5)
+        for r in scored
+    ]
+    hist = titles = None
+    if I.committed(storage, I.INTERACTIONS) and I.committed(storage, ITEMS):
+        rows = I.lookup(storage, I.INTERACTIONS, users, items, [S.HISTORY_ITEMS], split="test")
+        hist = [(r or {}).get(S.HISTORY_ITEMS) or [] for r in rows]
+        it = read_table(storage, storage.uri(ITEMS), columns=[S.ITEM_ID, S.TITLE])
+        titles = dict(zip(it.column(S.ITEM_ID).to_pylist(), it.column(S.TITLE).to_pylist(), strict=True))
     res = T.explanation_metrics(
-        ex[S.EXPLANATION].tolist(), ex[S.REASONING].tolist(), decisions, embeddings=cfg.eval.bertscore
+        ex[S.EXPLANATION].tolist(),
+        ex[S.REASONING].tolist(),
+        decisions,
+        history_items=hist,
+        candidates=items.tolist(),
+        titles=titles,
+        embeddings=cfg.eval.bertscore,
     )
+    if titles is None:
+        res["named_items_check"] = "not computed: it needs prepare/interactions and prepare/items"
     per_row = res.pop("per_row")
     samples = []
     for i, r in enumerate(ex.head(cfg.eval.explanation_samples).to_dict("records")):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eval.metrics import normalize_text
@@ -89,10 +89,76 @@ def degenerate(text: str | None) -> bool:
     return Counter(grams).most_common(1)[0][1] / len(grams) >= DEGENERATE_SHARE
 
 
+def distinct_n(texts: Sequence[str | None], n: int = 2) -> float | None:
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all n-grams, across every text
+    (normalised words, n-grams never span two texts). None without any n-gram."""
+    grams = []
+    for t in texts:
+        words = normalize_text(t or "").split()
+        grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return len(set(grams)) / len(grams) if grams else None
+
+
 def stated_answer(text: str | None) -> int | None:
     """1 for an explanation starting "Yes", 0 for "No", None otherwise."""
     m = re.match(r"\s*(yes|no)\b", (text or "").lower())
     return None if m is None else int(m.group(1) == "yes")
+
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_ARTICLE = re.compile(r"^(.*), (the|a|an)$", re.IGNORECASE)
+
+
+def title_variants(title: str) -> set[str]:
+    """The normalised ways a text may name a title: as written, without a trailing "(1995)", and with
+    a trailing article moved to the front ("Matrix, The" -> "the matrix"), MovieLens-style."""
+    base = _YEAR.sub("", title).strip()
+    out = {normalize_text(title), normalize_text(base)}
+    m = _ARTICLE.match(base)
+    if m:
+        out.add(normalize_text(f"{m.group(2)} {m.group(1)}"))
+    return {v for v in out if v}
+
+
+class TitleIndex:
+    """Item titles as word sequences, looked up by their first word, to find which items a text names.
+
+    A match is a whole-word match of a title variant in the normalised text; overlapping matches keep
+    the longest ("Toy Story 2" rather than "Toy Story" inside it). Titles shorter than
+    ``MIN_TITLE_CHARS`` characters are ignored: one-word titles like "Up" or "It" match common words.
+    Hand-written (a dictionary of first words and a scan) because the matching is this simple."""
+
+    MIN_TITLE_CHARS = 4
+
+    def __init__(self, titles: Mapping[int, str]):
+        self.by_first: dict[str, dict[tuple[str, ...], set[int]]] = {}
+        for item, title in titles.items():
+            if not isinstance(title, str):
+                continue
+            for v in title_variants(title):
+                if len(v) < self.MIN_TITLE_CHARS:
+                    continue
+                words = tuple(v.split())
+                self.by_first.setdefault(words[0], {}).setdefault(words, set()).add(int(item))
+
+    def named(self, text: str, exclude: int | None = None) -> list[tuple[str, set[int]]]:
+        """(title words joined, item ids) of each title the text names, in text order; a title of
+        item ``exclude`` (the candidate being explained) is left out."""
+        words = normalize_text(text).split()
+        found: list[tuple[int, int, tuple[str, ...], set[int]]] = []  # (start, end, title, ids)
+        for i, w in enumerate(words):
+            for t, ids in self.by_first.get(w, {}).items():
+                if tuple(words[i : i + len(t)]) == t:
+                    found.append((i, i + len(t), t, ids))
+        found.sort(key=lambda f: (-(f[1] - f[0]), f[0]))
+        taken = [False] * len(words)
+        kept = []
+        for s, e, t, ids in found:
+            if not any(taken[s:e]):
+                taken[s:e] = [True] * (e - s)
+                kept.append((s, t, ids))
+        kept.sort(key=lambda k: k[0])
+        return [(" ".join(t), ids) for _, t, ids in kept if exclude is None or exclude not in ids]
 
 
 def bertscore_f1(preds: list[str], refs: list[str]) -> list[float]:
@@ -107,13 +173,18 @@ def explanation_metrics(
     explanations: Sequence[str | None],
     references: Sequence[str | None],
     decisions: Sequence[int | None] | None = None,
-    history_titles: Sequence[Sequence[str]] | None = None,
-    all_titles: Sequence[str] | None = None,
+    history_items: Sequence[Sequence[int]] | None = None,
+    candidates: Sequence[int] | None = None,
+    titles: Mapping[int, str] | None = None,
     embeddings: bool = True,
 ) -> dict[str, Any]:
-    """Corpus metrics and per-row values. ``decisions``: the score's Yes/No per row (p_yes >= 0.5);
-    ``history_titles``: the titles in each row's history; ``all_titles``: every item title, so a
-    title named in the text but absent from the history counts as a wrong mention."""
+    """Corpus metrics and per-row values. ``decisions``: the score's Yes/No per row (p_yes >= 0.5).
+    ``history_items``, ``candidates`` and ``titles`` (item id -> title, the item table): the item ids in
+    each row's history, the item each row explains, and every title, for the named-items check: the
+    titles an explanation names (``TitleIndex``; the candidate's own title is not counted), the share
+    of explanations naming at least one (``names_items_share``) and the share of named items that are
+    in the row's history (``named_in_history_share``; a title shared by several items counts as in the
+    history when any of them is)."""
     if len(explanations) != len(references):
         raise ValueError(f"{len(explanations)} explanations but {len(references)} references")
     n = len(explanations)
@@ -156,6 +227,7 @@ def explanation_metrics(
     # Checks that need no model.
     degen = [degenerate(e) for e in explanations]
     out["degenerate_share"] = sum(degen) / n if n else None
+    out["distinct_2"] = distinct_n(explanations, 2)
     for i, d in enumerate(degen):
         per_row[i]["degenerate"] = d
     if decisions is not None:
@@ -165,18 +237,23 @@ def explanation_metrics(
         out["answer_agrees_share"] = sum(agree) / len(agree) if agree else None
         for i, s in enumerate(stated):
             per_row[i]["stated"] = s
-    if history_titles is not None and all_titles is not None:
-        titles = {t.lower() for t in all_titles if t and len(t) >= 4}
-        named = in_hist = 0
+    if history_items is not None and titles is not None:
+        if candidates is None or len(history_items) != n or len(candidates) != n:
+            raise ValueError("history_items and candidates need one entry per explanation")
+        index = TitleIndex(titles)
+        naming = named = in_hist = 0
         for i, e in enumerate(explanations):
-            low = (e or "").lower()
-            hist = {t.lower() for t in history_titles[i] if t}
-            mentioned = [t for t in titles if t in low]
-            named += len(mentioned)
-            in_hist += sum(t in hist for t in mentioned)
-            per_row[i]["titles_named"] = len(mentioned)
-        out["titles_named"] = named
-        out["titles_in_history_share"] = in_hist / named if named else None
+            mentions = index.named(e or "", exclude=int(candidates[i]))
+            hist = {int(x) for x in history_items[i]}
+            ok = [m for m in mentions if m[1] & hist]
+            naming += bool(mentions)
+            named += len(mentions)
+            in_hist += len(ok)
+            per_row[i]["items_named"] = [m[0] for m in mentions]
+            per_row[i]["items_named_in_history"] = len(ok)
+        out["names_items_share"] = naming / n if n else None
+        out["items_named"] = named
+        out["named_in_history_share"] = in_hist / named if named else None
     out["per_row"] = per_row
     return out
 

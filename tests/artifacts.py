@@ -82,3 +82,56 @@ def make_artifacts(
     protos = torch.stack([table.user[1 + i :: max(1, n_experts)].mean(0) for i in range(n_experts)])
     save_fusion(os.path.join(train_dir, FUSION), protos, cfg.fusion, names[1:], {"groups": n_experts})
     mark_success(storage, storage.uri(TRAIN_DIR), {"stage": "test-artifacts"})
+
+
+def write_prepared(cfg, *, n_users: int, n_items: int, per_user: int = 12, seed: int = 0) -> None:
+    """A small prepared run under cfg's root (prepare/{interactions,items,users,user_ids,item_ids}),
+    raw ids ``u<k>`` / ``i<k>`` for internal ids k, every user with ``per_user`` timed interactions."""
+    import numpy as np
+    import pyarrow as pa
+
+    from thinkrec.data import schema as S
+    from thinkrec.data.ids import ITEM_IDS, USER_IDS
+    from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
+    from thinkrec.io.commit import TableWriter
+
+    storage = Storage.from_config(cfg)
+    rng = np.random.default_rng(seed)
+    uids, iids = np.arange(1, n_users + 1), np.arange(1, n_items + 1)
+    n = n_users * per_user
+    genres = ["drama", "comedy", "thriller", "romance", "action"]
+    tables = {
+        ITEMS: (
+            S.ITEMS,
+            S.ITEM_ID,
+            {
+                S.ITEM_ID: iids,
+                S.RAW_ITEM_ID: [f"i{i}" for i in iids],
+                S.TITLE: [f"Movie number {i}" for i in iids],
+                S.KEYWORDS: [[genres[i % 5], genres[(i + 2) % 5]] for i in iids],
+            },
+        ),
+        USERS: (S.USERS, S.USER_ID, {S.USER_ID: uids, S.RAW_USER_ID: [f"u{u}" for u in uids]}),
+        USER_IDS: (S.USER_IDS, S.USER_ID, {S.RAW_USER_ID: [f"u{u}" for u in uids], S.USER_ID: uids}),
+        ITEM_IDS: (S.ITEM_IDS, S.ITEM_ID, {S.RAW_ITEM_ID: [f"i{i}" for i in iids], S.ITEM_ID: iids}),
+        INTERACTIONS: (
+            S.INTERACTIONS,
+            S.USER_ID,
+            {
+                S.USER_ID: np.repeat(uids, per_user),
+                S.ITEM_ID: rng.integers(1, n_items + 1, n),
+                S.RATING: rng.integers(1, 6, n).astype(np.float32),
+                S.LABEL: rng.integers(0, 2, n).astype(np.int8),
+                S.TIMESTAMP: np.tile(np.arange(per_user), n_users),
+                S.SPLIT: ["train"] * n,
+                S.HISTORY_ITEMS: [[] for _ in range(n)],
+                S.HISTORY_LABELS: [[] for _ in range(n)],
+                S.NOT_COLD: np.ones(n, bool),
+            },
+        ),
+    }
+    for uri, (schema, key, cols) in tables.items():
+        t = pa.table(cols, schema=schema)
+        w = TableWriter(storage, storage.uri(uri), num_shards=2, key=key, schema=schema)
+        w.write([t])
+        w.commit(rows_in=t.num_rows)

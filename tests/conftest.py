@@ -11,6 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("THINKREC_PROGRESS", "0")
 
 from thinkrec import config as C  # noqa: E402
+from thinkrec.runtime import size_local_shuffles  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def ray_local():
             address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
+    size_local_shuffles(2)
     yield ray
     ray.shutdown()
 
@@ -62,6 +64,8 @@ def small_config(root: str, **overrides) -> C.Config:
         "ray.num_cpus": 2,
         "data.max_users": 40,
         "cf.epochs": 3,
+        "cf.baselines": [],  # the demo's LightGCN and SASRec baselines: tests/test_cf_models.py
+        "model.warmup_steps": 0,  # the demo's warm-up of the tiny model: tests/test_warmup.py
         "train.max_train_samples": 64,
         "train.max_valid_samples": 32,
         "train.warmup_steps": 2,
@@ -83,6 +87,20 @@ def prepared(ray_local, tmp_path_factory) -> C.Config:
     cfg = small_config(str(tmp_path_factory.mktemp("run")))
     prepare.run(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(prepared, tmp_path_factory):
+    """The whole pipeline once, in a fresh root that starts from the session's prepared tables
+    (prepare is tested on its own): test_pipeline checks it, the ablation test starts from it."""
+    import shutil
+
+    from thinkrec import pipeline
+
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    shutil.copytree(os.path.join(prepared.storage.output_root, "prepare"), os.path.join(root, "prepare"))
+    cfg = prepared.replace(**{"storage.output_root": root})
+    return cfg, pipeline.run(cfg)
 
 
 # -- scoring: random model artifacts and one scored run, shared by the score-stage and S3 tests -------

@@ -4,13 +4,14 @@ _SUCCESS last)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-from conftest import small_config
 
 from thinkrec import ablation
 from thinkrec.io.commit import MANIFEST, SUCCESS, TableWriter, fingerprint, is_complete
@@ -25,6 +26,15 @@ def _committed_table(root: str) -> Storage:
     w.write([pa.table({"user_id": [1, 2, 3], "x": [0.5, 0.25, 1.0]})])
     w.commit(rows_in=3)
     return storage
+
+
+def _mtimes(root) -> dict[str, int]:
+    return {
+        os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+        for d, _, files in os.walk(root)
+        if "_ray" not in d and os.path.basename(d) != "report"  # Ray Train's experiment state
+        for f in files
+    }
 
 
 def test_copied_table_keeps_its_fingerprint(tmp_path):
@@ -60,28 +70,38 @@ def test_copy_cut_short_shows_no_success(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_two_variants_share_upstream_and_fill_the_table(ray_local, tmp_path, caplog):
-    cfg = small_config(
-        str(tmp_path),
-        **{
-            "ablation.variants": ["tallrec", "collm"],
-            "train.max_train_samples": 32,
-            "train.max_valid_samples": 16,
-        },
+def test_two_variants_share_upstream_and_fill_the_table(pipeline_run, tmp_path, caplog):
+    """The session's pipeline run is the ThinkRec variant (the demo's defaults) moved into an
+    ablation root: it is found complete there and nothing of it reruns; the TALLRec-style variant
+    reuses its upstream stages and trains its own model."""
+    run_cfg, _ = pipeline_run
+    cfg = run_cfg.replace(
+        **{"storage.output_root": str(tmp_path), "ablation.variants": ["thinkrec", "tallrec"]}
     )
+    first = tmp_path / "ablation" / "thinkrec"
+    shutil.copytree(run_cfg.storage.output_root, first)
+    before = _mtimes(first)
     with caplog.at_level(logging.INFO):
         rows = ablation.run(cfg)
-    assert list(rows) == ["tallrec", "collm"]
+    # The moved run was complete: no table rewritten or added (evaluate always rewrites the report).
+    assert _mtimes(first) == before
+    assert "train: up to date, skipped" in caplog.text
+    assert list(rows) == ["thinkrec", "tallrec"]
     for r in rows.values():
         assert 0.0 <= r["thinkrec"]["auc"] <= 1.0 and 0.0 <= r["mf"]["auc"] <= 1.0
     # Same split and the same MF scores: the second variant reused the first's upstream outputs...
-    assert rows["tallrec"]["mf"] == rows["collm"]["mf"]
+    assert rows["tallrec"]["mf"] == rows["thinkrec"]["mf"]
     for stage in ("prepare", "cf"):
         assert f"{stage}: up to date, skipped" in caplog.text
     assert "ablation: reused prepare" in caplog.text
     # ...and still trained its own model (CF tokens change the model, so the scores differ).
-    assert rows["tallrec"]["thinkrec"] != rows["collm"]["thinkrec"]
+    assert rows["tallrec"]["thinkrec"] != rows["thinkrec"]["thinkrec"]
     table = (tmp_path / "ablation" / "comparison.md").read_text()
-    assert "| tallrec | False | False | False |" in table and "| collm | True | False | False |" in table
+    assert "| tallrec | False | False | False |" in table and "| thinkrec | True | True | True |" in table
+    # The runner's `thinkrec compare` over the variants: paired intervals, tallrec against thinkrec.
+    cmp = json.loads((tmp_path / "ablation" / "compare" / "comparison.json").read_text())
+    assert cmp["reference"] == "thinkrec" and set(cmp["models"]) == {"thinkrec", "tallrec"}
+    assert {"diff", "lo", "hi"} <= set(cmp["models"]["tallrec"]["vs_reference"]["auc"])
+    assert "| tallrec |" in (tmp_path / "ablation" / "compare" / "comparison.md").read_text()
     root = Storage(str(tmp_path))
-    assert root.exists(root.uri("ablation", "collm", "train", SUCCESS))
+    assert root.exists(root.uri("ablation", "tallrec", "train", SUCCESS))

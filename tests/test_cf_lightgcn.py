@@ -1,5 +1,5 @@
 """LightGCN pieces: the symmetric normalisation against a hand computation on a tiny graph, the
-propagation rule, and a BPR step that separates a positive from a negative item."""
+propagation rule, and BCE steps that separate a liked from a disliked item."""
 
 from __future__ import annotations
 
@@ -41,15 +41,18 @@ def test_propagation_is_the_layer_mean():
     torch.testing.assert_close(item[3], e0[6] / 3)
 
 
-def test_bpr_steps_rank_the_positive_first():
+def test_bce_steps_rank_the_liked_item_first():
+    """Point-wise BCE on the train labels (the reference's LightGCN loss) over the positive graph."""
     torch.manual_seed(0)
     users, items = np.array([1, 1, 2, 2, 3]), np.array([1, 2, 2, 3, 3])
     model = LightGCN(3, 4, 8, layers=2, adjacency=normalized_adjacency(users, items, 3, 4))
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    u, pos, neg = torch.tensor([1, 2, 3]), torch.tensor([1, 3, 3]), torch.tensor([4, 4, 1])
-    first = model.bpr_loss(u, pos, neg).item()
+    u, i = torch.tensor([1, 2, 3, 1, 2, 3]), torch.tensor([1, 3, 3, 4, 4, 1])
+    y = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    first = bce(model(u, i), y).item()
     for _ in range(50):
-        loss = model.bpr_loss(u, pos, neg)
+        loss = bce(model(u, i), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -17,7 +17,10 @@ from thinkrec.io.commit import (
     TableWriter,
     is_complete,
     part_name,
+    publish_shard,
+    read_rows,
     read_table,
+    record_name,
     stable_shard,
 )
 from thinkrec.io.fs import Storage
@@ -117,3 +120,41 @@ def test_changed_config_rewrites_instead_of_mixing(tmp_path):
     w.commit(rows_in=10)
     w2 = TableWriter(st, st.uri("t"), num_shards=2, meta={"config_hash": "b"}, schema=SCHEMA)
     assert not w2.complete and w2.pending_shards() == [0, 1]
+
+
+def test_workers_publish_shards_and_the_commit_reads_their_records(tmp_path):
+    """publish_shard (a worker's side): one shard's rows and quarantine published with a record; the
+    commit takes rows, checksums and reasons from the records, equal to reading the files."""
+    st = Storage(str(tmp_path))
+    data = rows(40, bad_every=4)
+    shard = stable_shard(data.column("user_id"), 2)
+    w = TableWriter(st, st.uri("t"), num_shards=2, meta={"config_hash": "c"}, schema=SCHEMA)
+    recs = [publish_shard(st, st.uri("t"), s, SCHEMA, [data.filter(pa.array(shard == s))]) for s in (0, 1)]
+    assert all(os.path.exists(tmp_path / "t" / record_name(s)) for s in (0, 1))
+    assert sum(r["rows"] for r in recs) == 30 and sum(r["rows_quarantined"] for r in recs) == 10
+    man = w.commit(rows_in=40)
+    assert (man["rows"], man["rows_quarantined"], man["quarantine_reasons"]) == (30, 10, {"bad_value": 10})
+    assert not os.path.exists(tmp_path / "t" / "_records")  # folded into the manifest
+    # The same shards written by the driver-side writer give the same manifest files.
+    w2 = TableWriter(st, st.uri("u"), num_shards=2, schema=SCHEMA)
+    w2.write([data])
+    assert w2.commit(rows_in=40)["files"] == man["files"]
+    # A published shard is idempotent: publishing it again gives the same record.
+    again = publish_shard(st, st.uri("t"), 0, SCHEMA, [data.filter(pa.array(shard == 0))])
+    assert again["files"] == recs[0]["files"]
+
+
+def test_read_rows_holds_only_matching_rows_and_reads_only_their_shards(tmp_path):
+    st = Storage(str(tmp_path))
+    w = TableWriter(st, st.uri("t"), num_shards=4, key="user_id", schema=SCHEMA)
+    w.write([rows(1000)])
+    w.commit(rows_in=1000)
+    got = read_rows(st, st.uri("t"), "user_id", pa.array([3, 500, 999, 5000, None]), ["user_id", "value"])
+    assert sorted(got.column("user_id").to_pylist()) == [3, 500, 999]
+    assert got.column_names == ["user_id", "value"]
+    assert read_rows(st, st.uri("t"), "value", pa.array([], pa.float64())).num_rows == 0
+    # Keyed by user_id: only the shards the values hash to are opened (a broken other shard is
+    # never read).
+    other = next(s for s in range(4) if s not in set(stable_shard(np.array([3]), 4).tolist()))
+    (tmp_path / "t" / part_name(other)).write_bytes(b"not parquet")
+    assert read_rows(st, st.uri("t"), "user_id", pa.array([3])).column("user_id").to_pylist() == [3]

@@ -199,3 +199,18 @@ def test_explanation_text_metrics_empty_input_and_length_mismatch():
     }
     with pytest.raises(ValueError, match="2 explanations but 1 references"):
         M.explanation_text_metrics(["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize(
+    ("texts", "want"),
+    [
+        (["Yes. the user liked it", "No. the user liked none"], 6 / 8),  # "the user", "user liked" twice
+        (["No No No No No"], 1 / 4),
+        (["Yes", None, ""], None),  # no bigram at all
+    ],
+)
+def test_distinct_2_by_hand(texts, want):
+    from eval.text import distinct_n
+
+    got = distinct_n(texts, 2)
+    assert got == (pytest.approx(want) if want is not None else None)

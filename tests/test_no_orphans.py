@@ -67,6 +67,7 @@ def _start_cf(prepared, tmp_path) -> tuple[subprocess.Popen, str]:
         "ray.num_cpus=2",
         f"data.max_users={prepared.data.max_users}",
         "cf.epochs=3",
+        "cf.baselines=[]",  # MF alone: the demo's LightGCN and SASRec baselines add nothing here
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cf", "--config", str(ROOT / "configs/demo.yaml"), *args],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -18,6 +17,7 @@ COMMITTED = [
     "prepare/interactions",
     "prepare/items",
     "prepare/users",
+    "keywords/keywords",
     "cf/model",
     "cf/scores",
     "reason/traces",
@@ -29,12 +29,8 @@ COMMITTED = [
 
 
 @pytest.fixture(scope="module")
-def run(prepared, tmp_path_factory):
-    """A fresh output root that starts from the session's prepared tables (prepare is tested on its own)."""
-    root = str(tmp_path_factory.mktemp("pipeline"))
-    shutil.copytree(os.path.join(prepared.storage.output_root, "prepare"), os.path.join(root, "prepare"))
-    cfg = prepared.replace(**{"storage.output_root": root})
-    return cfg, pipeline.run(cfg)
+def run(pipeline_run):
+    return pipeline_run
 
 
 def _mtimes(root: str) -> dict[str, int]:

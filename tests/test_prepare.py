@@ -122,8 +122,12 @@ def test_too_many_bad_rows_fail_without_success(ray_local, dirty_source, tmp_pat
         str(tmp_path),
         **{"data.source": dirty_source, "data.max_users": None, "data.max_quarantine_rate": 0.001},
     )
-    with pytest.raises(CommitError, match="quarantined"):
+    with pytest.raises(CommitError, match="quarantined") as err:
         prepare.run(cfg)
+    # The error names the top reasons, each with an example row (its text, file and line).
+    msg = str(err.value)
+    assert "top reasons: bad_rating: 2 rows, e.g. " in msg and '"source_line": 3004' in msg
+    assert "ml-100k.inter" in msg
     st = Storage.from_config(cfg)
     assert not st.exists(st.uri(prepare.INTERACTIONS, SUCCESS))
 
@@ -140,3 +144,18 @@ def test_embedded_dataset_is_found():
     with pytest.raises(ValueError, match="no embedded copy"):
         ml.embedded_dir("ml-1m")
     assert np.isfinite(ml.parse_interaction_lines(["1\t2\t3\t4"], "atomic")[S.RATING]).all()
+
+
+def test_reviews_of_unknown_items_can_be_kept(ray_local, dirty_source, tmp_path):
+    cfg = small_config(
+        str(tmp_path),
+        **{"data.source": dirty_source, "data.max_users": None, "data.unknown_items": "keep"},
+    )
+    man = prepare.run(cfg)
+    assert ml.UNKNOWN_ITEM not in man["quarantine_reasons"] and man["items_without_metadata"] == 1
+    st = Storage.from_config(cfg)
+    items = read_table(st, st.uri(prepare.ITEMS)).to_pandas()
+    extra = items[items[S.RAW_ITEM_ID] == "99999"]
+    assert len(items) == 1683 and extra[S.TITLE].tolist() == ["99999"]
+    inter = read_table(st, st.uri(prepare.INTERACTIONS)).to_pandas()
+    assert (inter[S.ITEM_ID] == int(extra[S.ITEM_ID].iloc[0])).sum() == 1

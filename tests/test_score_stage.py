@@ -33,6 +33,9 @@ def test_scores_every_test_row(scored):
     test = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "test")).drop_columns([S.SPLIT])
     assert table.schema == S.SCORES
     assert man["rows"] == test.num_rows > 0 and man["rows_quarantined"] == 0
+    tp = man["throughput"]  # what evaluate reports as the score stage's throughput
+    assert tp["rows"] == man["rows"] and tp["backend"] == cfg.score.backend and tp["wall_s"] > 0
+    assert tp["pairs_per_s"] == pytest.approx(tp["rows"] / tp["wall_s"], rel=1e-2)
 
     def key(t):
         return sorted(zip(*(t.column(c).to_pylist() for c in (S.USER_ID, S.ITEM_ID, S.LABEL)), strict=True))
@@ -49,9 +52,9 @@ def test_scores_every_test_row(scored):
     out = storage.local_path(storage.uri(stage.SCORES))
     names = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     shards = cfg.storage.num_shards
-    assert names == {SUCCESS, MANIFEST, "_config.json"} | {part_name(s) for s in range(shards)} | {
-        f"quarantine/{part_name(s)}" for s in range(shards)
-    }
+    assert names == {SUCCESS, MANIFEST, "_config.json", stage.FINGERPRINT} | {
+        part_name(s) for s in range(shards)
+    } | {f"quarantine/{part_name(s)}" for s in range(shards)}
     # Skip when complete: same manifest, nothing rewritten.
     mtime = os.path.getmtime(os.path.join(out, part_name(0)))
     assert stage.run(cfg) == man
@@ -92,6 +95,8 @@ def test_resubmission_recomputes_only_missing_shard(scored):
     again = stage.run(cfg)
     after = read_table(storage, storage.uri(stage.SCORES))
     assert again["rows"] == man["rows"] == after.num_rows  # no duplicates
+    # Throughput counts only what this run scored: the one missing shard.
+    assert again["throughput"]["rows"] == man["files"][part_name(1)]["rows"] < man["rows"]
     assert os.stat(kept).st_mtime_ns == kept_stat.st_mtime_ns  # shard 0 untouched
     assert again["files"][part_name(0)] == man["files"][part_name(0)]
     a, b = sorted_rows(before), sorted_rows(after)
@@ -221,22 +226,3 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
         assert diff[~single].max() < 0.05
     p = got.column(S.P_YES).to_numpy()
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
-
-
-def test_buffer_limit_caps_ray_data_object_store_and_restores_it(ray_local):
-    """Datasets made inside ``buffer_limit`` carry the cap (a dataset keeps the context it was made
-    in); the previous limits come back after, also after an error."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.resource_limits
-    with stage.buffer_limit(64):
-        ds = ray.data.range(4)
-        assert options.resource_limits.object_store_memory == 64 * 2**20
-    assert ds.context.execution_options.resource_limits.object_store_memory == 64 * 2**20
-    assert options.resource_limits == before
-    with pytest.raises(RuntimeError), stage.buffer_limit(32):
-        raise RuntimeError("boom")
-    assert options.resource_limits == before
-    with stage.buffer_limit(None):
-        assert options.resource_limits == before

@@ -1,7 +1,13 @@
 """Runs the vLLM scorer in its own process (vLLM starts worker processes and needs a __main__ guard)
 and writes what it returned to a JSON file for tests/test_scoring_vllm.py to check.
 
-    python tests/vllm_checks.py --base <tiny model dir> --root <output root with artifacts> --out out.json
+    python tests/vllm_checks.py --base <tiny model dir> --root <output root with artifacts> --out out.json \
+        [--table <raw-id candidate table> --stage-out <output dir>]
+
+With ``--table``, the engine is the score stage's own: the table is partitioned by the stage, the
+stage's scorer actor body (``stage.ShardStep``, score.backend=vllm) is built here, its engine serves
+the checks below, and then it scores and publishes every shard of the table, which is committed;
+one engine start covers both.
 
 ``build_rows`` is shared with the test, so both sides score the very same rows.
 """
@@ -79,6 +85,8 @@ def main() -> None:
     ap.add_argument("--base", required=True)
     ap.add_argument("--root", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--table", default="")
+    ap.add_argument("--stage-out", default="")
     args = ap.parse_args()
 
     from thinkrec.scoring.base import load_artifacts
@@ -86,8 +94,33 @@ def main() -> None:
 
     cfg = checks_config(args.base, args.root)
     rows, _ = build_rows(cfg)
+    step = None
+    if args.table:
+        import ray
+
+        from thinkrec.io.commit import TableWriter
+        from thinkrec.io.fs import Storage
+        from thinkrec.scoring import stage
+
+        scfg = cfg.replace(
+            **{"score.candidates": args.table, "score.output": args.stage_out, "score.num_shards": 2}
+        )
+        storage = Storage.from_config(scfg)
+        out = stage.output_uri(scfg, storage)
+        meta = stage.stage_meta(scfg, storage)
+        schema = stage.first_schema(scfg, storage)
+        writer = TableWriter(
+            storage, out, num_shards=2, key=stage.shard_column("raw"), meta=meta, schema=schema
+        )
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        staged, mode = stage.partition(scfg, storage, out, meta)
+        ray.shutdown()  # the partition is staged; the engine below runs without Ray
     t0 = time.perf_counter()
-    scorer = VLLMScorer(cfg, load_artifacts(cfg))
+    if args.table:
+        step = stage.ShardStep(scfg.to_dict(), out, schema, mode)
+        scorer = step.scorer
+    else:
+        scorer = VLLMScorer(cfg, load_artifacts(cfg))
     start_s = time.perf_counter() - t0
     seeded = dict(scorer.mixtures)
     served = scorer.adapters_for(rows)
@@ -123,6 +156,11 @@ def main() -> None:
         result["bad_gate_error"] = ""
     except ValueError as e:
         result["bad_gate_error"] = str(e)
+    if step is not None:
+        for shard in range(2):
+            step.score_shard(shard)
+        man = writer.commit(rows_in=int(staged.sum()), extra={"version": step.version, "backend": "vllm"})
+        result["stage"] = {"out": out, "rows": man["rows"], "rows_quarantined": man["rows_quarantined"]}
     scorer.close()
     with open(args.out, "w") as f:
         json.dump(result, f)

@@ -44,7 +44,7 @@ def variant_config(cfg: Config, name: str) -> Config:
     return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
 
 
-SHARED = ("base_model", "prepare", "cf", "reason")
+SHARED = ("base_model", "prepare", "keywords", "cf", "reason")
 """Outputs that depend on nothing a variant overrides (their fingerprints cover data, cf, reason)."""
 
 

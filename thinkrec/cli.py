@@ -16,6 +16,10 @@ from typing import Any
 # stage -> (callable "module:function", one-line help). Order = pipeline order.
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("thinkrec.data.prepare:run", "read raw logs; label, time-split, build histories -> prepare/"),
+    "keywords": (
+        "thinkrec.keywords.stage:run",
+        "up to 10 keywords per item (genres | tfidf | llm), cached by text -> keywords/",
+    ),
     "cf": ("thinkrec.cf.stage:run", "train the CF model (MF) on Ray Train; embeddings + CF scores -> cf/"),
     "reason": ("thinkrec.reasoning.stage:run", "reasoning traces for hard training samples -> reason/"),
     "train": ("thinkrec.train.stage:run", "global LoRA, CF projector, user groups, expert LoRAs -> train/"),
@@ -39,6 +43,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "generated tokens/s: hf, vLLM offline, openai -> vllm serve, at batch 1 and 32",
     ),
     "evaluate": ("eval.bench:run", "evaluate rows/s and peak RSS at 1M and 10M scored rows"),
+    "prepare": (
+        "thinkrec.data.bench:run",
+        "prepare on synthetic Yelp-shaped logs of 200k and 2M interactions: rows/s, wall, peak RSS",
+    ),
 }
 
 

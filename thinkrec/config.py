@@ -26,12 +26,48 @@ class ConfigError(ValueError):
 
 
 @dataclass(config=_STRICT)
+class GenericConfig:
+    """``data.dataset: generic``: which files under data.source hold the log and the items, and which
+    of their columns are which (thinkrec/data/generic.py)."""
+
+    interactions: str = "*.parquet"
+    """File name or glob (``part-*.csv.gz``) of the interaction files under data.source."""
+    items: str = ""
+    """File name or glob of the item table. Empty: the items are those the log names (titled by id)."""
+    format: Literal["auto", "parquet", "csv", "json"] = "auto"
+    """``auto``: from each file's extension (``.parquet``, ``.csv``, ``.json``/``.jsonl``, plus
+    ``.gz``). CSV files start with a header line and hold one record per line."""
+    user: str = "user_id"
+    """Column of the raw user id (any string or integer)."""
+    item: str = "item_id"
+    """Column of the raw item id in the log."""
+    rating: str = "rating"
+    """Column of the rating, within [rating_min, rating_max]; the label is rating >= data.label_threshold."""
+    label: str = ""
+    """Column of a 0/1 label instead of a rating (it becomes the rating; set data.label_threshold: 1)."""
+    rating_min: float = 0.0
+    rating_max: float = 5.0
+    timestamp: str = "timestamp"
+    """Column of the event time."""
+    timestamp_unit: Literal["s", "ms", "iso"] = "s"
+    """Unix seconds, Unix milliseconds, or ISO-8601 strings (no zone: UTC)."""
+    item_id: str = ""
+    """Column of the item id in the item table (empty: the same name as ``item``)."""
+    title: str = "title"
+    """Column of the item's title in the item table."""
+    text: list[str] = dataclasses.field(default_factory=list)
+    """Columns of the item table whose text the keywords stage reads (each cut to keywords.max_words)."""
+
+
+@dataclass(config=_STRICT)
 class DataConfig:
-    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp"] = "ml-100k"
+    dataset: Literal["ml-100k", "ml-1m", "amazon", "yelp", "generic"] = "ml-100k"
     """Which reader (thinkrec/data/<format>.py): ``ml-100k`` (RecBole atomic files; the copy shipped
     in the ``recbole`` wheel when data.source is empty), ``ml-1m`` (``ratings.dat``, ``movies.dat``),
     ``amazon`` (Amazon Reviews 2018: ``<Category>.json[.gz]`` and ``meta_<Category>.json[.gz]``),
-    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``)."""
+    ``yelp`` (``review.json`` and ``business.json``, plain or ``.gz``), ``generic`` (Parquet, CSV or
+    JSON lines with the columns data.generic names)."""
+    generic: GenericConfig = dataclasses.field(default_factory=GenericConfig)
     source: str = ""
     """URI of the directory holding the raw files (local path, file:// or s3://, read through
     storage.s3_endpoint). Empty: the dataset's embedded copy."""
@@ -52,6 +88,10 @@ class DataConfig:
     manifest."""
     max_users: int | None = Field(None, ge=2)
     """Keep only the first N users by id (small runs and tests). None keeps all."""
+    unknown_items: Literal["quarantine", "keep"] = "quarantine"
+    """Reviews of items with no usable metadata (no line in the item file, or one with an empty
+    title): ``quarantine`` them (reason ``unknown_item``), or ``keep`` them, the item entering
+    prepare/items titled by its raw id."""
     max_quarantine_rate: float = Field(0.01, ge=0, le=1)
     """A stage fails, writing no _SUCCESS, when more than this share of its input rows is malformed."""
 
@@ -119,34 +159,115 @@ class ModelConfig:
     """Write projected CF embeddings over placeholder tokens (CoLLM/ThinkRec). False: text only (TALLRec)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
+    warmup_steps: int = Field(0, ge=0)
+    """Locally built base only (``model.base`` empty; never applied to a pretrained model): before
+    any LoRA training, this many full-parameter causal-LM steps on the train split's own text (the
+    reasoning traces' prompts and rationales, item titles and keywords), so a random-weight model
+    has a language to write explanations in (thinkrec/train/warmup.py). 0: off."""
+    warmup_lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate of the warm-up (constant after a short linear ramp)."""
+    warmup_batch_size: int = Field(16, ge=1)
+    """Sequences per warm-up step (each ``warmup_seq_len`` tokens of packed text)."""
+    warmup_seq_len: int = Field(128, ge=8)
+    """Tokens per warm-up sequence."""
 
 
 @dataclass(config=_STRICT)
 class KeywordsConfig:
-    """The keywords stage (between prepare and cf): up to 10 keywords per item."""
+    """The keywords stage (between prepare and cf): up to 10 keywords per item -> keywords/keywords."""
+
+    extractor: str = "auto"
+    """``genres`` (the genres MovieLens ships), ``tfidf`` (the highest TF-IDF terms of the item's
+    title and description, the IDF fitted on every item's text), ``llm`` (generation.*), a
+    ``package.module:Class`` built as ``Cls(cfg)``, or ``auto``: ``genres`` for MovieLens, ``tfidf``
+    for datasets whose items have text."""
+    max_keywords: int = Field(10, ge=1, le=10)
+    """Keywords kept per item (the reference keeps at most 10)."""
+    max_words: int = Field(100, ge=1)
+    """Each description field is cut to this many words before extraction (the reference: 100)."""
+    cache: str = ""
+    """URI of the keyword cache (entries keyed by a hash of the item's text and the extractor's
+    settings). Point several runs or datasets at one cache so shared items are computed once.
+    Empty: <output_root>/keywords/cache."""
+    batch_size: int = Field(64, ge=1)
+    """Items per extractor call."""
+    concurrency: int | None = Field(None, ge=1)
+    """Extractor actors (None: the cluster's CPUs, at most 4)."""
+    tfidf_max_df: float = Field(0.5, gt=0, le=1)
+    """tfidf: terms in more than this share of items carry no information and are never keywords
+    (scikit-learn's ``max_df``)."""
+
+
+CFModel = Literal["mf", "lightgcn", "sasrec"]
+
+
+@dataclass(config=_STRICT)
+class LightGCNConfig:
+    """LightGCN (thinkrec/cf/lightgcn.py), the paper's graph CF encoder."""
+
+    dim: int = Field(64, ge=2)
+    """Embedding size (the paper's 64)."""
+    layers: int = Field(2, ge=0)
+    """Propagation layers over the normalised graph of the positive train pairs (the reference's 2)."""
+
+
+@dataclass(config=_STRICT)
+class SASRecConfig:
+    """SASRec (thinkrec/cf/sasrec.py), the paper's sequential CF encoder."""
+
+    hidden: int = Field(64, ge=2)
+    """Hidden size (the paper's 64); also the CF vectors' width."""
+    blocks: int = Field(2, ge=1)
+    """Self-attention blocks (the paper's 2)."""
+    max_len: int = Field(25, ge=1)
+    """Items in a sequence: the user's last N before the row (the paper's 25)."""
+    heads: int = Field(1, ge=1)
+    """Attention heads (the reference's 1); must divide ``hidden``."""
+    dropout: float = Field(0.2, ge=0, lt=1)
+    """Dropout on the embeddings and in every block (the reference's 0.2)."""
+
+    @model_validator(mode="after")
+    def _heads(self) -> SASRecConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"cf.sasrec.heads={self.heads} must divide cf.sasrec.hidden={self.hidden}")
+        return self
 
 
 @dataclass(config=_STRICT)
 class CFConfig:
-    model: Literal["mf"] = "mf"
+    model: CFModel = "mf"
+    """The CF model whose vectors feed the CF tokens (and pick the hard samples): ``mf`` (matrix
+    factorisation, thinkrec/cf/mf.py), ``lightgcn`` or ``sasrec``. Its logit is cf/scores' ``cf_score``."""
+    baselines: tuple[CFModel, ...] = ()
+    """Further CF models trained in the same cf stage only for comparison: each adds its ``cf_<model>``
+    column to cf/scores (and so a row in the evaluation report); their vectors are not exported.
+    One equal to ``cf.model`` is that model itself, trained once."""
     dim: int = Field(64, ge=2)
-    """Embedding size (the paper's MF uses 256; the demo uses 64)."""
+    """MF's embedding size (the paper's MF uses 256; the demo uses 64)."""
     epochs: int = Field(20, ge=1)
-    """Training epochs; the epoch with the best validation AUC is kept."""
+    """Training epochs (every CF model); the epoch with the best validation AUC is kept."""
     batch_size: int = Field(1024, ge=1)
     """Global batch size, split evenly over the workers."""
     lr: float = Field(1e-2, gt=0)
-    """AdamW learning rate."""
+    """AdamW learning rate (every CF model)."""
     weight_decay: float = Field(1e-4, ge=0)
     """AdamW (decoupled) weight decay."""
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (DDP over gloo on CPU)."""
     bias: bool = True
-    """Add user, item and global biases to <u, i>, saved beside the embeddings in
+    """MF only: add user, item and global biases to <u, i>, saved beside the embeddings in
     cf/model/bias.safetensors. The reference MF has none (false), but on a time split most valid/test
     rows have a cold user, which only the item bias can score (ML-100K valid AUC 0.67 vs 0.52)."""
     max_failures: int = Field(2, ge=0)
     """Times Ray Train restarts the workers from the last checkpoint after a worker fails."""
+    lightgcn: LightGCNConfig = dataclasses.field(default_factory=LightGCNConfig)
+    sasrec: SASRecConfig = dataclasses.field(default_factory=SASRecConfig)
+
+    @model_validator(mode="after")
+    def _baselines(self) -> CFConfig:
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"cf.baselines lists a model twice: {list(self.baselines)}")
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -228,6 +349,11 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     lr: float = Field(1e-4, gt=0)
     projector_lr: float = Field(1e-3, gt=0)
+    projector_lora: bool = False
+    """Stage 2 trains the global LoRA (at ``lr``) together with the projector, and its LoRA replaces
+    stage 1's. False: the reference's stage 2, LoRA frozen. A random-weight base (the tiny model)
+    needs it: with frozen attention the CF tokens barely reach the answer position
+    (tests/test_planted.py)."""
     expert_lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     warmup_steps: int = Field(200, ge=0)
@@ -289,7 +415,11 @@ class ScoreConfig:
     columns pass through to the output unchanged. Empty: the test split of prepare/interactions."""
     batch_size: int = Field(64, ge=1)
     concurrency: int = Field(1, ge=1)
-    """Scorer actors."""
+    """Scorer actors; each scores and publishes whole shards."""
+    num_shards: int | None = Field(None, ge=1, le=4096)
+    """Shards of a scored table: the unit each scorer actor scores, publishes and a resubmitted job
+    skips (a killed job redoes only the shards that were in flight). None: ``storage.num_shards``.
+    A shard's candidates are held by one actor at a time, so a very large table wants more."""
     num_cpus_per_actor: float = Field(1, ge=0)
     num_gpus_per_actor: float = Field(0, ge=0)
     prefix_sharing: bool = True
@@ -316,23 +446,12 @@ class ScoreConfig:
     mixture_step: float = Field(0.1, gt=0, le=0.5)
     """vLLM: grid of the mixture weights; 1 / mixture_step must be an integer so grid points sum to 1."""
     block_rows: int = Field(1024, ge=1)
-    """Rows handed to one prompt-builder or scorer call; a user's candidates share one prefix pass
-    only within a call, so keep it well above the candidates per user."""
-    prompt_concurrency: int = Field(1, ge=1)
-    """Prompt-builder actors (CPU: tokenization, histories, gates)."""
-    prompt_cpus: float = Field(0.5, gt=0)
-    """CPUs reserved per prompt-builder actor."""
+    """Rows per read block and per scorer call. A shard's rows are sorted by user and cut only
+    between users, so a user's candidates always share one call (one prefix pass) whatever the
+    table's order; a larger value only means fewer, larger calls."""
     read_cpus: float = Field(0.25, gt=0)
-    """CPUs reserved per candidate-read task; below one, so reads still run while the actor pools
-    hold the other CPUs (on a 2-CPU machine a 1-CPU read would wait forever)."""
-    max_buffer_mb: int | None = Field(512, ge=16)
-    """Object-store memory (MiB, whole cluster) Ray Data may fill with blocks queued between the
-    read, prompt and scorer operators. Bounds the job's memory whatever the table's size (prompt
-    blocks are larger than the candidates they come from). None: Ray Data's default share of the
-    object store, which a large table fills. Raise it with many scorer actors (each keeps a few
-    blocks of ``block_rows`` queued)."""
-    shards_per_wave: int = Field(64, ge=1)
-    """Output shards written per pass over the candidates; a resubmitted job resumes at wave granularity."""
+    """CPUs reserved per partition task (one per candidate file: read, split by user shard, stage);
+    below one, so it still runs beside scorer actors that hold whole CPUs."""
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads per scorer on CPU (0: torch's default, Ray sets it from the actor's num_cpus)."""
     vllm_max_model_len: int | None = Field(None, ge=16)

@@ -13,7 +13,7 @@ from thinkrec.io.fs import Storage
 
 log = logging.getLogger("thinkrec.pipeline")
 
-ORDER = ("prepare", "cf", "reason", "train", "score", "explain", "evaluate")
+ORDER = ("prepare", "keywords", "cf", "reason", "train", "score", "explain", "evaluate")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -55,6 +55,11 @@ def summary(report: str, metrics: dict[str, Any], timings: dict[str, float], tot
         lines.append(
             f"  explanations: BLEU-4 {fmt(text['bleu4'])}  ROUGE-L F {fmt(text['rouge_l_f'])}  "
             f"METEOR {fmt(text['meteor'])}  ({text['with_reference']} rows with a reference)"
+        )
+        lines.append(
+            f"  explanations: distinct-2 {fmt(text.get('distinct_2'))}  states Yes/No "
+            f"{fmt(text.get('states_answer_share'))}  agrees with the score's decision "
+            f"{fmt(text.get('answer_agrees_share'))}"
         )
     lines.append(
         "  stage seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {total:.0f}"

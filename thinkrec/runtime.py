@@ -35,7 +35,21 @@ def init_ray(cfg: Any) -> None:
     else:
         ray.init(address=address)
     ctx = ray.data.DataContext.get_current()
+    if address in (None, "", "local"):
+        size_local_shuffles(cfg.ray.num_cpus)
     ctx.enable_progress_bars = os.environ.get("THINKREC_PROGRESS", "1") != "0"
+
+
+def size_local_shuffles(num_cpus: int | None) -> None:
+    """Hash shuffles sized for a local Ray of ``num_cpus``; a cluster keeps Ray's default.
+
+    Ray Data hash-partitions a group-by into 200 parts by default, sized for clusters: on a few
+    local CPUs each part is a task whose start-up dwarfs its rows (a 3,000-row group-by took 5 s
+    with 200 parts, 0.5 s with 4)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.default_hash_shuffle_parallelism = max(2, 2 * int(num_cpus or os.cpu_count() or 1))
 
 
 def fit(trainer: Any) -> Any:

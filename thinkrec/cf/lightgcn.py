@@ -3,12 +3,16 @@ propagated over the user-item graph without weights or non-linearities,
 
     E^(k+1) = Â E^(k),   Â = D^-1/2 A D^-1/2,   E = mean(E^(0), ..., E^(K)),
 
-scored by <e_u, e_i> and trained with BPR on the positive train pairs against uniformly sampled
-negative items, as the reference does.
+scored by <e_u, e_i>. As in the reference code, the graph holds the positive train pairs (label 1)
+and the model is trained point-wise with BCE-with-logits on every train row's label (the LightGCN
+paper's BPR is not what the reference trains with), 2 propagation layers.
 
-Status: the module, the normalised graph and the BPR loss; the Ray Train loop, driver and
-checkpoints in the shape of ``thinkrec.cf.mf`` are not written yet, so ``cf.model`` accepts only
-``mf``.
+Shape of ``thinkrec.cf.mf``: the module (``LightGCN``), a Ray Train loop (``train_loop``, over the
+shared epoch loop of ``thinkrec.cf.loop``) and a driver (``train``) returning the best epoch's
+propagated embeddings as a ``CFTable`` with the per-epoch history.
+
+CF-token export (cf/model/embeddings.safetensors, ``LAYOUT``): the propagated vectors themselves,
+user ``[e_u]`` and item ``[e_i]`` (d = ``cf.lightgcn.dim``), so <user, item> is LightGCN's logit.
 
 Node numbering of the graph: users 0..U (row 0 = padding), then items at U + 1 + (0..I), so a table
 row keeps its id; padding rows have no edges and stay zero.
@@ -16,11 +20,17 @@ row keeps its id; padding rows have no edges and stay zero.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from thinkrec.data import schema as S
 from thinkrec.model.thinkrec import CFTable
+
+LAYOUT = "user=[e_u]; item=[e_i] (LightGCN's propagated embeddings, mean over layers 0..K)"
 
 
 def normalized_adjacency(
@@ -72,13 +82,6 @@ class LightGCN(nn.Module):
         user, item = self.propagate()
         return (user[users] * item[items]).sum(-1)
 
-    def bpr_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Mean BPR loss -log sigmoid(s(u, pos) - s(u, neg)) over (B,) triples; one propagation."""
-        user, item = self.propagate()
-        u = user[users]  # (B, d)
-        diff = (u * item[pos]).sum(-1) - (u * item[neg]).sum(-1)  # (B,)
-        return nn.functional.softplus(-diff).mean()
-
     def table(self) -> CFTable:
         """The propagated embeddings as a CFTable, padding rows zeroed, detached copies."""
         with torch.no_grad():
@@ -86,3 +89,79 @@ class LightGCN(nn.Module):
         user[0] = 0
         item[0] = 0
         return CFTable(user, item)
+
+
+# -- Ray Train loop and driver --------------------------------------------------------------------
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(batch[S.USER_ID], batch[S.ITEM_ID])  # (B,)
+
+
+def _valid_scores(model: nn.Module, valid: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    users, items, labels = valid
+    table = model.table()
+    u, i = torch.as_tensor(users), torch.as_tensor(items)
+    return users, labels, (table.user[u] * table.item[i]).sum(-1).numpy()
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: each builds the same normalised graph from the positive train
+    pairs (by reference in the object store) and the same initial weights (seeded)."""
+    import ray
+
+    from thinkrec.cf import loop
+
+    torch.manual_seed(config["seed"])
+    users, items = ray.get(config["graph"])
+    adjacency = normalized_adjacency(users, items, config["num_users"], config["num_items"])
+    model = LightGCN(config["num_users"], config["num_items"], config["dim"], config["layers"], adjacency)
+    loop.run_epochs(config, model, _logits, _valid_scores)
+
+
+@dataclass
+class TrainResult:
+    table: CFTable
+    """Best epoch's propagated embeddings, (U+1, d) and (I+1, d); padding rows zero."""
+    best_epoch: int
+    history: list[dict[str, Any]]
+
+
+def train(
+    cfg: Any,
+    train_ds: Any,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    positives: tuple[np.ndarray, np.ndarray],
+    num_users: int,
+    num_items: int,
+    run_name: str,
+    storage_path: str,
+    storage_filesystem: Any = None,
+) -> TrainResult:
+    """Train LightGCN on ``train_ds`` (user_id, item_id, label) with the graph of ``positives``
+    (user ids, item ids of the positive train rows); ``valid`` = (user ids, item ids, labels)."""
+    import ray
+
+    from thinkrec.cf import loop
+
+    c = cfg.cf.lightgcn
+    loop_config = {
+        "num_users": num_users,
+        "num_items": num_items,
+        "dim": c.dim,
+        "layers": c.layers,
+        "graph": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in positives)),
+        "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
+    }
+    best, state = loop.train(
+        train_loop,
+        loop_config,
+        cfg,
+        train_ds,
+        run_name=run_name,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
+    )
+    adjacency = normalized_adjacency(*positives, num_users, num_items)
+    model = LightGCN(num_users, num_items, c.dim, c.layers, adjacency)
+    model.load_state_dict(best)
+    return TrainResult(model.table(), int(state["best_epoch"]), list(state["history"]))

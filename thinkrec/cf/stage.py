@@ -1,31 +1,46 @@
-"""cf stage: train MF on Ray Train; write the embeddings and the MF scores of every valid/test sample.
+"""cf stage: train the configured CF model (and any baselines) on Ray Train; write the CF-token
+vectors and every trained model's scores of every valid/test sample.
+
+Models (``cf.model``, ``cf.baselines``): ``mf`` (thinkrec/cf/mf.py), ``lightgcn`` (cf/lightgcn.py),
+``sasrec`` (cf/sasrec.py), each a module, a Ray Train loop and a driver, with checkpoints and resume.
 
 Outputs (each committed with the protocol of thinkrec.io.commit):
 - ``cf/model/``: ``embeddings.safetensors`` (``CFTable``: ``user`` (U+1, D), ``item`` (I+1, D); U and
-  I are the row counts of prepare/users and prepare/items), the vectors the LLM's CF projector reads;
-  ``bias.safetensors`` (the raw ``user``/``item``/``global`` biases) when ``cf.bias`` is set, and
-  ``metrics.json`` (valid/test AUC and UAUC, per-epoch history);
+  I are the row counts of prepare/users and prepare/items), the vectors the LLM's CF projector reads,
+  from ``cf.model`` only (the projector's input width is D); ``bias.safetensors`` (the raw
+  ``user``/``item``/``global`` biases) for MF with ``cf.bias``; ``sasrec.safetensors`` (SASRec's
+  weights, to score rows from their own sequences) for SASRec; ``metrics.json`` (valid/test AUC and
+  UAUC, per-epoch history);
 - ``cf/scores``: schema.CF_SCORES, the configured CF model's logit of every valid and test sample in
   ``cf_score``, plus one ``cf_<model>`` column per CF model trained (``cf_mf``, and ``cf_mf_nobias``:
-  the same MF's dot product without its biases), sharded by user_id; rows_in = the valid + test row
-  count prepare committed.
+  the same MF's dot product without its biases; ``cf_lightgcn``; ``cf_sasrec``), sharded by user_id;
+  rows_in = the valid + test row count prepare committed. Baselines' validation/test AUC are logged
+  and returned by ``run``; evaluate reports every ``cf_<model>`` column on the test rows.
 
-Layout of embeddings.safetensors (also in its metadata, key ``layout``): without biases D = d and the
-rows are MF's p_u and q_i. With biases D = d + 2 and the biases ride along, so the CF tokens carry all
-MF knows (on a time split the biases hold most of it):
+Layout of embeddings.safetensors (also in its metadata, key ``layout``), per model:
 
-    user u: [p_u (d), b_u, 1]        item i: [q_i (d), 1, b_i]
-    <user u, item i> = p_u . q_i + b_u + b_i = MF's logit - the global bias
+- MF without biases, D = d: the rows are MF's p_u and q_i. With biases D = d + 2 and the biases ride
+  along, so the CF tokens carry all MF knows (on a time split the biases hold most of it):
 
-Row 0 (padding, unknown ids) is all zeros. ``load_model`` returns the raw (p, q) table and biases.
+      user u: [p_u (d), b_u, 1]        item i: [q_i (d), 1, b_i]
+      <user u, item i> = p_u . q_i + b_u + b_i = MF's logit - the global bias
 
-Users and items that never occur in train keep no trained vector: their p/q rows and biases are
-zeroed, so a cold entity reads "no collaborative signal" instead of its random initialisation (its
-constant-1 column stays, so the dot product still equals MF's logit); a cold user's logit is then
+- LightGCN, D = cf.lightgcn.dim: the propagated embeddings [e_u], [e_i]; <user, item> = its logit.
+- SASRec, D = cf.sasrec.hidden: user [h_u], SASRec's last state after the user's last
+  cf.sasrec.max_len train items; item [e_i], its embedding; <user, item> = SASRec's logit for the
+  item after the train sequence (``cf_sasrec`` scores each row from its own sequence instead).
+
+Row 0 (padding, unknown ids) is all zeros. ``load_model`` returns the raw table (MF: (p, q)) and
+biases (empty but for MF with biases).
+
+Users and items that never occur in train keep no trained vector: their rows (and MF's biases) are
+zeroed, so a cold entity reads "no collaborative signal" instead of its random initialisation (MF's
+constant-1 column stays, so the dot product still equals MF's logit); a cold user's MF logit is then
 the item bias plus the global bias.
 
 cf/model is committed before cf/scores, and cf/scores' fingerprint covers cf/model's manifest, so a
-rerun after a failure between the two reuses the committed embeddings instead of retraining.
+rerun after a failure between the two reuses the committed model instead of retraining; baselines'
+Ray Train runs are kept until cf/scores is committed, so a rerun resumes them from their checkpoints.
 """
 
 from __future__ import annotations
@@ -43,7 +58,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from eval.metrics import auc, uauc
-from thinkrec.cf import mf
+from thinkrec.cf import lightgcn, mf, sasrec
 from thinkrec.config import Config
 from thinkrec.data import prepare
 from thinkrec.data import schema as S
@@ -71,16 +86,20 @@ METRICS = "metrics.json"
 LAYOUT_BIAS = "user=[p_u, b_u, 1]; item=[q_i, 1, b_i]"
 """embeddings.safetensors ``layout`` metadata with biases (see the module docstring)."""
 LAYOUT_PLAIN = "user=[p_u]; item=[q_i]"
+SASREC_WEIGHTS = "sasrec.safetensors"
+"""SASRec's weights in cf/model when it is cf.model (cf_sasrec scores each row from its sequence)."""
 INPUTS = (prepare.INTERACTIONS, prepare.ITEMS, prepare.USERS)
 
 
-def _sections(cfg: Config) -> dict[str, Any]:
+def _sections(cfg: Config, baselines: bool = True) -> dict[str, Any]:
     d = cfg.to_dict()
-    return {"cf": d["cf"], "data": d["data"], "seed": d["seed"], "stage": "cf/v2"}
+    cf = d["cf"] if baselines else {k: v for k, v in d["cf"].items() if k != "baselines"}
+    return {"cf": cf, "data": d["data"], "seed": d["seed"], "stage": "cf/v3"}
 
 
 def model_meta(cfg: Config, storage: Storage) -> dict[str, str]:
-    return fingerprint(_sections(cfg), [storage.uri(t) for t in INPUTS], storage)
+    """cf/model depends on everything but cf.baselines (adding a baseline keeps the CF tokens)."""
+    return fingerprint(_sections(cfg, baselines=False), [storage.uri(t) for t in INPUTS], storage)
 
 
 def scores_meta(cfg: Config, storage: Storage) -> dict[str, str]:
@@ -92,8 +111,10 @@ def scores_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 
 
 def load_model(storage: Storage) -> tuple[CFTable, dict[str, torch.Tensor]]:
-    """The committed MF weights: the CFTable and the biases (empty when trained without them).
-    Reads through the storage layer, so it works for s3:// roots too."""
+    """The committed CF vectors: the CFTable (MF: the raw (p, q); LightGCN, SASRec: the exported
+    vectors) and MF's biases (empty without them, and for the other models); ``mf.logits`` of the two
+    is the model's logit (SASRec's after each user's train sequence). Reads through the storage layer,
+    so it works for s3:// roots too."""
     fs, root = storage.fs(storage.uri(MODEL))
     with fs.open_input_stream(f"{root}/{EMBEDDINGS}") as f:
         t = load_safetensors(f.read())
@@ -122,9 +143,18 @@ def _count(storage: Storage, table: str) -> int:
     return int(storage.read_json(f"{storage.uri(table)}/_manifest.json")["rows"])
 
 
-def _eval_rows(storage: Storage) -> pd.DataFrame:
-    cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.NOT_COLD]
-    t = read_table(storage, storage.uri(prepare.INTERACTIONS), columns=cols).to_pandas()
+_ID_COLUMNS = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT, S.TIMESTAMP, S.NOT_COLD]
+
+
+def _read_ids(storage: Storage) -> pd.DataFrame:
+    """Every interaction's ids, label, split, timestamp and not_cold. These columns are small even
+    for millions of rows: the driver reads them once for the train-entity sets, the validation rows,
+    SASRec's sequences and the scored rows; the MF and LightGCN workers stream the train rows."""
+    return read_table(storage, storage.uri(prepare.INTERACTIONS), columns=_ID_COLUMNS).to_pandas()
+
+
+def _eval_rows(storage: Storage, ids: pd.DataFrame | None = None) -> pd.DataFrame:
+    t = _read_ids(storage) if ids is None else ids
     return t[t[S.SPLIT].isin(["valid", "test"])].reset_index(drop=True)
 
 
@@ -148,86 +178,236 @@ def _metrics(rows: pd.DataFrame, scores: np.ndarray) -> dict[str, Any]:
     return out
 
 
-def _train(cfg: Config, storage: Storage) -> tuple[CFTable, dict[str, torch.Tensor], dict[str, Any]]:
-    num_users, num_items = _count(storage, prepare.USERS), _count(storage, prepare.ITEMS)
-    cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT]
-    # The four id/label columns are small even for millions of rows: the driver reads them once
-    # for the train-entity sets and the validation rows; the workers stream the train rows.
-    ids = read_table(storage, storage.uri(prepare.INTERACTIONS), columns=cols).to_pandas()
-    train = ids[ids[S.SPLIT] == "train"]
-    valid = ids[ids[S.SPLIT] == "valid"]
-    if train.empty:
-        raise ValueError(f"cf: {storage.uri(prepare.INTERACTIONS)} has no train rows")
-    train_users = np.unique(train[S.USER_ID].to_numpy(np.int64))
-    train_items = np.unique(train[S.ITEM_ID].to_numpy(np.int64))
-    train_ds = (
-        read_dataset(storage, storage.uri(prepare.INTERACTIONS), columns=cols)
-        .filter(lambda r: r[S.SPLIT] == "train")
-        .select_columns([S.USER_ID, S.ITEM_ID, S.LABEL])
-        # Materialised before the trainer takes every CPU: the workers then only split blocks.
-        .materialize()
-    )
+class _Data:
+    """What every model's training reads, computed once per run."""
 
-    meta = model_meta(cfg, storage)
-    fs, path = storage.fs(storage.uri(TRAIN_RUNS))
-    result = mf.train(
-        cfg,
-        train_ds,
-        (valid[S.USER_ID].to_numpy(), valid[S.ITEM_ID].to_numpy(), valid[S.LABEL].to_numpy()),
-        num_users=num_users,
-        num_items=num_items,
-        run_name=f"mf-{meta['config_hash']}-{meta['input_hash']}",
-        storage_path=path,
-        storage_filesystem=fs,
-    )
-    table, biases = result.table, result.biases
-    # Cold entities (and padding) carry no trained signal: zero them.
-    seen_u = torch.zeros(num_users + 1, dtype=torch.bool)
-    seen_u[torch.as_tensor(train_users)] = True
-    seen_i = torch.zeros(num_items + 1, dtype=torch.bool)
-    seen_i[torch.as_tensor(train_items)] = True
-    seen_u[0] = seen_i[0] = False
-    table.user[~seen_u] = 0
-    table.item[~seen_i] = 0
-    if biases:
-        biases["user"][~seen_u] = 0
-        biases["item"][~seen_i] = 0
-    info = {
-        "model": cfg.cf.model,
-        "dim": cfg.cf.dim,
-        "bias": cfg.cf.bias,
-        "num_users": num_users,
-        "num_items": num_items,
-        "train_rows": len(train),
-        "train_users": len(train_users),
-        "train_items": len(train_items),
+    def __init__(self, storage: Storage, ids: pd.DataFrame) -> None:
+        self.storage, self.ids = storage, ids
+        self.num_users, self.num_items = _count(storage, prepare.USERS), _count(storage, prepare.ITEMS)
+        self.train = ids[ids[S.SPLIT] == "train"]
+        self.valid = ids[ids[S.SPLIT] == "valid"]
+        if self.train.empty:
+            raise ValueError(f"cf: {storage.uri(prepare.INTERACTIONS)} has no train rows")
+        self.train_users = np.unique(self.train[S.USER_ID].to_numpy(np.int64))
+        self.train_items = np.unique(self.train[S.ITEM_ID].to_numpy(np.int64))
+        self._pairs: Any = None
+
+    def seen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U+1,), (I+1,) bool: users/items with a train row; padding never."""
+        seen_u = torch.zeros(self.num_users + 1, dtype=torch.bool)
+        seen_u[torch.as_tensor(self.train_users)] = True
+        seen_i = torch.zeros(self.num_items + 1, dtype=torch.bool)
+        seen_i[torch.as_tensor(self.train_items)] = True
+        seen_u[0] = seen_i[0] = False
+        return seen_u, seen_i
+
+    def valid_triple(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        v = self.valid
+        return v[S.USER_ID].to_numpy(), v[S.ITEM_ID].to_numpy(), v[S.LABEL].to_numpy()
+
+    def pairs(self) -> Any:
+        """The train rows (user_id, item_id, label) as a Ray Dataset, materialised before the
+        trainer takes every CPU (the workers then only split blocks); shared by MF and LightGCN."""
+        if self._pairs is None:
+            cols = [S.USER_ID, S.ITEM_ID, S.LABEL, S.SPLIT]
+            self._pairs = (
+                read_dataset(self.storage, self.storage.uri(prepare.INTERACTIONS), columns=cols)
+                .filter(lambda r: r[S.SPLIT] == "train")
+                .select_columns([S.USER_ID, S.ITEM_ID, S.LABEL])
+                .materialize()
+            )
+        return self._pairs
+
+    def sequence_dataset(self, max_len: int, num_workers: int) -> Any:
+        """SASRec's training rows as a Ray Dataset: ``seq`` (max_len,) (a tensor column), item_id,
+        label; a few blocks per worker, materialised."""
+        import ray.data
+        from ray.data.extensions import ArrowTensorArray
+
+        t = pa.table(
+            {
+                sasrec.SEQ: ArrowTensorArray.from_numpy(self.sequences(self.train, max_len)),
+                S.ITEM_ID: pa.array(self.train[S.ITEM_ID].to_numpy(np.int64)),
+                S.LABEL: pa.array(self.train[S.LABEL].to_numpy(np.int64)),
+            }
+        )
+        step = -(-t.num_rows // (4 * num_workers))
+        return ray.data.from_arrow([t.slice(lo, step) for lo in range(0, t.num_rows, step)]).materialize()
+
+    def sequences(self, rows: pd.DataFrame, max_len: int, train_only: bool = False) -> np.ndarray:
+        """Each row's SASRec sequence: its user's last ``max_len`` items strictly before its timestamp
+        (among the train rows only with ``train_only``). -> (len(rows), max_len)."""
+        src = self.train if train_only else self.ids
+        return sasrec.sequences(
+            src[S.USER_ID].to_numpy(),
+            src[S.ITEM_ID].to_numpy(),
+            src[S.TIMESTAMP].to_numpy(),
+            rows[S.USER_ID].to_numpy(),
+            rows[S.TIMESTAMP].to_numpy(),
+            max_len,
+        )
+
+
+class _Trained:
+    """One trained CF model: its exported CF-token vectors (``export``, ``layout``), the raw table
+    and biases ``load_model`` returns, its ``cf_<model>`` columns for scored rows, and its info."""
+
+    def __init__(
+        self,
+        name: str,
+        table: CFTable,
+        biases: dict[str, torch.Tensor],
+        info: dict[str, Any],
+        model: sasrec.SASRec | None = None,
+    ) -> None:
+        self.name, self.table, self.biases, self.info, self.model = name, table, biases, info, model
+
+    @property
+    def export(self) -> CFTable:
+        return projector_table(self.table, self.biases) if self.name == "mf" else self.table
+
+    @property
+    def layout(self) -> str:
+        if self.name == "mf":
+            return LAYOUT_BIAS if self.biases else LAYOUT_PLAIN
+        return lightgcn.LAYOUT if self.name == "lightgcn" else sasrec.LAYOUT
+
+    def columns(self, data: _Data, rows: pd.DataFrame, cfg: Config) -> dict[str, np.ndarray]:
+        """{cf_<model>: logit} for ``rows``; MF also gives ``cf_mf_nobias`` (its dot product alone)."""
+        users, items = rows[S.USER_ID].to_numpy(), rows[S.ITEM_ID].to_numpy()
+        if self.name == "mf":
+            return {
+                S.cf_column("mf"): mf.logits(self.table, users, items, self.biases),
+                S.cf_column("mf_nobias"): mf.logits(self.table, users, items),
+            }
+        if self.name == "lightgcn":
+            return {S.cf_column("lightgcn"): mf.logits(self.table, users, items)}  # <e_u, e_i>
+        assert self.model is not None
+        seq = data.sequences(rows, cfg.cf.sasrec.max_len)
+        return {S.cf_column("sasrec"): sasrec.scores(self.model, seq, items)}
+
+
+def _info(cfg: Config, data: _Data, name: str, dim: int, best_epoch: int, history: list) -> dict[str, Any]:
+    return {
+        "model": name,
+        "dim": dim,
+        "bias": cfg.cf.bias if name == "mf" else False,
+        "num_users": data.num_users,
+        "num_items": data.num_items,
+        "train_rows": len(data.train),
+        "train_users": len(data.train_users),
+        "train_items": len(data.train_items),
         "num_workers": cfg.cf.num_workers,
         "epochs": cfg.cf.epochs,
-        "best_epoch": result.best_epoch,
-        "history": result.history,
+        "best_epoch": best_epoch,
+        "history": history,
     }
-    return table, biases, info
 
 
-def _save_model(
-    cfg: Config, storage: Storage, table: CFTable, biases: dict[str, torch.Tensor], metrics: dict[str, Any]
-) -> None:
+def _sasrec_model(cfg: Config, num_items: int) -> sasrec.SASRec:
+    c = cfg.cf.sasrec
+    return sasrec.SASRec(
+        num_items, hidden=c.hidden, blocks=c.blocks, max_len=c.max_len, heads=c.heads, dropout=c.dropout
+    )
+
+
+def _train(cfg: Config, data: _Data, name: str) -> _Trained:
+    """Train one CF model on Ray Train (a run name per model and fingerprint, so a rerun resumes)."""
+    meta = model_meta(cfg, data.storage)
+    fs, path = data.storage.fs(data.storage.uri(TRAIN_RUNS))
+    run = {
+        "run_name": f"{name}-{meta['config_hash']}-{meta['input_hash']}",
+        "storage_path": path,
+        "storage_filesystem": fs,
+    }
+    seen_u, seen_i = data.seen()
+    if name == "mf":
+        result = mf.train(
+            cfg, data.pairs(), data.valid_triple(), num_users=data.num_users, num_items=data.num_items, **run
+        )
+        table, biases = result.table, result.biases
+        # Cold entities (and padding) carry no trained signal: zero them.
+        table.user[~seen_u] = 0
+        table.item[~seen_i] = 0
+        if biases:
+            biases["user"][~seen_u] = 0
+            biases["item"][~seen_i] = 0
+        info = _info(cfg, data, name, cfg.cf.dim, result.best_epoch, result.history)
+        return _Trained(name, table, biases, info)
+    if name == "lightgcn":
+        pos = data.train[data.train[S.LABEL] > 0]
+        result = lightgcn.train(
+            cfg,
+            data.pairs(),
+            data.valid_triple(),
+            positives=(pos[S.USER_ID].to_numpy(), pos[S.ITEM_ID].to_numpy()),
+            num_users=data.num_users,
+            num_items=data.num_items,
+            **run,
+        )
+        table = result.table
+        table.user[~seen_u] = 0
+        table.item[~seen_i] = 0
+        info = _info(cfg, data, name, cfg.cf.lightgcn.dim, result.best_epoch, result.history)
+        return _Trained(name, table, {}, info)
+    c = cfg.cf.sasrec
+    u, i, y = data.valid_triple()
+    result = sasrec.train(
+        cfg,
+        data.sequence_dataset(c.max_len, cfg.cf.num_workers),
+        (u, i, y, data.sequences(data.valid, c.max_len)),
+        num_items=data.num_items,
+        **run,
+    )
+    return _from_sasrec(cfg, data, result.model, result.best_epoch, result.history)
+
+
+def _from_sasrec(cfg: Config, data: _Data, model: sasrec.SASRec, best_epoch: int, history: list) -> _Trained:
+    """Cold items' embeddings zeroed in the model itself (they are inputs and targets alike), then
+    the export from each train user's last train items."""
+    _, seen_i = data.seen()
+    with torch.no_grad():
+        model.item.weight[~seen_i] = 0
+    last = pd.DataFrame(
+        {S.USER_ID: data.train_users, S.TIMESTAMP: np.full(len(data.train_users), np.iinfo(np.int64).max)}
+    )
+    seq = data.sequences(last, cfg.cf.sasrec.max_len, train_only=True)
+    table = sasrec.export(model, data.train_users, seq, data.num_users)
+    info = _info(cfg, data, "sasrec", cfg.cf.sasrec.hidden, best_epoch, history)
+    return _Trained("sasrec", table, {}, info, model=model.eval())
+
+
+def _load_trained(cfg: Config, storage: Storage, data: _Data) -> _Trained:
+    """cf.model as committed in cf/model (a rerun after a failure before cf/scores)."""
+    table, biases = load_model(storage)
+    info = storage.read_json(f"{storage.uri(MODEL)}/{METRICS}")
+    model = None
+    if cfg.cf.model == "sasrec":
+        fs, root = storage.fs(storage.uri(MODEL))
+        with fs.open_input_stream(f"{root}/{SASREC_WEIGHTS}") as f:
+            weights = load_safetensors(f.read())
+        model = _sasrec_model(cfg, data.num_items)
+        model.load_state_dict(weights)
+        model.eval()
+    return _Trained(cfg.cf.model, table, biases, info, model=model)
+
+
+def _save_model(cfg: Config, storage: Storage, trained: _Trained, metrics: dict[str, Any]) -> None:
     uri = storage.uri(MODEL)
     if storage.exists(uri):
         storage.delete(uri)  # a half-written or stale directory: start clean
     with tempfile.TemporaryDirectory(prefix="thinkrec-cf-") as d:
-        out = projector_table(table, biases)
+        out = trained.export
         save_file(
-            {"user": out.user, "item": out.item},
+            {"user": out.user.contiguous(), "item": out.item.contiguous()},
             os.path.join(d, EMBEDDINGS),
-            metadata={
-                "model": cfg.cf.model,
-                "dim": str(table.dim),
-                "layout": LAYOUT_BIAS if biases else LAYOUT_PLAIN,
-            },
+            metadata={"model": trained.name, "dim": str(trained.table.dim), "layout": trained.layout},
         )
-        if biases:
-            save_file({k: v.contiguous() for k, v in biases.items()}, os.path.join(d, BIASES))
+        if trained.biases:
+            save_file({k: v.contiguous() for k, v in trained.biases.items()}, os.path.join(d, BIASES))
+        if trained.model is not None:
+            state = {k: v.detach().contiguous() for k, v in trained.model.state_dict().items()}
+            save_file(state, os.path.join(d, SASREC_WEIGHTS))
         for name in sorted(os.listdir(d)):
             with open(os.path.join(d, name), "rb") as f:
                 storage.write_bytes(f"{uri}/{name}", f.read())
@@ -244,21 +424,32 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("cf: up to date, skipped (%s)", storage.uri("cf"))
         return storage.read_json(f"{model_uri}/{METRICS}")
 
-    rows = _eval_rows(storage)
-    if is_complete(storage, model_uri, model_meta(cfg, storage)):
-        table, biases = load_model(storage)
-        metrics = storage.read_json(f"{model_uri}/{METRICS}")
-    else:
-        table, biases, info = _train(cfg, storage)
-        scores = mf.logits(table, rows[S.USER_ID].to_numpy(), rows[S.ITEM_ID].to_numpy(), biases)
-        metrics = {**info, **_metrics(rows, scores)}
-        _save_model(cfg, storage, table, biases, metrics)
-        storage.delete(storage.uri(TRAIN_RUNS))
-
+    ids = _read_ids(storage)
+    data = _Data(storage, ids)
+    rows = _eval_rows(storage, ids)
+    fresh = not is_complete(storage, model_uri, model_meta(cfg, storage))
+    trained = _train(cfg, data, cfg.cf.model) if fresh else _load_trained(cfg, storage, data)
+    # One column per CF model trained (contract with evaluate): the configured one, then baselines.
+    extra = trained.columns(data, rows, cfg)
+    scores = extra[S.cf_column(cfg.cf.model)]
+    metrics = {**trained.info, **_metrics(rows, scores)} if fresh else trained.info
+    if fresh:
+        _save_model(cfg, storage, trained, metrics)
+    baselines: dict[str, Any] = {}
+    for name in (b for b in cfg.cf.baselines if b != cfg.cf.model):
+        other = _train(cfg, data, name)
+        cols = other.columns(data, rows, cfg)
+        extra.update(cols)
+        baselines[name] = {**other.info, **_metrics(rows, cols[S.cf_column(name)])}
+        log.info(
+            "cf: baseline %s: valid AUC %.4f UAUC %.4f, test AUC %.4f UAUC %.4f",
+            name,
+            baselines[name]["valid"]["auc"],
+            baselines[name]["valid"]["uauc"],
+            baselines[name]["test"]["auc"],
+            baselines[name]["test"]["uauc"],
+        )
     users, items = rows[S.USER_ID].to_numpy(), rows[S.ITEM_ID].to_numpy()
-    scores = mf.logits(table, users, items, biases)
-    # One column per CF model trained (contract with evaluate): the configured model is MF.
-    extra = {S.cf_column("mf"): scores, S.cf_column("mf_nobias"): mf.logits(table, users, items)}
     schema = S.cf_scores_schema(extra)
     out = pa.table(
         {
@@ -278,8 +469,10 @@ def run(cfg: Config) -> dict[str, Any]:
         keep = np.isin(stable_shard(out.column(S.USER_ID), cfg.storage.num_shards), list(pending))
         w.write([out.filter(pa.array(keep))], sorted(pending))
         w.commit(rows_in=int(split_rows["valid"]) + int(split_rows["test"]))
+    storage.delete(storage.uri(TRAIN_RUNS))  # every model's Ray Train run, once cf/scores is in
     log.info(
-        "cf: valid AUC %.4f UAUC %.4f, test AUC %.4f UAUC %.4f (best epoch %s of %s)",
+        "cf: %s valid AUC %.4f UAUC %.4f, test AUC %.4f UAUC %.4f (best epoch %s of %s)",
+        cfg.cf.model,
         metrics["valid"]["auc"],
         metrics["valid"]["uauc"],
         metrics["test"]["auc"],
@@ -287,4 +480,4 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics.get("best_epoch"),
         metrics.get("epochs"),
     )
-    return metrics
+    return {**metrics, "baselines": baselines} if baselines else metrics

@@ -1,7 +1,8 @@
 """Amazon Reviews 2018, one category: reviews and metadata as JSON lines (plain or ``.gz``).
 
 Reviews: ``reviewerID, asin, overall, unixReviewTime, ...``. Metadata: ``asin, title, description,
-category, brand, ...``, where ``title`` may hold HTML, ``description`` and ``category`` are lists, and
+category, brand, ...`` (``description`` becomes the item's description fields, the keywords stage's
+text), where ``title`` may hold HTML, ``description`` and ``category`` are lists, and
 an asin can appear more than once (the first line wins; prepare keeps the first by file order).
 The category path (minus the root category, which every item of the file shares) stands in for
 keywords until the keywords stage writes its own.
@@ -48,18 +49,21 @@ def parse_item_lines(lines: list[str]) -> pd.DataFrame:
         obj = R.json_object(line)
         item = R.clean_id(obj.get("asin")) if obj else None
         if obj is None or item is None:
-            out.append(
-                {S.RAW_ITEM_ID: line[: R.MAX_LINE_CHARS], S.TITLE: "", S.KEYWORDS: [], REASON: R.MALFORMED}
-            )
+            out.append(R.bad_item(line))
             continue
         title = text_of(obj.get("title"))
         cats = obj.get("category") or []
         cats = [strip_html(str(c)) for c in (cats[1:] if isinstance(cats, list) else [cats])]
+        desc = obj.get("description") or []
         out.append(
             {
                 S.RAW_ITEM_ID: item,
                 S.TITLE: title,
                 S.KEYWORDS: [c for c in cats if c],
+                # One plain-text string per description field (the keywords stage cuts each).
+                S.DESCRIPTION: [
+                    t for t in (text_of(d) for d in (desc if isinstance(desc, list) else [desc])) if t
+                ],
                 REASON: None if title else R.EMPTY_TITLE,
             }
         )

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from thinkrec.data import schema as S
-from thinkrec.io.commit import read_dataset, read_table
+from thinkrec.io.commit import read_dataset, read_rows, read_table
 from thinkrec.io.fs import Storage
 
 USER_IDS = "prepare/user_ids"
@@ -43,3 +44,11 @@ def ids_table(storage: Storage, kind: Kind) -> pa.Table:
     """The map as one Arrow table (small maps and tests; a join should use ``read_ids``)."""
     table, raw, internal = _source(kind)
     return read_table(storage, storage.uri(table), columns=[raw, internal])
+
+
+def lookup(storage: Storage, kind: Kind, raw: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    """raw id -> internal id for the given raw ids only (those in the map): the map's rows are
+    streamed and filtered, so a caller holds the part of the map it needs, never the whole map."""
+    table, raw_col, internal = _source(kind)
+    t = read_rows(storage, storage.uri(table), raw_col, pc.cast(raw, pa.string()), [raw_col, internal])
+    return dict(zip(t.column(raw_col).to_pylist(), t.column(internal).to_pylist(), strict=True))

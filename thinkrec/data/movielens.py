@@ -73,9 +73,7 @@ def parse_item_lines(lines: list[str], fmt: str) -> pd.DataFrame:
             continue  # item_id:token movie_title:token_seq release_year:token class:token_seq
         parts = line.rstrip("\r\n").split("\t" if fmt == "atomic" else "::")
         if len(parts) < 3 or not parts[0].strip():
-            out.append(
-                {S.RAW_ITEM_ID: line[: R.MAX_LINE_CHARS], S.TITLE: "", S.KEYWORDS: [], REASON: R.MALFORMED}
-            )
+            out.append(R.bad_item(line))
             continue
         if fmt == "atomic":
             raw, title, genres = parts[0], parts[1], (parts[3] if len(parts) > 3 else "").split()

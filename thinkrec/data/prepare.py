@@ -16,6 +16,7 @@ reason; rows_in (lines read) = rows_out + rows_quarantined is checked when the t
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -27,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from thinkrec.config import Config
-from thinkrec.data import amazon, yelp
+from thinkrec.data import amazon, generic, yelp
 from thinkrec.data import lines as L
 from thinkrec.data import movielens as ml
 from thinkrec.data import reader as R
@@ -59,9 +60,10 @@ def reader_for(dataset: str) -> R.Reader:
     return READERS[dataset]
 
 
-def source_files(cfg: Config, reader: R.Reader) -> tuple[str, str, pafs.FileSystem]:
-    """(interactions path, items path, filesystem) in data.source (a local path, file:// or s3://,
-    through the configured endpoint). Empty data.source: the dataset's embedded copy."""
+def source_files(cfg: Config) -> tuple[R.Reader, list[str], list[str], pafs.FileSystem]:
+    """(reader, interaction paths, item paths (none: the items are those the log names),
+    filesystem) in data.source (a local path, file:// or s3://, through the configured endpoint).
+    Empty data.source: the dataset's embedded copy."""
     from thinkrec.io.fs import filesystem
 
     source = cfg.data.source or ml.embedded_dir(cfg.data.dataset)
@@ -70,15 +72,28 @@ def source_files(cfg: Config, reader: R.Reader) -> tuple[str, str, pafs.FileSyst
     names = [i.base_name for i in infos if i.type == pafs.FileType.File]
     if not names:
         raise FileNotFoundError(f"data.source={source!r}: no files found")
-    inter, items = reader.find(names)
-    return f"{root}/{inter}", f"{root}/{items}", fs
+    if cfg.data.dataset == "generic":
+        reader, inter, items = generic.reader(cfg, fs, root, names)
+        return reader, [f"{root}/{n}" for n in inter], [f"{root}/{n}" for n in items], fs
+    reader = reader_for(cfg.data.dataset)
+    inter_name, items_name = reader.find(names)
+    return reader, [f"{root}/{inter_name}"], [f"{root}/{items_name}"], fs
 
 
-def read_items(fs: pafs.FileSystem, path: str, reader: R.Reader) -> pd.DataFrame:
-    """The item file (decompressed by extension) -> raw_item_id, title, keywords; unusable lines and
-    repeated ids (the first line wins) are dropped and counted in the manifest."""
+def _item_lines(fs: pafs.FileSystem, path: str, reader: R.Reader) -> list[str]:
+    if reader.items_format == "parquet":
+        with fs.open_input_file(path) as f:
+            rows = pq.read_table(f, columns=list(reader.item_columns) or None).to_pylist()
+        return [json.dumps(r, default=str) for r in rows]
     with fs.open_input_stream(path) as f:
         lines = [ln for ln in f.read().decode(reader.encoding, errors="replace").splitlines() if ln.strip()]
+    return [ln for ln in lines if not (reader.item_header and ln.rstrip("\r") == reader.item_header)]
+
+
+def read_items(fs: pafs.FileSystem, paths: list[str], reader: R.Reader) -> pd.DataFrame:
+    """The item files (decompressed by extension) -> raw_item_id, title, keywords, description;
+    unusable lines and repeated ids (the first line wins) are dropped and counted in the manifest."""
+    lines = [ln for p in paths for ln in _item_lines(fs, p, reader)]
     df = reader.parse_items(lines)
     good = df[df[REASON].isna()].drop(columns=[REASON])
     good = good.drop_duplicates(S.RAW_ITEM_ID, keep="first").reset_index(drop=True)
@@ -94,7 +109,7 @@ def read_items(fs: pafs.FileSystem, path: str, reader: R.Reader) -> pd.DataFrame
 
 
 def stage_meta(cfg: Config) -> dict[str, str]:
-    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v2"})
+    return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v3"})
 
 
 def _sort_key(raw: pd.Series) -> pd.Series:
@@ -164,11 +179,9 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("prepare: up to date, skipped (%s)", storage.uri("prepare"))
         return storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
 
-    reader = reader_for(cfg.data.dataset)
-    inter_path, item_path, fs = source_files(cfg, reader)
-    items = read_items(fs, item_path, reader)
-    item_map = remap(items[S.RAW_ITEM_ID])
-    known_items = set(item_map)
+    reader, inter_paths, item_paths, fs = source_files(cfg)
+    items = read_items(fs, item_paths, reader) if item_paths else None
+    known_items = set(items[S.RAW_ITEM_ID]) if items is not None else None
 
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
         if reader.header:
@@ -183,15 +196,28 @@ def run(cfg: Config) -> dict[str, Any]:
         where = pd.concat([batch[decoded], batch[~decoded]], ignore_index=True)
         df[L.SOURCE_FILE] = where[L.SOURCE_FILE].to_numpy()
         df[L.SOURCE_LINE] = where[L.SOURCE_LINE].to_numpy()
-        unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
-        df.loc[unknown, REASON] = R.UNKNOWN_ITEM
+        if known_items is not None and cfg.data.unknown_items == "quarantine":
+            unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
+            df.loc[unknown, REASON] = R.UNKNOWN_ITEM
         return df
 
-    parsed = (
-        read_lines(inter_path, filesystem=fs, encoding=reader.encoding)
-        .map_batches(parse, batch_format="pandas")
-        .materialize()
-    )
+    if reader.interactions_format == "parquet":
+        source = generic.read_records(inter_paths, "parquet", list(reader.columns), filesystem=fs)
+    else:
+        source = read_lines(inter_paths, filesystem=fs, encoding=reader.encoding)
+    parsed = source.map_batches(parse, batch_format="pandas").materialize()
+    if items is None or cfg.data.unknown_items == "keep":
+        # Items the log names without metadata (all of them when there is no item table; a
+        # distributed distinct), titled by their raw ids.
+        seen = sorted(str(i) for i in parsed.filter(lambda r: r[REASON] is None).unique(S.RAW_ITEM_ID))
+        extra = [i for i in seen if known_items is None or i not in known_items]
+        bare = R.item_frame([{S.RAW_ITEM_ID: i, S.TITLE: i, S.KEYWORDS: []} for i in extra])
+        bare = bare.drop(columns=[REASON])
+        dropped = items.attrs.get("dropped", {}) if items is not None else {}
+        items = bare if items is None else pd.concat([items, bare], ignore_index=True)
+        items.attrs["dropped"] = dropped
+        items.attrs["kept_without_metadata"] = len(extra)
+    item_map = remap(items[S.RAW_ITEM_ID])
     ok = parsed.filter(lambda r: r[REASON] is None)
     filtered: dict[str, int] = {}
     if cfg.data.min_interactions:
@@ -250,10 +276,14 @@ def run(cfg: Config) -> dict[str, Any]:
         stream = (
             b
             for ds in (
-                samples.map_batches(shard_of, batch_format="pyarrow"),
-                bad.map_batches(bad_rows, batch_format="pandas").map_batches(
+                # Sorted (a distributed sort), so each shard's file has the same bytes however the
+                # input was split into files, blocks or CPUs.
+                samples.sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID, L.SOURCE_FILE, L.SOURCE_LINE]).map_batches(
                     shard_of, batch_format="pyarrow"
                 ),
+                bad.map_batches(bad_rows, batch_format="pandas")
+                .sort([L.SOURCE_FILE, L.SOURCE_LINE])
+                .map_batches(shard_of, batch_format="pyarrow"),
             )
             for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096)
         )
@@ -264,9 +294,10 @@ def run(cfg: Config) -> dict[str, Any]:
             extra={
                 "split_cut_timestamps": list(cuts),
                 "split_rows": counts,
-                "source": inter_path,
+                "source": inter_paths[0] if len(inter_paths) == 1 else inter_paths,
                 "dataset": cfg.data.dataset,
                 "item_lines_dropped": items.attrs.get("dropped", {}),
+                "items_without_metadata": items.attrs.get("kept_without_metadata", 0),
                 "lines_read": lines_read,
                 "rows_filtered": filtered,
                 "filter": {"min_interactions": cfg.data.min_interactions, "mode": cfg.data.filter_mode},
@@ -277,7 +308,7 @@ def run(cfg: Config) -> dict[str, Any]:
     _write_small(
         storage,
         out[ITEMS],
-        kept_items[[S.ITEM_ID, S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS]],
+        kept_items[[S.ITEM_ID, S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, S.DESCRIPTION]],
         S.ITEMS,
         S.ITEM_ID,
         meta,

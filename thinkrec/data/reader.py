@@ -2,7 +2,7 @@
 
 A reader turns raw lines into typed rows. Interaction lines become ``raw_user_id, raw_item_id,
 rating, timestamp, _reason`` (``_reason`` None for good rows); item lines become ``raw_item_id,
-title, keywords, _reason``. A line that cannot be used keeps its text (cut to 200 characters) in
+title, keywords, description, _reason``. A line that cannot be used keeps its text (cut to 200 characters) in
 ``raw_user_id`` and gets a reason, so prepare quarantines it instead of dropping it. Raw ids are
 always strings.
 """
@@ -46,6 +46,16 @@ class Reader:
     encoding: str = "utf-8"
     header: str | None = None
     """Interaction lines starting with this are a header, not data (neither read nor counted)."""
+    item_header: str | None = None
+    """The same for item lines."""
+    interactions_format: str = "lines"
+    """``lines`` (text lines, any format the parsers know), or ``parquet`` (rows read as JSON-object
+    lines; the generic reader)."""
+    items_format: str = "lines"
+    columns: tuple[str, ...] = ()
+    """Parquet: the interaction columns to read."""
+    item_columns: tuple[str, ...] = ()
+    """Parquet: the item columns to read."""
 
 
 class Rows:
@@ -95,8 +105,17 @@ def clean_id(value: Any) -> str | None:
 
 
 def item_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    cols = [S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, REASON]
-    return pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame({c: [] for c in cols})
+    """Parsed item rows -> raw_item_id, title, keywords, description, _reason (a row without a
+    description gets an empty list)."""
+    cols = [S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, S.DESCRIPTION, REASON]
+    if not rows:
+        return pd.DataFrame({c: [] for c in cols})
+    return pd.DataFrame([{S.DESCRIPTION: [], **r} for r in rows], columns=cols)
+
+
+def bad_item(line: str, reason: str = MALFORMED) -> dict[str, Any]:
+    """An item line that cannot be used (its text cut to MAX_LINE_CHARS in raw_item_id)."""
+    return {S.RAW_ITEM_ID: line[:MAX_LINE_CHARS], S.TITLE: "", S.KEYWORDS: [], REASON: reason}
 
 
 def json_object(line: str) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ HISTORY_LABELS = "history_labels"
 NOT_COLD = "not_cold"
 TITLE = "title"
 KEYWORDS = "keywords"
+DESCRIPTION = "description"
+EXTRACTOR = "extractor"
 GROUP = "group"
 SCORE = "score"
 P_YES = "p_yes"
@@ -67,9 +69,22 @@ ITEMS = pa.schema(
         (RAW_ITEM_ID, pa.string()),
         (TITLE, pa.string()),
         (KEYWORDS, pa.list_(pa.string())),
+        (DESCRIPTION, pa.list_(pa.string())),
     ]
 )
-"""prepare/items: remapped id, original id, title and keywords."""
+"""prepare/items: remapped id, original id, title, the keywords the source ships (MovieLens genres,
+Amazon and Yelp categories) and the description fields (plain text, one string per field; empty
+for MovieLens). Prompts take keywords from keywords/keywords (thinkrec/data/items.py)."""
+
+KEYWORDS_TABLE = pa.schema(
+    [
+        (ITEM_ID, pa.int64()),
+        (KEYWORDS, pa.list_(pa.string())),
+        (EXTRACTOR, pa.string()),
+    ]
+)
+"""keywords/keywords: up to ``keywords.max_keywords`` keywords per item and the extractor that made
+them (``genres``, ``tfidf``, ``llm`` or a ``module:Class``)."""
 
 USERS = pa.schema([(USER_ID, pa.int64()), (RAW_USER_ID, pa.string())])
 """prepare/users: remapped id and original id."""

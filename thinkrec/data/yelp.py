@@ -40,9 +40,7 @@ def parse_item_lines(lines: list[str]) -> pd.DataFrame:
         obj = R.json_object(line)
         item = R.clean_id(obj.get("business_id")) if obj else None
         if obj is None or item is None:
-            out.append(
-                {S.RAW_ITEM_ID: line[: R.MAX_LINE_CHARS], S.TITLE: "", S.KEYWORDS: [], REASON: R.MALFORMED}
-            )
+            out.append(R.bad_item(line))
             continue
         title = str(obj.get("name") or "").strip()
         cats = obj.get("categories") or ""
@@ -52,6 +50,8 @@ def parse_item_lines(lines: list[str]) -> pd.DataFrame:
                 S.RAW_ITEM_ID: item,
                 S.TITLE: title,
                 S.KEYWORDS: [c.strip() for c in cats if str(c).strip()],
+                # Yelp ships no description: the categories are the text keywords are drawn from.
+                S.DESCRIPTION: [", ".join(c.strip() for c in cats if str(c).strip())] if cats else [],
                 REASON: None if title else R.EMPTY_TITLE,
             }
         )

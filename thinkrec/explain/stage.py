@@ -32,6 +32,7 @@ import pandas as pd
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs, read_items
 from thinkrec.generation import cache
 from thinkrec.generation.base import Decoding, GenRequest
 from thinkrec.io.commit import REASON, SUCCESS, TableWriter, fingerprint, read_table, stable_shard
@@ -70,7 +71,7 @@ def sample_rows(storage: Storage, n: int, seed: int) -> pd.DataFrame:
 
 def item_infos(storage: Storage, item_ids: set[int]) -> dict[int, tuple[str, list[str]]]:
     """(title, keywords) of the given items only, so actors carry what they need, not the catalogue."""
-    items = read_table(storage, storage.uri(ITEMS), columns=[S.ITEM_ID, S.TITLE, S.KEYWORDS]).to_pandas()
+    items = read_items(storage).to_pandas()
     items = items[items[S.ITEM_ID].isin(item_ids)]
     return {
         int(r[S.ITEM_ID]): (
@@ -266,6 +267,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "stage": "explain/v3",
     }
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, TRACES, TRAIN, CF_MODEL, SCORES)]
+    inputs += keywords_inputs(storage)
     return fingerprint(sections, [u for u in inputs if storage.exists(f"{u}/{SUCCESS}")], storage)
 
 

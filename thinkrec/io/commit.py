@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -131,6 +132,121 @@ def mark_success(
     return manifest
 
 
+RECORDS = "_records"
+"""Per-shard records (rows, sha256, quarantine reasons) the worker that publishes a shard writes
+beside it, so the commit reads a few bytes per shard instead of every file."""
+
+
+def record_name(shard: int) -> str:
+    return f"{RECORDS}/part-{shard:05d}.json"
+
+
+def upload_file(fs: pafs.FileSystem, local: str, dest: str) -> None:
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+    else:
+        # One object upload: S3 makes the object visible only once it is whole.
+        with open(local, "rb") as src, fs.open_output_stream(dest) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _local_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _publish(
+    fs: pafs.FileSystem,
+    root: str,
+    shard: int,
+    spooled: str,
+    quarantined: list[dict[str, Any]],
+    schema: pa.Schema,
+) -> dict[str, Any]:
+    """Quarantine, then the shard's record, then the part (whose existence marks the shard done).
+    Returns the record: {shard, rows, rows_quarantined, quarantine_reasons, files}."""
+    if not os.path.exists(spooled):
+        pq.write_table(schema.empty_table(), spooled)
+    qpath = spooled + ".quarantine"
+    pq.write_table(pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), qpath)
+    reasons: dict[str, int] = {}
+    for q in quarantined:
+        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+    rows = pq.ParquetFile(spooled).metadata.num_rows
+    record = {
+        "shard": shard,
+        "rows": rows,
+        "rows_quarantined": len(quarantined),
+        "quarantine_reasons": reasons,
+        "files": {
+            part_name(shard): {"rows": rows, "sha256": _local_sha256(spooled)},
+            quarantine_name(shard): {"rows": len(quarantined), "sha256": _local_sha256(qpath)},
+        },
+    }
+    rpath = spooled + ".json"
+    with open(rpath, "w") as f:
+        json.dump(record, f)
+    upload_file(fs, qpath, f"{root}/{quarantine_name(shard)}")
+    upload_file(fs, rpath, f"{root}/{record_name(shard)}")
+    upload_file(fs, spooled, f"{root}/{part_name(shard)}")
+    return record
+
+
+def _quarantine_rows(table: pa.Table, shard: np.ndarray) -> tuple[pa.Table, np.ndarray, list[dict[str, Any]]]:
+    """(rows to keep, their shards, quarantine records) of a batch that may have a ``_reason``."""
+    if REASON not in table.column_names:
+        return table, shard, []
+    reasons = table.column(REASON).to_pylist()
+    good = np.array([r is None for r in reasons], dtype=bool)
+    bad_rows = table.drop_columns([REASON]).filter(pa.array(~good)).to_pylist()
+    q = [
+        {"shard": int(s), "reason": r, "row": json.dumps(row, default=str)}
+        for r, s, row in zip([x for x in reasons if x is not None], shard[~good], bad_rows, strict=True)
+    ]
+    return table.drop_columns([REASON]).filter(pa.array(good)), shard[good], q
+
+
+def publish_shard(
+    storage: Storage, uri: str, shard: int, schema: pa.Schema, batches: Iterable[Any]
+) -> dict[str, Any]:
+    """A worker's side of the protocol: stream the batches of ONE shard (all of its rows, nothing
+    else) into a local spool and publish it; rows with a ``_reason`` go to quarantine. Idempotent:
+    a retried shard publishes the same names again. Returns the shard's record."""
+    fs, root = storage.fs(uri)
+    spool = tempfile.mkdtemp(prefix="thinkrec-spool-")
+    path = os.path.join(spool, part_name(shard))
+    qrows: list[dict[str, Any]] = []
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in batches:
+            table = _to_table(batch)
+            if table.num_rows == 0:
+                continue
+            table, _, q = _quarantine_rows(table, np.full(table.num_rows, shard, np.int32))
+            qrows += q
+            if table.num_rows == 0:
+                continue
+            table = table.select(schema.names)
+            table = table.cast(schema) if table.schema != schema else table
+            if writer is None:
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
+            writer = None
+        return _publish(fs, root, shard, path, qrows, schema)
+    finally:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(spool, ignore_errors=True)
+
+
 class TableWriter:
     """Writes one sharded Parquet table under ``uri`` with the commit protocol.
 
@@ -223,19 +339,9 @@ class TableWriter:
                 stray = set(np.unique(shard).tolist()) - wanted
                 if stray:
                     raise CommitError(f"{self.uri}: rows for shards {sorted(stray)} outside this wave")
-                good = np.ones(table.num_rows, dtype=bool)
-                if REASON in table.column_names:
-                    reasons = table.column(REASON).to_pylist()
-                    good = np.array([r is None for r in reasons])
-                    bad_rows = table.drop_columns([REASON]).filter(pa.array(~good)).to_pylist()
-                    for r, s, row in zip(
-                        [x for x in reasons if x is not None], shard[~good], bad_rows, strict=True
-                    ):
-                        qrows[int(s)].append(
-                            {"shard": int(s), "reason": r, "row": json.dumps(row, default=str)}
-                        )
-                    table = table.drop_columns([REASON]).filter(pa.array(good))
-                    shard = shard[good]
+                table, shard, q = _quarantine_rows(table, shard)
+                for row in q:
+                    qrows[row["shard"]].append(row)
                 if table.num_rows == 0:
                     continue
                 if self.schema is None:
@@ -263,24 +369,8 @@ class TableWriter:
         return counts
 
     def _publish(self, shard: int, spooled: str, quarantined: list[dict[str, Any]]) -> None:
-        if not os.path.exists(spooled):
-            pq.write_table(self.schema.empty_table(), spooled)
-        qpath = spooled + ".quarantine"
-        pq.write_table(pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), qpath)
-        # Quarantine first: the main part's existence is the shard's completion mark.
-        self._upload(qpath, f"{self.root}/{quarantine_name(shard)}")
-        self._upload(spooled, f"{self.root}/{part_name(shard)}")
-
-    def _upload(self, local: str, dest: str) -> None:
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp-{os.getpid()}"
-            shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        else:
-            # One object upload: S3 makes the object visible only once it is whole.
-            with open(local, "rb") as src, self.fs.open_output_stream(dest) as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+        assert self.schema is not None
+        _publish(self.fs, self.root, shard, spooled, quarantined, self.schema)
 
     # -- commit ---------------------------------------------------------------------------------
     def commit(self, rows_in: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -292,7 +382,18 @@ class TableWriter:
         files: dict[str, Any] = {}
         rows_out = rows_q = 0
         reasons: dict[str, int] = {}
+        examples: dict[str, str] = {}
         for s in range(self.num_shards):
+            rec_uri = f"{self.uri}/{record_name(s)}"
+            if self.storage.exists(rec_uri):
+                # Published by a worker with its record: a few bytes instead of the shard's files.
+                rec = self.storage.read_json(rec_uri)
+                files.update(rec["files"])
+                rows_out += rec["rows"]
+                rows_q += rec["rows_quarantined"]
+                for r, k in rec["quarantine_reasons"].items():
+                    reasons[r] = reasons.get(r, 0) + k
+                continue
             for name, is_q in ((part_name(s), False), (quarantine_name(s), True)):
                 path = f"{self.root}/{name}"
                 n = pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows
@@ -300,10 +401,10 @@ class TableWriter:
                 if is_q:
                     rows_q += n
                     if n:
-                        for r in (
-                            pq.read_table(path, filesystem=self.fs, columns=["reason"]).column(0).to_pylist()
-                        ):
+                        q = pq.read_table(path, filesystem=self.fs, columns=["reason", "row"])
+                        for r, row in zip(q.column(0).to_pylist(), q.column(1).to_pylist(), strict=True):
                             reasons[r] = reasons.get(r, 0) + 1
+                            examples.setdefault(r, row)
                 else:
                     rows_out += n
         if rows_in is not None and rows_in != rows_out + rows_q:
@@ -326,12 +427,16 @@ class TableWriter:
             self.storage.write_json(f"{self.uri}/{CONFIG}", self.config)
         self.storage.write_json(f"{self.uri}/{MANIFEST}", manifest)
         if rate > self.max_quarantine_rate:
+            top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+            named = "; ".join(f"{r}: {n} rows, e.g. {examples[r][:300]}" for r, n in top)
             raise CommitError(
                 f"{self.uri}: {rows_q} of {total} rows quarantined ({rate:.2%}) > max {self.max_quarantine_rate:.2%}; "
-                f"reasons {reasons}; see {self.uri}/quarantine/"
+                f"top reasons: {named}; see {self.uri}/quarantine/"
             )
         self.storage.write_bytes(f"{self.uri}/{SUCCESS}", b"")
         self.complete = True
+        if self.storage.exists(f"{self.uri}/{RECORDS}"):
+            self.storage.delete(f"{self.uri}/{RECORDS}")  # in the manifest now
         return manifest
 
 
@@ -373,3 +478,41 @@ def read_dataset(storage: Storage, uri: str, columns: list[str] | None = None) -
 
     fs, _ = storage.fs(uri)
     return ray.data.read_parquet(manifest_files(storage, uri), filesystem=fs, columns=columns)
+
+
+def read_rows(
+    storage: Storage,
+    uri: str,
+    column: str,
+    values: pa.Array | pa.ChunkedArray,
+    columns: list[str] | None = None,
+    batch_rows: int = 1 << 16,
+) -> pa.Table:
+    """The rows of a committed table whose ``column`` is in ``values``: the probe side of a join,
+    streamed a record batch at a time so only matching rows are held, never the whole table. When
+    the table is sharded by ``column`` (its manifest's key), only the shards the values hash to are
+    read. Hand-written: Ray Data's ``Dataset.join`` needs polars, and a per-shard lookup is smaller."""
+    fs, _ = storage.fs(uri)
+    man = storage.read_json(f"{uri}/{MANIFEST}")
+    wanted = pc.unique(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    wanted = wanted.filter(pc.is_valid(wanted))
+    paths = manifest_files(storage, uri)
+    if man.get("key") == column and len(wanted) and pa.types.is_integer(wanted.type):
+        shards = {part_name(int(s)) for s in np.unique(stable_shard(wanted, int(man["num_shards"])))}
+        paths = [p for p in paths if os.path.basename(p) in shards]
+    cols = None if columns is None else list(dict.fromkeys([*columns, column]))
+    parts = []
+    schema = None
+    for path in paths if len(wanted) else paths[:1]:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        schema = pf.schema_arrow if cols is None else pa.schema([pf.schema_arrow.field(c) for c in cols])
+        if not len(wanted):
+            break
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            key = rb.column(column)
+            mask = pc.is_in(key, value_set=wanted.cast(key.type))
+            if pc.any(mask).as_py():
+                parts.append(pa.Table.from_batches([rb]).filter(mask))
+    empty = schema.empty_table() if schema is not None else pa.table({})
+    out = pa.concat_tables(parts) if parts else empty
+    return out.select(columns) if columns is not None and out.num_columns else out

@@ -3,6 +3,11 @@
 An extractor maps item texts to raw keywords; ``postprocess`` applies the reference rules to them.
 The keywords stage caches results by a hash of each item's text and ``settings()``, so an extractor's
 settings must name everything that changes its output.
+
+An extractor class is built as ``Cls(cfg)`` inside each actor of the stage's pool. One that must
+see every item first (tfidf's document frequencies) also has a classmethod ``fit(cfg, texts)``
+over a Ray Dataset of item texts, whose small result is given to every actor as
+``Cls(cfg, state=...)``.
 """
 
 from __future__ import annotations
@@ -11,9 +16,38 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 EXTRACTORS: dict[str, str] = {
+    "genres": "thinkrec.keywords.genres:GenresExtractor",
+    "tfidf": "thinkrec.keywords.tfidf:TfidfExtractor",
     "llm": "thinkrec.keywords.llm:LLMExtractor",
 }
 """Registered extractor name -> ``module:Class``; a class is built as ``Cls(cfg)``."""
+
+
+def extractor_name(cfg: Any) -> str:
+    """keywords.extractor with ``auto`` resolved: the genres for MovieLens, tfidf elsewhere."""
+    name = cfg.keywords.extractor
+    if name == "auto":
+        return "genres" if cfg.data.dataset.startswith("ml-") else "tfidf"
+    return name
+
+
+def extractor_class(name: str) -> type:
+    """A registered name or ``package.module:Class``."""
+    import importlib
+
+    target = EXTRACTORS.get(name, name)
+    if ":" not in target:
+        raise ValueError(f"keywords.extractor={name!r}: expected one of {sorted(EXTRACTORS)} or module:Class")
+    module, cls = target.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"keywords.extractor={name!r}: cannot load {target} ({err})") from err
+
+
+def cut_words(text: str, max_words: int) -> str:
+    """The first ``max_words`` whitespace-separated words (REFERENCE.md: description fields, 100)."""
+    return " ".join(text.split()[:max_words])
 
 
 @dataclass(frozen=True)
@@ -22,6 +56,8 @@ class ItemText:
     title: str
     text: str
     """The item's description fields, joined (each already cut to the configured word limit)."""
+    tags: tuple[str, ...] = ()
+    """The keywords the source ships (MovieLens genres, Amazon and Yelp categories)."""
 
 
 class Extractor(Protocol):

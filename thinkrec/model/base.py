@@ -161,3 +161,63 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     project only the positions they need onto the vocabulary."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.base_model, base.get_output_embeddings()
+
+
+def warmup_lm(
+    model: Any,
+    docs: list[list[int]],
+    *,
+    eos_id: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    negatives: int = 512,
+) -> list[float]:
+    """Full-parameter causal-LM training of ``model`` on ``docs`` (token id lists), in place; for a
+    random-weight base built here, never a pretrained one (thinkrec/train/warmup.py decides).
+
+    The documents are packed into one stream (``eos_id`` after each) and every step reads
+    ``batch_size`` random windows of ``seq_len`` tokens (seeded). The next-token softmax runs over
+    the tokens the stream uses plus ``negatives`` tokens drawn from the rest of the vocabulary, each
+    standing for its share of the rest (a sampled softmax with a log(n_rest / negatives) correction):
+    a full 150k-token softmax per position would cost about 20x more on CPU, and without the drawn
+    tokens the unused vocabulary would keep its mass at generation time. AdamW, constant ``lr``
+    after a linear ramp over the first tenth of the steps. Returns the loss of every step."""
+    import math
+
+    import torch.nn.functional as F
+
+    body, head = decoder_and_head(model)
+    stream = torch.tensor([t for d in docs for t in (*d, eos_id)], dtype=torch.long)  # (N,)
+    if len(stream) < seq_len + 1:
+        stream = stream.repeat(-(-(seq_len + 1) // max(len(stream), 1)))
+    vocab = head.weight.shape[0]
+    used = torch.unique(stream)  # (C,)
+    position = torch.full((vocab,), -1, dtype=torch.long)
+    position[used] = torch.arange(len(used))
+    rest = torch.nonzero(position < 0).flatten()  # (V - C,)
+    correction = math.log(max(len(rest), 1) / negatives)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ramp = max(1, steps // 10)
+    losses = []
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / ramp)
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=g)
+        window = stream[starts[:, None] + torch.arange(seq_len + 1)]  # (B, T+1)
+        h = body(input_ids=window[:, :-1]).last_hidden_state  # (B, T, H)
+        drawn = rest[torch.randint(0, len(rest), (negatives,), generator=g)] if len(rest) else rest
+        cand = torch.cat([used, drawn])  # (K,) candidates: every used token, then the drawn ones
+        logits = h @ head.weight[cand].T  # (B, T, K)
+        logits = torch.cat([logits[..., : len(used)], logits[..., len(used) :] + correction], dim=-1)
+        loss = F.cross_entropy(logits.reshape(-1, len(cand)), position[window[:, 1:]].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -3,8 +3,11 @@
 Layout: everything user-specific first (instruction, history, the user's CF token), the candidate
 item last, so all of a user's candidates share one token prefix:
 
-    [template head] instruction / user <cf> / history lines ... | target line, question [template tail]
+    [template head] instruction / user <cf> / history lines ... | question, target line [template tail]
     \\_______________________ prefix (per user) ______________/   \\________ candidate (per pair) _______/
+
+The target line comes last, right before the answer position, so the tokens that decide the answer
+(the target's title, keywords and CF token) are the nearest ones to it, apart from the history.
 
 The prefix and the candidate part are tokenized separately (and always so), which makes
 ``prefix_ids + cand_ids`` the exact token sequence in every code path, and lets the HF scorer reuse
@@ -116,8 +119,11 @@ class PromptBuilder:
         return self.head + "".join(lines)
 
     def candidate_text(self, item: ItemInfo) -> str:
+        # The question comes before the target so the target's text and CF token sit right before
+        # the answer position: the few tokens after the history that the answer must attend to.
         return (
-            f"Target: {self._item_text(item)}\nWill the user like the target {self.noun}? Answer:" + self.tail
+            f"Will the user like the target {self.noun}?\nTarget: {self._item_text(item)}\nAnswer:"
+            + self.tail
         )
 
     # -- tokens --------------------------------------------------------------------------------

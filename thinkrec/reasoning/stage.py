@@ -28,6 +28,7 @@ from thinkrec.cf import stage as cf_stage
 from thinkrec.config import Config
 from thinkrec.data import prepare
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import TableWriter, fingerprint, read_dataset, stable_shard
 from thinkrec.io.fs import Storage
 from thinkrec.reasoning.llm import CACHED, GENERATED
@@ -62,7 +63,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     }
     if cfg.reason.teacher != "grounded":  # a generating teacher: its backend and model change the traces
         sections["generation"] = {k: d["generation"][k] for k in ("backend", "model")}
-    return fingerprint(sections, [storage.uri(t) for t in INPUTS], storage)
+    return fingerprint(sections, [*(storage.uri(t) for t in INPUTS), *keywords_inputs(storage)], storage)
 
 
 def priority(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, seed: int) -> np.ndarray:

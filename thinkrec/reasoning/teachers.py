@@ -61,12 +61,11 @@ def item_noun(dataset: str) -> str:
 
 def load_items(cfg: Any) -> dict[int, tuple[str, list[str]]]:
     """item_id -> (title, keywords) from the committed prepare/items table."""
-    from thinkrec.data import prepare
-    from thinkrec.io.commit import read_table
+    from thinkrec.data.items import read_items
     from thinkrec.io.fs import Storage
 
     storage = Storage.from_config(cfg)
-    t = read_table(storage, storage.uri(prepare.ITEMS), columns=[S.ITEM_ID, S.TITLE, S.KEYWORDS])
+    t = read_items(storage)
     return {
         int(i): (title or "", list(kw or []))
         for i, title, kw in zip(

@@ -22,6 +22,9 @@ from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR
 
 TRAIN_DIR = "train"
 CF_MODEL_DIR = "cf/model"
+BASE_MODEL_DIR = "base_model"
+"""The tiny base model's place in the run root (the train stage builds and commits it there), so
+every node reads it from the root, never from one node's local cache."""
 CF_EMBEDDINGS = "embeddings.safetensors"
 
 
@@ -51,6 +54,9 @@ class Artifacts:
     projector: str | None  # None for text-only (TALLRec-style) models
     cf_embeddings: str | None
     fusion: str | None  # fusion.json, None without experts
+    base_model_id: str = ""
+    """What identifies the base model in ``version`` (the configured name, or the run root's copy by
+    its manifest); empty: ``base_model`` itself. A node-local copy's path never enters the hash."""
 
     @property
     def version(self) -> str:
@@ -59,7 +65,7 @@ class Artifacts:
         import json
 
         man = os.path.join(os.path.dirname(self.adapters_dir), "_manifest.json")
-        h = hashlib.sha256(self.base_model.encode())
+        h = hashlib.sha256((self.base_model_id or self.base_model).encode())
         if os.path.exists(man):
             with open(man) as f:
                 h.update(json.dumps(json.load(f)["files"], sort_keys=True).encode())
@@ -86,15 +92,32 @@ def localize(storage: Storage, uri: str, cache: str | None = None) -> str:
 
 
 def base_model_path(cfg: Any) -> str:
-    """The configured base model, or the tiny one built by the pipeline (always on local disk, since
-    Hugging Face loaders read local paths or hub ids)."""
+    """The configured base model, or the run root's ``base_model`` (the tiny one the train stage
+    built), as a local directory (Hugging Face loaders read local paths or hub ids): the root's own
+    directory when the root is local, else a copy on this node from the committed one."""
     if cfg.model.base:
         return cfg.model.base
     storage = Storage.from_config(cfg)
-    local = storage.local_path(storage.uri("base_model"))
+    uri = storage.uri(BASE_MODEL_DIR)
+    local = storage.local_path(uri)
     if local is not None:
         return local
-    return os.path.join(os.path.expanduser("~/.cache/thinkrec"), f"tiny-{cfg.hash()}")
+    if not storage.exists(f"{uri}/{SUCCESS}"):
+        raise FileNotFoundError(f"{uri} is not committed: the train stage builds the tiny base model there")
+    return localize(storage, uri)
+
+
+def base_model_id(cfg: Any) -> str:
+    """The base model's identity for ``Artifacts.version``: the configured name, or the run root's
+    copy by its manifest (the same for a local and an S3 root holding the same files)."""
+    if cfg.model.base:
+        return cfg.model.base
+    import json
+
+    storage = Storage.from_config(cfg)
+    man = f"{storage.uri(BASE_MODEL_DIR)}/_manifest.json"
+    files = storage.read_json(man).get("files", {}) if storage.exists(man) else {}
+    return f"{BASE_MODEL_DIR}:{json.dumps(files, sort_keys=True)}"
 
 
 def load_artifacts(cfg: Any) -> Artifacts:
@@ -112,6 +135,7 @@ def load_artifacts(cfg: Any) -> Artifacts:
     fusion = os.path.join(train, FUSION)
     return Artifacts(
         base_model=base_model_path(cfg),
+        base_model_id=base_model_id(cfg),
         adapters_dir=adapters,
         adapter_names=tuple(names),
         projector=projector if os.path.exists(projector) else None,

@@ -9,7 +9,17 @@ this machine's CPU with the tiny model and random adapters.
   tokens at batch size 2, reading the first step, with the user's adapter mixture merged per user).
   Target >= 30.
 - rss_ratio_1m_vs_100k: peak RSS (driver + Ray processes) of the real score stage, run as a
-  subprocess, over 1,000,000 pairs vs over 100,000 pairs. Target <= 1.3.
+  subprocess with Ray's default object store, over 1,000,000 pairs vs over 100,000 pairs. Target
+  <= 1.3.
+- driver_rss_ratio_1m_vs_100k: the same runs, the driver process alone. Target <= 1.1.
+- shuffled_prefix_speedup: the real stage on a randomly shuffled table (20 candidates per user),
+  prefix sharing over full prompts, pairs/s over the scoring window (first shard started to last
+  shard published). Target >= 3.
+- scale_2_actors: the stage's pairs/s over the scoring window with 2 scorer actors over 1, each 1 CPU
+  and 1 torch thread, 8 shards. Target >= 1.7.
+- stage_efficiency: the whole stage's pairs/s (``run`` start to commit: partition, lookups, prompts,
+  scorer, worker writes, commit; the job's Ray start excluded) over the bare scorer's pairs/s on the
+  same rows, model and thread. Target >= 0.85.
 
 Also reported (raw, no target): full-prompt pairs/s with fused q/k/v and gate/up projections over
 separate ones (``score.fuse_projections``, off by default), and pairs/s with the last layer's MLP at
@@ -23,6 +33,7 @@ least disturbed measurement).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -210,17 +221,11 @@ def reference_rate(base: str, art: Artifacts, pb: PromptBuilder, rows: list[Scor
     return _best_rate(run, len(rows), repeats)
 
 
-# The RSS runs' Ray: a fixed, small object store and Ray Data buffer. Object-store pages count in
-# the RSS of every process that touched them, and a process that writes N blocks touches up to
-# min(N blocks, store size) of the store; with Ray's default store (30% of RAM) the 100k run
-# touches less of it than the 1M run does, though both stay within the store's fixed size.
-RSS_OBJECT_STORE_MB = 256
-RSS_BUFFER_MB = 64
-
-
-def rss_run(n_pairs: int, tiny: dict[str, int], workdir: str) -> dict[str, Any]:
-    """Peak RSS (sum over the job's process tree) of the real score stage over ``n_pairs`` pairs,
-    run as a subprocess (``python -m thinkrec.scoring.bench --rss-job``)."""
+def job_run(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """The real score stage over a synthetic run, as its own process (``python -m
+    thinkrec.scoring.bench --stage-job SPEC WORKDIR``) with its own local Ray: Ray's default object
+    store unless the spec sets one. Returns the job's throughput record with the peak RSS of the
+    whole process tree and of the driver alone (sampled every 0.2 s)."""
     import psutil
 
     env = {
@@ -229,38 +234,44 @@ def rss_run(n_pairs: int, tiny: dict[str, int], workdir: str) -> dict[str, Any]:
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "thinkrec.scoring.bench",
-        "--rss-job",
-        str(n_pairs),
-        json.dumps(tiny),
-        workdir,
-    ]
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "thinkrec.scoring.bench", "--stage-job", json.dumps(spec), workdir]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = psutil.Process(proc.pid)
-    peak = 0
+    peak = peak_driver = 0
     while proc.poll() is None:
         total = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    if p.pid == root.pid:
+                        peak_driver = max(peak_driver, rss)
         except psutil.Error:
             pass
         peak = max(peak, total)
         time.sleep(0.2)
     out = proc.stdout.read() if proc.stdout else ""
     if proc.returncode:
-        raise RuntimeError(f"rss job over {n_pairs} pairs failed:\n{out[-4000:]}")
-    return {"pairs": n_pairs, "peak_rss_mb": peak / 2**20, "seconds": time.perf_counter() - t}
+        raise RuntimeError(f"stage job {spec} failed:\n{out[-4000:]}")
+    line = next(ln for ln in reversed(out.splitlines()) if ln.startswith("{"))
+    return {
+        **spec,
+        **json.loads(line),
+        "peak_rss_mb": peak / 2**20,
+        "driver_peak_rss_mb": peak_driver / 2**20,
+        "seconds": time.perf_counter() - t,
+    }
 
 
-def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
-    """Inside the subprocess: a synthetic prepared run, random artifacts, an n-pair candidate table,
-    then the real score stage."""
+def synthetic_run(
+    workdir: str, name: str, n_pairs: int, per_user: int, tiny: dict[str, int]
+) -> tuple[C.Config, str]:
+    """A prepared run (users with 12 interactions each, 500 items), random artifacts and an n-pair
+    candidate table in internal ids, ``per_user`` candidates per user, in user order. Returns the
+    run's config and the table's path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -268,20 +279,18 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
     from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
     from thinkrec.io.commit import TableWriter, mark_success
     from thinkrec.io.fs import Storage
-    from thinkrec.runtime import init_ray
-    from thinkrec.scoring import stage
 
-    users, items, per_user = max(1, n_pairs // 200), 500, 200
-    root = os.path.join(workdir, f"run-{n_pairs}")
-    base = os.path.join(workdir, "base")
+    users, items = max(1, n_pairs // per_user), 500
+    root = os.path.join(workdir, f"run-{name}")
+    base = os.path.join(workdir, "base-" + "-".join(f"{v}" for v in tiny.values()))
+    if not os.path.exists(os.path.join(base, "config.json")):
+        build_tiny_model(base, C.Config(model={"tiny": tiny}).model.tiny)  # type: ignore[arg-type]
     cfg = C.load(
         None,
         {
             "storage.output_root": root,
             "storage.num_shards": 4,
             "ray.num_cpus": 2,
-            "ray.object_store_mb": RSS_OBJECT_STORE_MB,
-            "score.max_buffer_mb": RSS_BUFFER_MB,
             "model.base": base,
             "model.tiny": tiny,
             "score.batch_size": 200,
@@ -297,6 +306,7 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
             S.RAW_ITEM_ID: [str(i) for i in range(1, items + 1)],
             S.TITLE: [f"A film title number {i}" for i in range(1, items + 1)],
             S.KEYWORDS: [["drama", f"genre{i % 9}"] for i in range(1, items + 1)],
+            S.DESCRIPTION: [[] for _ in range(items)],
         },
         schema=S.ITEMS,
     )
@@ -321,7 +331,7 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
         schema=S.INTERACTIONS,
     )
     for uri, table, key in ((INTERACTIONS, inter, S.USER_ID), (ITEMS, it, S.ITEM_ID), (USERS, us, S.USER_ID)):
-        w = TableWriter(storage, storage.uri(uri), num_shards=1, key=key, schema=table.schema)
+        w = TableWriter(storage, storage.uri(uri), num_shards=4, key=key, schema=table.schema)
         w.write([table])
         w.commit(rows_in=table.num_rows)
     art_dir = os.path.join(root, "train")
@@ -333,7 +343,7 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
     )
     mark_success(storage, storage.uri("cf/model"), {"stage": "bench"})
     mark_success(storage, storage.uri("train"), {"stage": "bench"})
-    cands = os.path.join(workdir, f"candidates-{n_pairs}.parquet")
+    cands = os.path.join(workdir, f"candidates-{name}.parquet")
     schema = pa.schema([(S.USER_ID, pa.int64()), (S.ITEM_ID, pa.int64()), (S.LABEL, pa.int8())])
     with pq.ParquetWriter(cands, schema) as pw:
         for s in range(0, users, 1000):  # written in slices: the generator's memory stays flat too
@@ -349,10 +359,60 @@ def _rss_job(n_pairs: int, tiny: dict[str, int], workdir: str) -> None:
                 ),
                 row_group_size=50_000,
             )
-    cfg = cfg.replace(**{"score.candidates": cands, "score.id_space": "internal"})
+    return cfg, cands
+
+
+def _shuffle_file(path: str, seed: int = 0) -> str:
+    """The same table in a random row order (small tables only: read whole)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    out = path.replace(".parquet", "-shuffled.parquet")
+    pq.write_table(t.take(np.random.default_rng(seed).permutation(t.num_rows)), out)
+    return out
+
+
+def _stage_job(spec: dict[str, Any], workdir: str) -> None:
+    """Inside the subprocess: the synthetic run, then the real score stage; prints its throughput."""
+    from thinkrec.runtime import init_ray
+    from thinkrec.scoring import stage
+
+    cfg, cands = synthetic_run(workdir, spec["name"], spec["pairs"], spec["per_user"], spec["tiny"])
+    if spec.get("shuffled"):
+        cands = _shuffle_file(cands)
+    cfg = cfg.replace(
+        **{"score.candidates": cands, "score.id_space": "internal", **spec.get("overrides", {})}
+    )
     init_ray(cfg)
     man = stage.run(cfg)
-    print(json.dumps({"rows": man["rows"]}))
+    print(json.dumps({"rows": man["rows"], **man["throughput"]}))
+
+
+def bare_rate(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """The bare scorer on the rows a stage job scored: the same synthetic run, prompts built in
+    the stage's order (each user's candidates together), one HFScorer on one torch thread."""
+    import pyarrow.parquet as pq
+
+    from thinkrec.scoring.base import load_artifacts
+    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.prompts import PromptStep, rows_from_table
+
+    cfg, cands = synthetic_run(workdir, spec["name"] + "-bare", spec["pairs"], spec["per_user"], spec["tiny"])
+    cfg = cfg.replace(
+        **{"score.candidates": cands, "score.id_space": "internal", **spec.get("overrides", {})}
+    )
+    art = load_artifacts(cfg)
+    step = PromptStep(cfg.to_dict(), artifacts=art)
+    table = pq.read_table(cands)
+    rows = []
+    for s in range(0, table.num_rows, cfg.score.block_rows):
+        rows += rows_from_table(step(table.slice(s, cfg.score.block_rows)))
+    scorer = HFScorer(cfg, art)
+    t = time.perf_counter()
+    for s in range(0, len(rows), cfg.score.block_rows):
+        scorer.score(rows[s : s + cfg.score.block_rows])
+    wall = time.perf_counter() - t
+    return {"pairs": len(rows), "seconds": wall, "pairs_per_s": len(rows) / wall}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -425,21 +485,79 @@ def run(quick: bool = False) -> dict[str, Any]:
             "num_kv_heads": 1,
             "intermediate_size": 128,
         }
-        rss_dir = os.path.join(tmp, "rss")
-        os.makedirs(rss_dir)
-        build_tiny_model(os.path.join(rss_dir, "base"), C.Config(model={"tiny": rss_tiny}).model.tiny)  # type: ignore[arg-type]
-        rss = [rss_run(n, rss_tiny, rss_dir) for n in rss_pairs]
+        jobs = os.path.join(tmp, "jobs")
+        os.makedirs(jobs)
+        # Ray's default object store (no ray.object_store_mb): the job's memory must stay flat on
+        # its own, not because a small store caps it.
+        rss = [
+            job_run({"name": f"rss-{n}", "pairs": n, "per_user": 200, "tiny": rss_tiny}, jobs)
+            for n in rss_pairs
+        ]
+        default_tiny = dataclasses.asdict(C.Config().model.tiny)
+        # Prefix sharing through the stage on a shuffled table: 20 candidates per user, scattered.
+        shuffled = {
+            share: job_run(
+                {
+                    "name": f"shuffled-{share}",
+                    "pairs": 1000 if quick else 4000,
+                    "per_user": 20,
+                    "tiny": default_tiny,
+                    "shuffled": True,
+                    "overrides": {"score.prefix_sharing": share, "score.batch_size": 64},
+                },
+                jobs,
+            )
+            for share in (False, True)
+        }
+        # Two scorer actors over one, each 1 CPU and 1 torch thread, 8 shards.
+        scale_spec = {
+            "pairs": 4000 if quick else 40_000,
+            "per_user": 20,
+            "tiny": default_tiny,
+            "overrides": {"score.num_shards": 8, "score.num_cpus_per_actor": 1, "score.batch_size": 64},
+        }
+        scale = {
+            k: job_run(
+                {
+                    **scale_spec,
+                    "name": f"scale-{k}",
+                    "overrides": {**scale_spec["overrides"], "score.concurrency": k},
+                },
+                jobs,
+            )
+            for k in (1, 2)
+        }
+        # The whole stage over the bare scorer on the same rows, model and thread.
+        eff_spec = {
+            "name": "efficiency",
+            "pairs": 4000 if quick else 60_000,
+            "per_user": 20,
+            "tiny": default_tiny,
+            "overrides": {"score.batch_size": 64},
+        }
+        eff_stage = job_run(eff_spec, jobs)
+        eff_bare = bare_rate(eff_spec, jobs)
 
     result = {
         "prefix_speedup": rate_shared / rate_full,
         "fusion_overhead": per_pair_fused / per_pair_single - 1,
         "reference_speedup": rate_shared / rate_ref,
         "rss_ratio_1m_vs_100k": rss[1]["peak_rss_mb"] / rss[0]["peak_rss_mb"],
+        "driver_rss_ratio_1m_vs_100k": rss[1]["driver_peak_rss_mb"] / rss[0]["driver_peak_rss_mb"],
+        "shuffled_prefix_speedup": (
+            shuffled[False]["scoring_window_s"] / shuffled[True]["scoring_window_s"]
+        ),  # same rows: the ratio of times is the ratio of pairs/s
+        "scale_2_actors": scale[1]["scoring_window_s"] / scale[2]["scoring_window_s"],
+        "stage_efficiency": eff_stage["pairs_per_s"] / eff_bare["pairs_per_s"],
         "targets": {
             "prefix_speedup": ">= 3",
             "fusion_overhead": "<= 0.15",
             "reference_speedup": ">= 30",
             "rss_ratio_1m_vs_100k": "<= 1.3",
+            "driver_rss_ratio_1m_vs_100k": "<= 1.1",
+            "shuffled_prefix_speedup": ">= 3",
+            "scale_2_actors": ">= 1.7",
+            "stage_efficiency": ">= 0.85",
         },
         "raw": {
             "pairs_per_s_full_prompt_fused_k4": rate_full,
@@ -459,14 +577,18 @@ def run(quick: bool = False) -> dict[str, Any]:
             "reference_pairs": len(ref_rows),
             "rss_runs": rss,
             "rss_model": {**rss_tiny, "note": "smallest tiny model, so 1M pairs finish on 2 cores"},
-            "rss_ray": {"object_store_mb": RSS_OBJECT_STORE_MB, "score.max_buffer_mb": RSS_BUFFER_MB},
+            "rss_ray": "Ray's default object store",
+            "shuffled_runs": list(shuffled.values()),
+            "scale_runs": list(scale.values()),
+            "efficiency_stage": eff_stage,
+            "efficiency_bare_scorer": eff_bare,
             "quick": quick,
         },
         "hardware": hardware(),
     }
-    print(f"{'measure':<24}{'value':>10}  target")
+    print(f"{'measure':<30}{'value':>10}  target")
     for k, t in result["targets"].items():
-        print(f"{k:<24}{result[k]:>10.3f}  {t}")
+        print(f"{k:<30}{result[k]:>10.3f}  {t}")
     for k, v in result["raw"].items():
         if isinstance(v, float):
             print(f"  {k:<44}{v:>12.2f}")
@@ -476,7 +598,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--rss-job":
-        _rss_job(int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) > 1 and sys.argv[1] == "--stage-job":
+        _stage_job(json.loads(sys.argv[2]), sys.argv[3])
     else:
         print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

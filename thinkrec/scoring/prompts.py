@@ -1,6 +1,11 @@
 """The score stage's prompt-building step: candidate rows -> encoded prompts, gates and quarantine
 reasons, as Arrow columns a scorer actor turns back into ``ScoreRow``s.
 
+Per batch (in the stage: one shard, whose rows are one set of users), ``Lookups`` reads only what
+the batch needs from the prepared tables: its raw ids' map entries, its users, their timelines and
+the texts of its candidate and history items (``read_rows``: streamed, filtered, and for tables
+sharded by user only the matching shards), never a whole table.
+
 Per row:
 - ids are mapped and checked: a raw-id table's ids go through prepare's id maps; a null user or item
   id is quarantined (``null_id``); an id outside the maps (raw) or prepare/users / prepare/items
@@ -20,7 +25,6 @@ and one user's candidates (one prefix pass in the HF backend, prefix-cache hits 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +33,10 @@ import pyarrow.compute as pc
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
-from thinkrec.data.ids import ids_table
-from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
-from thinkrec.io.commit import REASON, read_table, stable_shard
+from thinkrec.data.ids import lookup
+from thinkrec.data.items import lookup_items
+from thinkrec.data.prepare import INTERACTIONS, USERS
+from thinkrec.io.commit import REASON, read_rows
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_tokenizer
 from thinkrec.model.fusion import gate
@@ -62,18 +67,83 @@ def gate_mode(cfg: Config) -> str:
     return "global" if cfg.fusion.mode == "global" else "thinkrec"
 
 
-class PromptStep:
-    """Ray Data callable class: loads tokenizer, items, user timelines, CF table and fusion once."""
+class Lookups:
+    """What one batch (in the stage: one shard) needs from the prepared tables, and nothing more:
+    its raw ids' map entries, its users, its users' timelines and the texts of its candidate and
+    history items. Read with filtered streaming reads (``read_rows``), so no actor ever holds the
+    whole interactions table, the whole id maps or the whole item table."""
 
-    def __init__(
-        self, cfg: dict[str, Any], shards: Sequence[int] | None = None, artifacts: Artifacts | None = None
-    ) -> None:
+    def __init__(self, cfg: Config, storage: Storage, batch: pa.Table) -> None:
+        cols = batch.column_names
+        self.raw_maps: dict[str, dict[str, int]] = {}
+        if S.RAW_USER_ID in cols:
+            # Every prepared user and item is in the maps, so a raw id missing here is unknown,
+            # never another entity's number.
+            self.raw_maps[S.RAW_USER_ID] = lookup(storage, "user", batch.column(S.RAW_USER_ID))
+            self.raw_maps[S.RAW_ITEM_ID] = lookup(storage, "item", batch.column(S.RAW_ITEM_ID))
+            user_ids = pa.array(list(self.raw_maps[S.RAW_USER_ID].values()), pa.int64())
+            item_ids = pa.array(list(self.raw_maps[S.RAW_ITEM_ID].values()), pa.int64())
+        else:
+            user_ids = pc.cast(batch.column(S.USER_ID), pa.int64())
+            item_ids = pc.cast(batch.column(S.ITEM_ID), pa.int64())
+        users = read_rows(storage, storage.uri(USERS), S.USER_ID, user_ids, [S.USER_ID])
+        self.users = set(users.column(0).to_pylist())
+        self.has_hist = S.HISTORY_ITEMS in cols and S.HISTORY_LABELS in cols
+        # Each user's timeline (time order), for tables without their own history columns.
+        self._tl: dict[int, tuple[int, int]] = {}
+        self._tl_items = self._tl_labels = self._tl_ts = np.zeros(0, np.int64)
+        if self.has_hist:
+            hist_items = pc.list_flatten(batch.column(S.HISTORY_ITEMS))
+        else:
+            inter = read_rows(
+                storage,
+                storage.uri(INTERACTIONS),
+                S.USER_ID,
+                pa.array(sorted(self.users), pa.int64()),
+                [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP],
+            )
+            order = np.lexsort(
+                (inter.column(S.TIMESTAMP).to_numpy(), inter.column(S.USER_ID).to_numpy())
+            )  # by user, then time
+            u = inter.column(S.USER_ID).to_numpy()[order]
+            self._tl_items = inter.column(S.ITEM_ID).to_numpy()[order]
+            self._tl_labels = inter.column(S.LABEL).to_numpy()[order]
+            self._tl_ts = inter.column(S.TIMESTAMP).to_numpy()[order]
+            starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, int)
+            ends = np.r_[starts[1:], len(u)]
+            self._tl = {int(u[s]): (int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
+            hist_items = pa.array(self._tl_items, pa.int64())
+        needed = pa.chunked_array(
+            [pc.cast(item_ids, pa.int64()), pc.cast(hist_items, pa.int64())], pa.int64()
+        )
+        items = lookup_items(storage, needed).to_pydict()
+        self.items = {
+            int(i): ItemInfo(t or "", tuple(k or ()))
+            for i, t, k in zip(items[S.ITEM_ID], items[S.TITLE], items[S.KEYWORDS], strict=True)
+        }
+        self.history_len = cfg.data.history_len
+
+    def timeline_history(self, user_id: int, ts: int | None) -> tuple[list[int], list[int]]:
+        span = self._tl.get(user_id)
+        if span is None:
+            return [], []
+        s, e = span
+        if ts is not None:
+            e = s + int(np.searchsorted(self._tl_ts[s:e], ts, side="left"))
+        lo = max(s, e - self.history_len)
+        return self._tl_items[lo:e].tolist(), self._tl_labels[lo:e].tolist()
+
+
+class PromptStep:
+    """Loads tokenizer, CF table and fusion once per actor; per batch (a shard, in the stage), the
+    batch's ``Lookups``, then prompts, gates and quarantine reasons."""
+
+    def __init__(self, cfg: dict[str, Any], artifacts: Artifacts | None = None) -> None:
         self.cfg = from_dict(cfg)
         c = self.cfg
         # Loaded here, not on the driver: with an s3:// root each node needs its own local copy.
         artifacts = artifacts or load_artifacts(c)
-        storage = Storage.from_config(c)
-        self.shards = np.asarray(sorted(shards), dtype=np.int32) if shards is not None else None
+        self.storage = Storage.from_config(c)
         tok = load_tokenizer(artifacts.base_model, c.model.trust_remote_code)
         self.pb = PromptBuilder(
             tok,
@@ -81,45 +151,24 @@ class PromptStep:
             use_chat_template=c.model.use_chat_template,
             max_title_chars=c.model.max_title_chars,
         )
-        items = read_table(storage, storage.uri(ITEMS), [S.ITEM_ID, S.TITLE, S.KEYWORDS]).to_pydict()
-        self.items = {
-            int(i): ItemInfo(t or "", tuple(k or ()))
-            for i, t, k in zip(items[S.ITEM_ID], items[S.TITLE], items[S.KEYWORDS], strict=True)
-        }
-        self.users = set(read_table(storage, storage.uri(USERS), [S.USER_ID]).column(0).to_pylist())
-        # Raw-id tables: the id maps, one per actor (never on the driver); every prepared user and
-        # item is in them, so a raw id missing here is unknown, never another entity's number.
-        self.raw_maps: dict[str, dict[str, int]] = {}
-        if c.score.candidates and c.score.id_space == "raw":
-            for kind, raw_col, col in (
-                ("user", S.RAW_USER_ID, S.USER_ID),
-                ("item", S.RAW_ITEM_ID, S.ITEM_ID),
-            ):
-                t = ids_table(storage, kind)  # type: ignore[arg-type]
-                self.raw_maps[raw_col] = dict(
-                    zip(t.column(raw_col).to_pylist(), t.column(col).to_pylist(), strict=True)
-                )
         hist = c.score.history
         self.use_ts = hist == "before_timestamp" or (hist == "auto")
         self.need_ts = hist == "before_timestamp" and bool(c.score.candidates)
-        # Each user's timeline (time order) for tables without their own history columns.
-        inter = read_table(storage, storage.uri(INTERACTIONS), [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP])
-        order = np.lexsort(
-            (inter.column(S.TIMESTAMP).to_numpy(), inter.column(S.USER_ID).to_numpy())
-        )  # by user, then time
-        u = inter.column(S.USER_ID).to_numpy()[order]
-        self._tl_items = inter.column(S.ITEM_ID).to_numpy()[order]
-        self._tl_labels = inter.column(S.LABEL).to_numpy()[order]
-        self._tl_ts = inter.column(S.TIMESTAMP).to_numpy()[order]
-        starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]]) if len(u) else np.zeros(0, int)
-        ends = np.r_[starts[1:], len(u)]
-        self._tl = {int(u[s]): (int(s), int(e)) for s, e in zip(starts, ends, strict=True)}
         self.cf = CFTable.load(artifacts.cf_embeddings) if artifacts.cf_embeddings else None
         self.fusion = load_fusion(artifacts.fusion) if artifacts.fusion else None
         self.n_adapters = len(artifacts.adapter_names)
         self._gates: dict[int, tuple[np.ndarray, str]] = {}
         self._prefixes: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Encoded] = {}
         self._cands: dict[int, Encoded] = {}
+        self.lk: Lookups | None = None
+
+    def lookups(self, batch: pa.Table) -> Lookups:
+        """Load what ``batch`` (and any slice of it passed to ``__call__`` later) needs."""
+        self.lk = Lookups(self.cfg, self.storage, batch)
+        # Item texts and users change with the shard: encodings of another shard's items go.
+        self._prefixes.clear()
+        self._cands.clear()
+        return self.lk
 
     # -- pieces ---------------------------------------------------------------------------------
     def _gate(self, user_id: int) -> tuple[np.ndarray, str]:
@@ -135,16 +184,6 @@ class PromptStep:
             self._gates[user_id] = hit
         return hit
 
-    def _timeline_history(self, user_id: int, ts: int | None) -> tuple[list[int], list[int]]:
-        span = self._tl.get(user_id)
-        if span is None:
-            return [], []
-        s, e = span
-        if ts is not None:
-            e = s + int(np.searchsorted(self._tl_ts[s:e], ts, side="left"))
-        lo = max(s, e - self.cfg.data.history_len)
-        return self._tl_items[lo:e].tolist(), self._tl_labels[lo:e].tolist()
-
     def _prefix(self, user_id: int, items: list[int], labels: list[int]) -> Encoded:
         n = self.cfg.data.history_len
         items, labels = items[-n:], labels[-n:]
@@ -154,7 +193,7 @@ class PromptStep:
             if len(self._prefixes) > 100_000:  # bounded memory over long streams
                 self._prefixes.clear()
             hist = [
-                (i, self.items.get(i, ItemInfo(f"item {i}")), int(lab))
+                (i, self.lk.items.get(i, ItemInfo(f"item {i}")), int(lab))
                 for i, lab in zip(items, labels, strict=True)
             ]
             hit = self._prefixes[key] = self.pb.encode_prefix(user_id, hist)
@@ -164,7 +203,7 @@ class PromptStep:
         hit = self._cands.get(item_id)
         if hit is None:
             # A cold item (id 0 after the checks) has no title; its CF slot reads the zero row.
-            info = self.items.get(item_id, ItemInfo("unknown"))
+            info = self.lk.items.get(item_id, ItemInfo("unknown"))
             hit = self._cands[item_id] = self.pb.encode_candidate(item_id, info)
         return hit
 
@@ -175,22 +214,24 @@ class PromptStep:
         """(output id, known?) per row. Raw ids: the mapped internal id, 0 when unknown (the raw id
         stays in its own column). Internal ids: the id as given. None where the input id is null."""
         if raw_col in batch.column_names:
-            m = self.raw_maps[raw_col]
+            m = self.lk.raw_maps[raw_col]
             raw = batch.column(raw_col).to_pylist()
             return [None if r is None else m.get(r, 0) for r in raw], [r in m for r in raw]
         ids = pc.cast(batch.column(col), pa.int64()).to_pylist()
         return ids, [i in known for i in ids]
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        users, u_known = self._ids(batch, S.RAW_USER_ID, S.USER_ID, self.users)
-        items, i_known = self._ids(batch, S.RAW_ITEM_ID, S.ITEM_ID, self.items)
+    def __call__(self, batch: pa.Table, lookups: Lookups | None = None) -> pa.Table:
+        """Prompts for ``batch``, with ``lookups`` loaded before (for a batch it covers); without,
+        the batch's own."""
+        if lookups is None:
+            self.lookups(batch)
+        elif lookups is not self.lk:
+            raise ValueError("PromptStep: lookups come from this step's lookups()")
+        lk = self.lk
+        assert lk is not None
+        users, u_known = self._ids(batch, S.RAW_USER_ID, S.USER_ID, lk.users)
+        items, i_known = self._ids(batch, S.RAW_ITEM_ID, S.ITEM_ID, lk.items)
         key = shard_key(pa.array(users, pa.int64()))
-        if self.shards is not None:
-            keep = np.isin(stable_shard(key, self.cfg.storage.num_shards), self.shards)
-            batch, key = batch.filter(pa.array(keep)), key.filter(pa.array(keep))
-            idx = np.flatnonzero(keep)
-            users, items = [users[j] for j in idx], [items[j] for j in idx]
-            u_known, i_known = [u_known[j] for j in idx], [i_known[j] for j in idx]
         n = batch.num_rows
         labels = (
             pc.cast(batch.column(S.LABEL), pa.int8()).to_pylist()
@@ -206,7 +247,7 @@ class PromptStep:
             if S.TIMESTAMP in batch.column_names and self.use_ts
             else None
         )
-        has_hist = S.HISTORY_ITEMS in batch.column_names and S.HISTORY_LABELS in batch.column_names
+        has_hist = lk.has_hist
         h_items = batch.column(S.HISTORY_ITEMS).to_pylist() if has_hist else None
         h_labels = batch.column(S.HISTORY_LABELS).to_pylist() if has_hist else None
         cold = self.cfg.score.unknown == "cold"
@@ -234,7 +275,7 @@ class PromptStep:
                 elif has_hist:
                     hi, hl = h_items[r] or [], h_labels[r] or []  # type: ignore[index]
                 else:
-                    hi, hl = self._timeline_history(uid, ts[r] if ts is not None else None)
+                    hi, hl = lk.timeline_history(uid, ts[r] if ts is not None else None)
                 prefix, cand = self._prefix(uid, hi, hl), self._candidate(iid)
                 g, glabel = self._gate(uid)
             for part, e in (("p", prefix), ("c", cand)):

@@ -1,20 +1,27 @@
-"""score: candidate pairs -> Yes logit and P(Yes) per pair -> score/scores.
+"""score: candidate pairs -> Yes logit and P(Yes) per pair -> one committed table per candidate table.
 
-    candidates (Parquet/CSV, local or s3://; default: the test split of prepare/interactions)
-      -> PromptStep actors (shard filter to the pending wave, ids checked, histories, prompts, gates)
-      -> ScoreStep actors (one model per actor: HF or vLLM backend behind ``Scorer``)
-      -> TableWriter (deterministic shards, quarantine, manifest, _SUCCESS last)
+    candidates (Parquet/CSV/JSON lines, local or s3://; default: the test split of prepare/interactions)
+      -> partition tasks (one per file): rows hash-partitioned by user into staged shards
+         (``<output>/_staging/shard-<s>/``), written by the tasks themselves
+      -> ShardStep actors (one model each, HF or vLLM behind ``Scorer``), one shard at a time: the
+         shard's candidates sorted by user, the lookups it needs (id maps, users, timelines, item
+         texts: filtered reads, never whole tables), prompts, scores; the actor publishes the shard
+         (quarantine, record, part) the moment it is done
+      -> the driver: _manifest.json from the shards' records, then _SUCCESS; the staging goes.
 
-Streaming end to end: Ray Data reads, maps and hands over blocks; the driver writes each block into
-its shard spool as it arrives, so memory does not grow with the candidate table. A resubmitted job
-writes only the shards not yet published; a finished table with the same fingerprint is skipped.
+A user's candidates always meet in one shard and one scorer call, so prefix sharing is the same
+for a shuffled table as for a sorted one. The driver sees one count row per input file and one record
+per shard, so its memory and traffic do not grow with the table. A killed and resubmitted job keeps
+the staging and every published shard and scores only the rest; a finished table with the same
+fingerprint is skipped before its candidates are read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,14 +29,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data.items import keywords_inputs
 from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
-from thinkrec.io.commit import MANIFEST, REASON, TableWriter, fingerprint, manifest_files
+from thinkrec.io.commit import (
+    MANIFEST,
+    REASON,
+    CommitError,
+    TableWriter,
+    fingerprint,
+    is_complete,
+    manifest_files,
+    publish_shard,
+    stable_shard,
+    upload_file,
+)
 from thinkrec.io.fs import Storage
 from thinkrec.scoring.base import CF_MODEL_DIR, TRAIN_DIR, Artifacts, Scorer, load_artifacts
-from thinkrec.scoring.prompts import PromptStep, rows_from_table
+from thinkrec.scoring.prompts import PromptStep, rows_from_table, shard_key
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +62,6 @@ RUNTIME_KEYS = (
     "num_cpus_per_actor",
     "num_gpus_per_actor",
     "block_rows",
-    "prompt_concurrency",
-    "prompt_cpus",
-    "shards_per_wave",
-    "max_buffer_mb",
     "torch_threads",
     "read_cpus",
     # Same scores up to float rounding: how the forward runs, not what it computes.
@@ -67,57 +83,6 @@ def make_scorer(cfg: Config, artifacts: Artifacts) -> Scorer:
 
         return VLLMScorer(cfg, artifacts)
     raise ValueError(f"score.backend: unknown backend {cfg.score.backend!r} (hf or vllm)")
-
-
-class ScoreStep:
-    """Ray Data callable class: one scorer per actor, loaded once; quarantined rows pass through."""
-
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.cfg = from_dict(cfg)
-        self.artifacts = load_artifacts(self.cfg)  # per actor: a node-local copy when the root is s3://
-        self.version = self.artifacts.version
-        self.scorer = make_scorer(self.cfg, self.artifacts)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
-        good = pc.is_null(batch.column(REASON)).to_numpy(zero_copy_only=False)
-        score = np.full(n, np.nan, np.float32)
-        p_yes = np.full(n, np.nan, np.float32)
-        if good.any():
-            s, p = self.scorer.score(rows_from_table(batch.filter(pa.array(good))))
-            score[good], p_yes[good] = s, p
-        out = {
-            S.USER_ID: batch.column(S.USER_ID),
-            S.ITEM_ID: batch.column(S.ITEM_ID),
-            S.LABEL: batch.column(S.LABEL),
-            S.SCORE: pa.array(score, mask=~good),
-            S.P_YES: pa.array(p_yes, mask=~good),
-            S.GATE: batch.column(S.GATE),
-            S.VERSION: pa.array([self.version] * n, pa.string()),
-            REASON: batch.column(REASON),
-        }
-        # Raw ids and passthrough columns, unchanged; the prompt encodings stay behind.
-        for c in batch.column_names:
-            if c not in out and not c.startswith("_"):
-                out[c] = batch.column(c)
-        return pa.table(out)
-
-
-class ReadFiles:
-    """Ray Data map over file paths: streams each Parquet/CSV/JSON-lines file in slices of
-    ``block_rows``, raw ids normalised to strings (``raw_user_id``/``raw_item_id``).
-
-    Used instead of ``ray.data.read_parquet``: its file-listing task asks for a whole CPU, which on a
-    small node the actor pools already hold (the job would wait forever); this read asks for
-    ``score.read_cpus``. Yields blocks, so a large file never sits whole in memory."""
-
-    def __init__(self, storage: Storage, fmt: str, rows: int, mode: str) -> None:
-        self.storage, self.fmt, self.rows, self.mode = storage, fmt, rows, mode
-
-    def __call__(self, batch: dict[str, Any]) -> Any:
-        for path in batch["path"]:
-            for t in _iter_file(self.storage, str(path), self.fmt, self.rows, self.mode):
-                yield _normalise(t, self.mode)
 
 
 def _normalise(t: pa.Table, mode: str) -> pa.Table:
@@ -214,34 +179,6 @@ def candidate_files(cfg: Config, storage: Storage) -> tuple[list[str], str, str]
     return paths, next(iter(fmts.values())), cfg.score.id_space
 
 
-def count_candidates(cfg: Config, storage: Storage) -> tuple[int, pa.Schema]:
-    """Input rows, counted independently of the pipeline (Parquet: footers, or the split column for
-    the default; CSV/JSON: one streaming pass), checked against rows_out + rows_quarantined at
-    commit; and the output schema (S.SCORES, plus raw ids and the passthrough columns of the table's
-    first block). Also checks the required columns, naming the file that lacks them."""
-    paths, fmt, mode = candidate_files(cfg, storage)
-    # Candidate files are named by their full URI scheme's filesystem: the root's, or the table's.
-    st = _storage_for(cfg, storage)
-    n, first = 0, None
-    for path in paths:
-        if fmt == "parquet" and mode != "test":
-            import pyarrow.parquet as pq
-
-            fs, _ = st.fs(st.root)
-            with fs.open_input_file(path) as f:
-                pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                n += pf.metadata.num_rows
-                first = pf.schema_arrow.empty_table() if first is None else first
-            _check_columns(path, names)
-        else:
-            for t in _iter_file(st, path, fmt, 1 << 16, mode):
-                _check_columns(path, t.column_names)
-                first = t.slice(0, 0) if first is None else first
-                n += t.num_rows
-    return n, output_schema(_normalise(first, mode) if first is not None else None, mode)
-
-
 def _check_columns(path: str, names: list[str]) -> None:
     missing = [c for c in S.CANDIDATE_COLUMNS if c not in names]
     if missing:
@@ -271,22 +208,6 @@ def _storage_for(cfg: Config, storage: Storage) -> Storage:
     return Storage(root=uri, s3_endpoint=storage.s3_endpoint, s3_region=storage.s3_region)
 
 
-def read_candidates(cfg: Config, storage: Storage) -> Any:
-    """The candidate table as a lazy Ray Dataset of blocks of at most ``score.block_rows`` rows."""
-    import ray.data
-
-    paths, fmt, mode = candidate_files(cfg, storage)
-    files = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
-    return files.map_batches(
-        ReadFiles,
-        fn_constructor_args=(_storage_for(cfg, storage), fmt, cfg.score.block_rows, mode),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cfg.score.read_cpus,
-        compute=ray.data.ActorPoolStrategy(size=1),
-    )
-
-
 def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
     score = {k: v for k, v in d["score"].items() if k not in RUNTIME_KEYS}
@@ -302,52 +223,8 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
             for f in _file_infos(_storage_for(cfg, storage), cfg.score.candidates)
         ]
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
+    inputs += keywords_inputs(storage)
     return fingerprint(sections, inputs, storage)
-
-
-@contextlib.contextmanager
-def buffer_limit(max_mb: int | None) -> Iterator[None]:
-    """Cap the object-store memory Ray Data may fill during this stage's executions (restored after).
-
-    Without a cap, Ray Data lets operators run ahead into a share of the whole object store, so a
-    larger candidate table queues more prompt blocks in front of the scorer and the job's memory
-    grows with the table; with it, upstream operators wait (backpressure) instead."""
-    import ray.data
-
-    options = ray.data.DataContext.get_current().execution_options
-    saved = options.resource_limits
-    if max_mb:
-        options.resource_limits = saved.copy(object_store_memory=max_mb * 2**20)
-    try:
-        yield
-    finally:
-        options.resource_limits = saved
-
-
-def score_wave(cfg: Config, candidates: Any, writer: TableWriter, wave: list[int]) -> None:
-    """One pass over the candidates: prompts for the wave's shards (CPU actors) -> scorer actors ->
-    the wave's output shards, published as they complete."""
-    import ray.data
-
-    sc = cfg.score
-    scored = candidates.map_batches(
-        PromptStep,
-        fn_constructor_kwargs={"cfg": cfg.to_dict(), "shards": wave},
-        batch_format="pyarrow",
-        batch_size=sc.block_rows,
-        compute=ray.data.ActorPoolStrategy(size=sc.prompt_concurrency),
-        num_cpus=sc.prompt_cpus,
-    ).map_batches(
-        ScoreStep,
-        fn_constructor_kwargs={"cfg": cfg.to_dict()},
-        batch_format="pyarrow",
-        batch_size=sc.block_rows,
-        compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
-        num_cpus=sc.num_cpus_per_actor,
-        num_gpus=sc.num_gpus_per_actor,
-    )
-    counts = writer.write(scored.iter_batches(batch_format="pyarrow", batch_size=None), wave)
-    log.info("score: wave %s written (%s rows)", wave, sum(counts.values()))
 
 
 def output_uri(cfg: Config, storage: Storage) -> str:
@@ -368,21 +245,291 @@ def output_uri(cfg: Config, storage: Storage) -> str:
     return storage.uri("score", name)
 
 
+# -- partition: the candidates hash-partitioned by user into staged shards (workers write them) ----
+STAGING = "_staging"
+PARTITIONED = "_partitioned.json"
+FINGERPRINT = "_fingerprint.json"
+
+
+def _out_storage(storage: Storage, out: str) -> Storage:
+    """A Storage on the output's filesystem (the output may live outside the run root)."""
+    return Storage(root=out, s3_endpoint=storage.s3_endpoint, s3_region=storage.s3_region)
+
+
+def n_shards(cfg: Config) -> int:
+    return cfg.score.num_shards or cfg.storage.num_shards
+
+
+def shard_column(mode: str) -> str:
+    """The column a row's shard hashes: the raw user id as given (raw tables: no lookup needed to
+    partition), else the internal user id."""
+    return S.RAW_USER_ID if mode == "raw" else S.USER_ID
+
+
+def shard_of(t: pa.Table, mode: str, num_shards: int) -> np.ndarray:
+    if mode == "raw":
+        return stable_shard(pc.fill_null(t.column(S.RAW_USER_ID), ""), num_shards)
+    return stable_shard(shard_key(t.column(S.USER_ID)), num_shards)
+
+
+def _staged_dir(root: str, shard: int) -> str:
+    return f"{root}/{STAGING}/shard-{shard:05d}"
+
+
+def _partition_files(
+    batch: dict[str, np.ndarray],
+    storage: Storage,
+    out: Storage,
+    fmt: str,
+    mode: str,
+    rows: int,
+    num_shards: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task over (index, path) rows: each file's blocks split by shard, each piece written as
+    ``_staging/shard-<s>/f<file>-b<block>.parquet``. Names are fixed by file and block, so a retried
+    task writes the same pieces again, never a second copy. Yields one count row per file, once the
+    whole file is staged (a task that dies yields nothing)."""
+    fs, root = out.fs(out.root)
+    for index, path in zip(batch["index"], batch["path"], strict=True):
+        counts = np.zeros(num_shards, np.int64)
+        with tempfile.TemporaryDirectory(prefix="thinkrec-stage-") as tmp:
+            for b, t in enumerate(_iter_file(storage, str(path), fmt, rows, mode)):
+                if mode != "test":
+                    _check_columns(str(path), t.column_names)
+                t = _normalise(t, mode)
+                shards = shard_of(t, mode, num_shards)
+                for s in np.unique(shards).tolist():
+                    piece = t.filter(pa.array(shards == s))
+                    local = os.path.join(tmp, f"{s}-{b}.parquet")
+                    pq.write_table(piece, local)
+                    upload_file(fs, local, f"{_staged_dir(root, s)}/f{int(index):05d}-b{b:06d}.parquet")
+                    os.remove(local)
+                    counts[s] += piece.num_rows
+        yield {"shard": np.arange(num_shards)[None, :], "rows": counts[None, :]}
+
+
+def partition(cfg: Config, storage: Storage, out: str, meta: dict[str, str]) -> tuple[np.ndarray, str]:
+    """Stage the candidate table as shards by user (skipped when a finished staging of the same table
+    and config exists). Returns (rows per shard, mode). The driver sees one count row per file."""
+    import ray.data
+
+    ost = _out_storage(storage, out)
+    paths, fmt, mode = candidate_files(cfg, storage)
+    n = n_shards(cfg)
+    marker = f"{out}/{STAGING}/{PARTITIONED}"
+    if ost.exists(marker):
+        rec = ost.read_json(marker)
+        if rec.get("meta") == meta and rec.get("num_shards") == n:
+            return np.asarray(rec["rows"], np.int64), mode
+    if ost.exists(f"{out}/{STAGING}"):
+        ost.delete(f"{out}/{STAGING}")  # half-staged (or another table's): start it over
+    files = ray.data.from_items(
+        [{"index": i, "path": p} for i, p in enumerate(paths)], override_num_blocks=max(1, len(paths))
+    )
+    staged = files.map_batches(
+        _partition_files,
+        fn_kwargs={
+            "storage": _storage_for(cfg, storage),
+            "out": ost,
+            "fmt": fmt,
+            "mode": mode,
+            "rows": cfg.score.block_rows,
+            "num_shards": n,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cfg.score.read_cpus,
+    )
+    rows = np.zeros(n, np.int64)
+    for b in staged.iter_batches(batch_format="numpy", batch_size=None):
+        rows += b["rows"].sum(axis=0)
+    ost.write_json(marker, {"meta": meta, "num_shards": n, "rows": rows.tolist()})
+    return rows, mode
+
+
+def first_schema(cfg: Config, storage: Storage) -> pa.Schema:
+    """The output schema from the first candidate file alone (a Parquet footer or one block)."""
+    paths, fmt, mode = candidate_files(cfg, storage)
+    if mode == "test":
+        return S.SCORES
+    st = _storage_for(cfg, storage)
+    if fmt == "parquet":
+        fs, _ = st.fs(st.root)
+        with fs.open_input_file(paths[0]) as f:
+            first = pq.ParquetFile(f).schema_arrow.empty_table()
+    else:
+        first = next(iter(_iter_file(st, paths[0], fmt, 1024, mode)), None)
+    if first is not None:
+        _check_columns(paths[0], first.column_names)
+    return output_schema(_normalise(first, mode) if first is not None else None, mode)
+
+
+# -- score: one actor scores a whole shard and publishes it ----------------------------------------
+def _user_chunks(table: pa.Table, key: str, rows: int) -> Iterator[pa.Table]:
+    """Slices of a table sorted by ``key`` of about ``rows`` rows, cut only where the key changes,
+    so each user's candidates stay in one scorer call (one prefix pass)."""
+    n = table.num_rows
+    if n == 0:
+        return
+    k = table.column(key).to_numpy(zero_copy_only=False)
+    change = np.flatnonzero(k[1:] != k[:-1]) + 1  # first row of each user but the first
+    start = 0
+    while start < n:
+        cut = np.searchsorted(change, start + rows)
+        end = int(change[cut]) if cut < len(change) else n
+        end = max(end, min(n, start + 1))
+        yield table.slice(start, end - start)
+        start = end
+
+
+class ShardStep:
+    """Ray Data callable class, one per scorer actor: the model loaded once; per shard id, the shard's
+    staged candidates -> lookups -> prompts -> scores -> the published shard and its record."""
+
+    def __init__(self, cfg: dict[str, Any], out: str, schema: pa.Schema, mode: str) -> None:
+        self.cfg = from_dict(cfg)
+        self.artifacts = load_artifacts(self.cfg)  # per actor: a node-local copy when the root is s3://
+        self.version = self.artifacts.version
+        self.scorer = make_scorer(self.cfg, self.artifacts)
+        self.prompts = PromptStep(cfg, artifacts=self.artifacts)
+        self.storage = Storage.from_config(self.cfg)
+        self.out, self.ost, self.schema, self.mode = out, _out_storage(self.storage, out), schema, mode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        recs = [self.score_shard(int(s)) for s in batch["shard"]]
+        return {
+            k: np.array([r[k] for r in recs])
+            for k in ("shard", "rows", "rows_quarantined", "staged", "started", "ended")
+        }
+
+    def _staged(self, shard: int) -> pa.Table:
+        fs, root = self.ost.fs(self.out)
+        infos = fs.get_file_info(pafs.FileSelector(_staged_dir(root, shard), allow_not_found=True))
+        pieces = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        if not pieces:
+            return pa.table({})
+        t = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces], promote_options="default")
+        # Stable sort by user: a user's candidates together, whatever the input order.
+        return t.take(pc.sort_indices(t, [(shard_column(self.mode), "ascending")]))
+
+    def score_shard(self, shard: int) -> dict[str, Any]:
+        t0 = time.time()  # wall clock: shards of several actors share one timeline
+        table = self._staged(shard)
+        n = table.num_rows
+        batches: Iterator[pa.Table] = iter(())
+        if n:
+            lk = self.prompts.lookups(table)
+            chunks = _user_chunks(table, shard_column(self.mode), self.cfg.score.block_rows)
+            batches = (self.score_batch(self.prompts(c, lk)) for c in chunks)
+        rec = publish_shard(self.ost, self.out, shard, self.schema, batches)
+        return {**rec, "staged": n, "started": t0, "ended": time.time()}
+
+    def score_batch(self, batch: pa.Table) -> pa.Table:
+        """Prompt rows -> output rows; quarantined rows pass through with their reason."""
+        n = batch.num_rows
+        good = pc.is_null(batch.column(REASON)).to_numpy(zero_copy_only=False)
+        score = np.full(n, np.nan, np.float32)
+        p_yes = np.full(n, np.nan, np.float32)
+        if good.any():
+            s, p = self.scorer.score(rows_from_table(batch.filter(pa.array(good))))
+            score[good], p_yes[good] = s, p
+        out = {
+            S.USER_ID: batch.column(S.USER_ID),
+            S.ITEM_ID: batch.column(S.ITEM_ID),
+            S.LABEL: batch.column(S.LABEL),
+            S.SCORE: pa.array(score, mask=~good),
+            S.P_YES: pa.array(p_yes, mask=~good),
+            S.GATE: batch.column(S.GATE),
+            S.VERSION: pa.array([self.version] * n, pa.string()),
+            REASON: batch.column(REASON),
+        }
+        # Raw ids and passthrough columns, unchanged; the prompt encodings stay behind.
+        for c in batch.column_names:
+            if c not in out and not c.startswith("_"):
+                out[c] = batch.column(c)
+        return pa.table(out)
+
+
+def score_shards(
+    cfg: Config, out: str, pending: list[int], schema: pa.Schema, mode: str, staged: np.ndarray
+) -> float:
+    """Scorer actors over the pending shard ids; each publishes its shards as it finishes them. The
+    driver receives one small record per shard and checks it against the staged count. Returns the
+    scoring window: first shard started to last shard published (actor start-up excluded)."""
+    import ray.data
+
+    sc = cfg.score
+    shards = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+    done = shards.map_batches(
+        ShardStep,
+        fn_constructor_kwargs={"cfg": cfg.to_dict(), "out": out, "schema": schema, "mode": mode},
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(sc.concurrency, len(pending))),
+        num_cpus=sc.num_cpus_per_actor,
+        num_gpus=sc.num_gpus_per_actor,
+    )
+    first, last = float("inf"), 0.0
+    for b in done.iter_batches(batch_format="numpy", batch_size=None):
+        first, last = min(first, float(b["started"].min())), max(last, float(b["ended"].max()))
+        for s, rows, q, n in zip(b["shard"], b["rows"], b["rows_quarantined"], b["staged"], strict=True):
+            if rows + q != n or n != staged[s]:
+                raise CommitError(
+                    f"{out}: shard {s} staged {staged[s]} rows, read {n}, wrote {rows} + {q} quarantined"
+                )
+            log.info("score: shard %s published (%s rows, %s quarantined)", s, rows, q)
+    return max(0.0, last - first)
+
+
+def throughput(rows: int, wall_s: float, backend: str, **phases: float) -> dict[str, Any]:
+    """The manifest's throughput record: the input rows, the stage's wall time (from the start of
+    ``run`` to the commit) and their ratio, the backend; plus the phases' seconds (``partition_s``,
+    ``score_s`` with actor start-up, ``scoring_window_s`` without)."""
+    return {
+        "rows": rows,
+        "wall_s": wall_s,
+        "pairs_per_s": rows / wall_s if wall_s > 0 else 0.0,
+        "backend": backend,
+        **phases,
+    }
+
+
 def run(cfg: Config) -> dict[str, Any]:
+    t0 = time.perf_counter()
     storage = Storage.from_config(cfg)
     out = output_uri(cfg, storage)
     meta = stage_meta(cfg, storage)
-    rows_in, schema = count_candidates(cfg, storage)
-    writer = TableWriter.for_stage(cfg, storage, out, meta, schema)
-    if writer.complete:
+    if is_complete(storage, out, meta):  # before the table is read at all
         log.info("score: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/{MANIFEST}")
+    schema = first_schema(cfg, storage)
+    ost = _out_storage(storage, out)
+    _, _, mode = candidate_files(cfg, storage)
+    # The fingerprint a job's shards were made with, kept beside them: a resubmission with the same
+    # one keeps every published shard; shards of another config or table are never mixed in.
+    fp_uri = f"{out}/{FINGERPRINT}"
+    if ost.exists(out) and (not ost.exists(fp_uri) or ost.read_json(fp_uri) != meta):
+        ost.delete(out)
+    if not ost.exists(fp_uri):
+        ost.write_json(fp_uri, meta)
+    writer = TableWriter(
+        ost,
+        out,
+        num_shards=n_shards(cfg),
+        key=shard_column(mode),
+        meta=meta,
+        config=cfg.to_dict(),
+        max_quarantine_rate=cfg.data.max_quarantine_rate,
+        schema=schema,
+    )
+    staged, mode = partition(cfg, storage, out, meta)
+    t1 = time.perf_counter()
+    pending = writer.pending_shards()
+    window = score_shards(cfg, out, pending, schema, mode, staged) if pending else 0.0
+    t2 = time.perf_counter()
     artifacts = load_artifacts(cfg)
     sc = cfg.score
-    with buffer_limit(sc.max_buffer_mb):
-        candidates = read_candidates(cfg, storage)  # a dataset keeps the context it was made in
-        for wave in writer.waves(sc.shards_per_wave):
-            score_wave(cfg, candidates, writer, wave)
+    rows_in = int(staged.sum())
     manifest = writer.commit(
         rows_in=rows_in,
         extra={
@@ -390,8 +537,19 @@ def run(cfg: Config) -> dict[str, Any]:
             "backend": sc.backend,
             "candidates": sc.candidates or "test split",
             "id_space": sc.id_space if sc.candidates else "internal",
+            "shards_scored": len(pending),
+            "rows_scored": int(sum(staged[s] for s in pending)),
+            "throughput": throughput(
+                rows_in,
+                time.perf_counter() - t0,
+                sc.backend,
+                partition_s=t1 - t0,
+                score_s=t2 - t1,
+                scoring_window_s=window,
+            ),
         },
     )
+    ost.delete(f"{out}/{STAGING}")
     log.info(
         "score: %s rows scored, %s quarantined %s -> %s",
         manifest["rows"],

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from thinkrec.data import schema as S
+from thinkrec.data.items import read_items
 from thinkrec.io.commit import SUCCESS, read_table
 from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
@@ -86,7 +87,7 @@ class Inputs:
 
 def load_inputs(storage: Storage, *, with_traces: bool) -> Inputs:
     inter = read_table(storage, storage.uri(INTERACTIONS))
-    items_t = read_table(storage, storage.uri(ITEMS), [S.ITEM_ID, S.TITLE, S.KEYWORDS])
+    items_t = read_items(storage)
     items = {
         int(i): ItemInfo(str(t or ""), tuple(k or ()))
         for i, t, k in zip(

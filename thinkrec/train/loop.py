@@ -70,7 +70,8 @@ def _localize(storage: Storage, uri: str) -> str:
 
 def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
     """Base model + LoRA + projector for one phase, with exactly that phase's parameters trainable:
-    global -> every LoRA weight; projector -> the projector only; expert -> the LoRA of the last
+    global -> every LoRA weight; projector -> the projector (and every LoRA weight when the spec
+    has a ``lora_lr``, train.projector_lora); expert -> the LoRA of the last
     ``train.expert_last_layers`` layers only."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -92,7 +93,8 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
         )
     else:
         adapter = _localize(storage, spec["init_adapter"])
-        llm = PeftModel.from_pretrained(base, adapter, is_trainable=(phase == "expert"))
+        lora_too = phase == "expert" or (phase == "projector" and spec.get("lora_lr") is not None)
+        llm = PeftModel.from_pretrained(base, adapter, is_trainable=lora_too)
     projector = cf = None
     if spec["cf_tokens"]:
         cf = CFTable.load(os.path.join(_localize(storage, spec["cf_dir"]), spec["cf_file"]))
@@ -297,8 +299,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
 
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = float(spec["lr"])
+    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    if spec.get("lora_lr") is not None:  # projector phase with the LoRA: one lr each
+        lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
+        proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
+        params = [{"params": proj, "lr": lr}, {"params": lora, "lr": float(spec["lora_lr"])}]
     zero3 = use_ds and t.zero_stage == 3
     if use_ds:
         engine, optimizer, scheduler = _deepspeed(model, params, cfg, lr, bs, grad_accum, warmup, total_steps)
@@ -494,7 +500,7 @@ def _report_final(rank: int, d: str | None, state: dict[str, Any]) -> None:
 
 def _deepspeed(
     model: ThinkRecLM,
-    params: list[torch.nn.Parameter],
+    params: list[Any],
     cfg: C.Config,
     lr: float,
     bs: int,

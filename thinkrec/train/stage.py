@@ -1,8 +1,9 @@
 """train stage: global LoRA -> CF projector -> user groups -> expert LoRAs, on Ray Train.
 
 1. global: one LoRA over text-only prompts (titles, labels, keywords; reasoning mix), lr train.lr.
-2. projector: CF tokens on, LoRA frozen, the projector alone trained (lr train.projector_lr);
-   skipped when model.cf_tokens is false.
+2. projector: CF tokens on, the projector trained (lr train.projector_lr) with the LoRA frozen, or
+   with train.projector_lora the LoRA too (lr train.lr), starting from stage 1's adapter and then
+   replacing it as adapters/global; skipped when model.cf_tokens is false.
 3. groups: the train users' CF embeddings clustered (thinkrec.cf.grouping); prototypes = mean raw
    embedding per group.
 4. experts: per group, a LoRA initialised from the global one with only its last
@@ -10,7 +11,8 @@
    skipped when train.experts is false.
 
 Outputs under <output_root>/train/: adapters/global/, adapters/expert-<g>/ (peft, safetensors),
-projector.safetensors, fusion.json, groups.json, curves.json, committed with mark_success. Each
+projector.safetensors, fusion.json, groups.json (sizes, separation, each train user's group),
+curves.json, committed with mark_success. Each
 phase is one TorchTrainer run with a stable name under train/_ray, so a resubmitted job resumes the
 phase it was in from its last checkpoint; finished phases are recorded in train/_phases and not rerun.
 Both helper folders are removed before the commit.
@@ -22,6 +24,7 @@ ThinkRec.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,12 +35,19 @@ from typing import Any
 import numpy as np
 
 from thinkrec.config import Config
+from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
 from thinkrec.model.prompt import PromptBuilder
 from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name, save_fusion
 from thinkrec.runtime import fit
-from thinkrec.scoring.base import CF_EMBEDDINGS, CF_MODEL_DIR, TRAIN_DIR, base_model_path
+from thinkrec.scoring.base import (
+    BASE_MODEL_DIR,
+    CF_EMBEDDINGS,
+    CF_MODEL_DIR,
+    TRAIN_DIR,
+    base_model_path,
+)
 from thinkrec.train import data as D
 from thinkrec.train import loop as L
 
@@ -47,6 +57,7 @@ GROUPS = "groups.json"
 CURVES = "curves.json"
 RAY_DIR = "_ray"
 PHASES_DIR = "_phases"
+STAGE1_ADAPTER = "global-adapter"  # stage 1's LoRA under _phases (stage 2 may replace adapters/global)
 # Fields that steer fault tolerance only; they never change what is trained.
 _NOT_FINGERPRINTED = (
     "fail_at_step",
@@ -71,7 +82,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "seed": d["seed"],
         "stage": "train/v1",
     }
-    inputs = [storage.uri(D.INTERACTIONS), storage.uri(D.ITEMS)]
+    inputs = [storage.uri(D.INTERACTIONS), storage.uri(D.ITEMS), *keywords_inputs(storage)]
     if cfg.model.cf_tokens or cfg.train.experts:
         inputs.append(storage.uri(CF_MODEL_DIR))
     if cfg.train.reasoning and storage.exists(storage.uri(D.TRACES, SUCCESS)):
@@ -80,15 +91,41 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 
 
 def ensure_base_model(cfg: Config) -> str:
-    """The configured base model, or the tiny one, built once at base_model_path(cfg)."""
-    path = base_model_path(cfg)
-    if not cfg.model.base and not os.path.exists(os.path.join(path, "config.json")):
-        from thinkrec.model.base import build_tiny_model
+    """The configured base model, or the tiny one: built once (and warmed up on the train split's
+    text when model.warmup_steps asks, thinkrec/train/warmup.py) and committed under the run root's
+    ``base_model`` (an S3 root gets an upload), so every node's scorer reads the same files.
+    Returns a local directory with the model."""
+    from thinkrec.train import warmup
 
-        tmp = f"{path}.tmp-{os.getpid()}"
-        build_tiny_model(tmp, cfg.model.tiny, seed=cfg.seed)
-        os.replace(tmp, path)  # never a half-written model dir under the final name
-    return path
+    if cfg.model.base:
+        if cfg.model.warmup_steps:
+            log.info("model.warmup_steps ignored: %s is not a locally built model", cfg.model.base)
+        return cfg.model.base
+    storage = Storage.from_config(cfg)
+    uri = storage.uri(BASE_MODEL_DIR)
+    if storage.exists(f"{uri}/{SUCCESS}") and warmup.is_current(base_model_path(cfg), cfg, storage):
+        return base_model_path(cfg)
+    from thinkrec.model.base import build_tiny_model
+
+    def build(path: str) -> None:
+        build_tiny_model(path, cfg.model.tiny, seed=cfg.seed)
+        if cfg.model.warmup_steps:
+            warmup.warm_up(cfg, storage, path)
+
+    local = storage.local_path(uri)
+    if local is not None:
+        tmp = f"{local}.tmp-{os.getpid()}"
+        build(tmp)
+        shutil.rmtree(local, ignore_errors=True)  # one built or warmed for another config
+        os.replace(tmp, local)  # never a half-written model dir under the final name
+    else:
+        with tempfile.TemporaryDirectory(prefix="thinkrec-tiny-") as tmp:
+            build(tmp)
+            if storage.exists(uri):
+                storage.delete(uri)
+            storage.copy_tree(tmp, uri)
+    mark_success(storage, uri, {"stage": "base_model", "tiny": dataclasses.asdict(cfg.model.tiny)})
+    return base_model_path(cfg)
 
 
 def _publish_file(storage: Storage, local: str, uri: str) -> None:
@@ -243,24 +280,46 @@ def run(cfg: Config) -> dict[str, Any]:
 
         return publish
 
+    def publish_global(final: str) -> None:
+        publish_adapter(GLOBAL)(final)
+        src = storage.uri(TRAIN_DIR, ADAPTERS, GLOBAL)
+        dst = storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER)
+        storage.delete(dst)
+        storage.copy_tree(src, dst)
+
     # 1. global LoRA, text-only prompts
     phase(
         GLOBAL,
         {"phase": "global", "cf_tokens": False, "lr": t.lr, "epochs": t.epochs},
         rows(text_pb, samples),
         rows(text_pb, vsamples),
-        publish_adapter(GLOBAL),
+        publish_global,
     )
     # 2. projector (LoRA frozen)
     pb = text_pb
     if cfg.model.cf_tokens:
         pb = builder(True)
+
+        def publish_projector(final: str) -> None:
+            _publish_file(storage, os.path.join(final, L.PROJECTOR_FILE), f"{out}/{PROJECTOR}")
+            if t.projector_lora:  # stage 2's LoRA replaces stage 1's as the global adapter
+                publish_adapter(GLOBAL)(final)
+
         phase(
             "projector",
-            {"phase": "projector", "cf_tokens": True, "lr": t.projector_lr, "epochs": t.projector_epochs},
+            {
+                "phase": "projector",
+                "cf_tokens": True,
+                "lr": t.projector_lr,
+                "lora_lr": t.lr if t.projector_lora else None,
+                "epochs": t.projector_epochs,
+                # Stage 1's adapter, kept apart: a rerun of this phase must start from it, not from
+                # the adapter this phase publishes over adapters/global.
+                "init_adapter": storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER),
+            },
             rows(pb, samples),
             rows(pb, vsamples),
-            lambda final: _publish_file(storage, os.path.join(final, L.PROJECTOR_FILE), f"{out}/{PROJECTOR}"),
+            publish_projector,
         )
     # 3. groups and 4. experts
     report: dict[str, Any] = {}
@@ -275,6 +334,8 @@ def run(cfg: Config) -> dict[str, Any]:
         groups, protos, report = group_train_users(
             cf.user.numpy(), train_users, t.grouping, t.n_groups, cfg.seed
         )
+        # Which group each train user is in, beside the sizes and separation (user id -> group).
+        report["assignments"] = {str(int(u)): int(groups[u]) for u in train_users}
         storage.write_json(f"{out}/{GROUPS}", report)
         names = []
         for g in range(protos.shape[0]):
