@@ -55,6 +55,7 @@ def _with_traces(prepared, root: str) -> Storage:
             S.LABEL: pa.array(train[S.LABEL], pa.int8()),
             S.REASONING: reasoning,
             S.TEACHER: ["grounded"] * len(reasoning),
+            **{c: [None] * len(reasoning) for c in (S.BACKEND, S.GEN_MODEL, S.ADAPTER, S.DECODING_HASH)},
         },
         schema=S.REASONING_TABLE,
     )
