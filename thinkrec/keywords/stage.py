@@ -185,7 +185,9 @@ class ExtractActor:
             {
                 S.ITEM_ID: batch.column(S.ITEM_ID),
                 S.KEYWORDS: pa.array(keywords, pa.list_(pa.string())),
-                S.EXTRACTOR: [self.extractor.name] * batch.num_rows,
+                # What produced the row: an LLM extractor's label names backend, model, adapter and
+                # decoding hash; a rule-based one is its name.
+                S.EXTRACTOR: [getattr(self.extractor, "label", self.extractor.name)] * batch.num_rows,
                 COMPUTED: computed,
             }
         )
