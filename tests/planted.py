@@ -119,6 +119,7 @@ def build(
             S.RAW_ITEM_ID: [str(i) for i in item_ids],
             S.TITLE: titles,
             S.KEYWORDS: keywords,
+            S.DESCRIPTION: [[] for _ in item_ids],
         },
         schema=S.ITEMS,
     )
