@@ -428,7 +428,15 @@ class TableWriter:
         self.storage.write_json(f"{self.uri}/{MANIFEST}", manifest)
         if rate > self.max_quarantine_rate:
             top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-            named = "; ".join(f"{r}: {n} rows, e.g. {examples[r][:300]}" for r, n in top)
+            for s in range(self.num_shards):  # shards published with a record: examples from their files
+                if all(r in examples for r, _ in top):
+                    break
+                path = f"{self.root}/{quarantine_name(s)}"
+                if pq.ParquetFile(path, filesystem=self.fs).metadata.num_rows:
+                    q = pq.read_table(path, filesystem=self.fs, columns=["reason", "row"])
+                    for r, row in zip(q.column(0).to_pylist(), q.column(1).to_pylist(), strict=True):
+                        examples.setdefault(r, row)
+            named = "; ".join(f"{r}: {n} rows, e.g. {str(examples.get(r, ''))[:300]}" for r, n in top)
             raise CommitError(
                 f"{self.uri}: {rows_q} of {total} rows quarantined ({rate:.2%}) > max {self.max_quarantine_rate:.2%}; "
                 f"top reasons: {named}; see {self.uri}/quarantine/"
