@@ -336,6 +336,7 @@ def test_evaluate_explanations(tmp_path):
             S.RAW_ITEM_ID: [str(i) for i in titles],
             S.TITLE: list(titles.values()),
             S.KEYWORDS: [[] for _ in titles],
+            S.DESCRIPTION: [[] for _ in titles],
         },
         S.ITEMS,
     )
