@@ -109,6 +109,7 @@ def write_prepared(cfg, *, n_users: int, n_items: int, per_user: int = 12, seed:
                 S.RAW_ITEM_ID: [f"i{i}" for i in iids],
                 S.TITLE: [f"Movie number {i}" for i in iids],
                 S.KEYWORDS: [[genres[i % 5], genres[(i + 2) % 5]] for i in iids],
+                S.DESCRIPTION: [[] for _ in iids],
             },
         ),
         USERS: (S.USERS, S.USER_ID, {S.USER_ID: uids, S.RAW_USER_ID: [f"u{u}" for u in uids]}),
