@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thinkrec.model.thinkrec import CFTable
-from thinkrec.runtime import fit
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -233,44 +232,27 @@ def train(
     workers; ``valid`` = (user ids, item ids, labels) for model selection. Ray Train keeps its run
     (checkpoints) under ``storage_path/run_name``; a rerun with the same name resumes there."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from thinkrec.cf import loop  # below this module: it reuses MF's checkpoint helpers
 
     c = cfg.cf
     loop_config = {
-        "seed": cfg.seed,
         "num_users": num_users,
         "num_items": num_items,
         "dim": c.dim,
         "bias": c.bias,
-        "lr": c.lr,
-        "weight_decay": c.weight_decay,
-        "epochs": c.epochs,
-        "batch_size": c.batch_size,
         # By reference: only rank 0 fetches the validation rows.
         "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
     }
-    trainer = TorchTrainer(
+    best, state = loop.train(
         train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=False),
-        torch_config=TorchConfig(backend="gloo"),
-        datasets={"train": train_ds},
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=c.max_failures),
-        ),
+        loop_config,
+        cfg,
+        train_ds,
+        run_name=run_name,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
     )
-    result = fit(trainer)
-    if result.checkpoint is None:
-        raise RuntimeError(f"cf: Ray Train run {run_name!r} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        best = load_file(os.path.join(d, BEST_FILE))
-        with open(os.path.join(d, STATE_FILE)) as f:
-            state = json.load(f)
     model = MF(num_users, num_items, c.dim, c.bias)
     model.load_state_dict(best)
     table, biases = model.table()
