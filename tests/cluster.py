@@ -190,10 +190,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
-    """A head and a worker node (1 CPU each) on 127.0.0.1; the AWS_* variables of the test process's
-    environment at start-up reach both nodes (set them before requesting this fixture)."""
+@contextlib.contextmanager
+def running_cluster(tmp_path_factory):
+    """A head and a worker node (1 CPU each) on 127.0.0.1, shut down on exit; the nodes get the
+    environment of the test process as it is when this is entered."""
     cluster = LocalCluster(port=free_port(), dashboard_port=free_port())
     cluster.log_dir = str(tmp_path_factory.mktemp("ray-cluster-logs"))
     try:
@@ -202,3 +202,11 @@ def two_node_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A head and a worker node (1 CPU each) on 127.0.0.1; the AWS_* variables of the test process's
+    environment at start-up reach both nodes (set them before requesting this fixture)."""
+    with running_cluster(tmp_path_factory) as cluster:
+        yield cluster

@@ -15,9 +15,9 @@ import pyarrow.csv as pacsv
 import pytest
 import yaml
 from conftest import scoring_root
-from servers import aws_env, free_port
+from servers import aws_env
 
-from cluster import LocalCluster
+from cluster import running_cluster
 from thinkrec.data import schema as S
 from thinkrec.data.ids import ids_table
 from thinkrec.io.commit import mark_success, read_table
@@ -38,14 +38,8 @@ def aws_cluster(moto_server, tmp_path_factory):
             mp.delenv(var, raising=False)
         for var, value in env.items():
             mp.setenv(var, value)
-        cluster = LocalCluster(port=free_port(), dashboard_port=free_port())
-        cluster.log_dir = str(tmp_path_factory.mktemp("ray-cluster-logs"))
-        try:
-            cluster.start_head()
-            cluster.start_worker()
+        with running_cluster(tmp_path_factory) as cluster:
             yield cluster
-        finally:
-            cluster.shutdown()
 
 
 def test_submitted_job_on_s3_equals_local_run(
