@@ -4,6 +4,11 @@ environment the Ray processes inherit, never through a runtime_env.
 
     python tests/generation_stage_check.py --url URL --model NAME --key-env VAR --root DIR --out out.json \
         [--rows N] [--max-new-tokens N] [--set generation.max_tries=100 ...]
+    python tests/generation_stage_check.py ... --keywords CLEAN_URL
+
+With ``--keywords``, the keywords stage (``keywords.extractor=llm``) runs instead, over a small
+written prepare: first against URL (a faulty proxy, one try per row), then, its table deleted and the
+cache kept, against CLEAN_URL. out.json has both manifests and the first run's quarantine reasons.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--set", nargs="*", default=[], help="more config overrides, key=value (YAML values)")
+    ap.add_argument("--keywords", default="", help="run the keywords stage, then again against this URL")
     args = ap.parse_args()
     import pandas as pd
 
@@ -42,6 +48,10 @@ def main() -> None:
          "generation.batch_size": 4, **C.parse_overrides(args.set)},
     )  # fmt: skip
     init_ray(cfg)
+    if args.keywords:
+        keywords(cfg, args.rows, args.keywords, args.out)
+        ray.shutdown()
+        return
     rows = pd.DataFrame({S.ROW_KEY: [f"r{i}" for i in range(args.rows)],
                          S.PROMPT: [prompt(i) for i in range(args.rows)]})  # fmt: skip
     out = generate(ray.data.from_pandas(rows), cfg, Decoding(max_new_tokens=args.max_new_tokens)).to_pandas()
@@ -60,6 +70,30 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f)
     ray.shutdown()
+
+
+def keywords(cfg, n_items: int, clean_url: str, out: str) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+    from artifacts import write_prepared
+
+    from thinkrec.io.fs import Storage
+    from thinkrec.keywords import stage
+
+    cfg = cfg.replace(**{"keywords.extractor": "llm", "data.max_quarantine_rate": 1.0})
+    write_prepared(cfg, n_users=4, n_items=n_items)
+    storage = Storage.from_config(cfg)
+    first = stage.run(cfg)
+    table = storage.local_path(storage.uri("keywords", "keywords"))
+    reasons = [
+        r for f in sorted(os.listdir(os.path.join(table, "quarantine")))
+        for r in pq.read_table(os.path.join(table, "quarantine", f)).column("reason").to_pylist()
+    ]  # fmt: skip
+    shutil.rmtree(table)  # the table is lost; the keyword and prompt caches stay
+    second = stage.run(cfg.replace(**{"generation.base_url": clean_url}))
+    with open(out, "w") as f:
+        json.dump({"first": first, "second": second, "reasons": reasons}, f)
 
 
 if __name__ == "__main__":

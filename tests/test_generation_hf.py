@@ -101,7 +101,7 @@ def test_llm_keywords_extractor(setup, tmp_path):
     from generation_servers import Counting
 
     from thinkrec.keywords.base import EXTRACTORS, ItemText, postprocess
-    from thinkrec.keywords.llm import DECODING, LLMExtractor
+    from thinkrec.keywords.llm import LLMExtractor
 
     cfg = small_config(str(tmp_path), **{"model.base": setup[0].model.base, "generation.torch_threads": 1})
     assert EXTRACTORS["llm"] == "thinkrec.keywords.llm:LLMExtractor"
@@ -121,7 +121,16 @@ def test_llm_keywords_extractor(setup, tmp_path):
     # Beam search is deterministic, so a cache-free run gives the same keywords.
     off = small_config(str(tmp_path), **{"model.base": cfg.model.base, "generation.cache": False})
     assert LLMExtractor(off, generator=hf)(items) == raw
+    dec = ex.decoding
     assert ex.settings() == {"backend": "hf", "model": cfg.model.base, "adapter": "base",
-                             "prompt": ex.settings()["prompt"], "decoding": DECODING.hash()}  # fmt: skip
-    assert ex.label == f"llm:hf:{cfg.model.base}:base:{DECODING.hash()}"
-    assert (DECODING.num_beams, DECODING.max_new_tokens, DECODING.repetition_penalty) == (4, 32, 1.2)
+                             "prompt": ex.settings()["prompt"], "decoding": dec.hash()}  # fmt: skip
+    assert ex.label == f"llm:hf:{cfg.model.base}:base:{dec.hash()}"
+    # The reference decoding by default; keywords.llm_* change it, and with it every cache key.
+    assert (dec.num_beams, dec.max_new_tokens, dec.repetition_penalty, dec.temperature) == (4, 32, 1.2, 0.0)
+    short = small_config(str(tmp_path), **{"model.base": cfg.model.base, "keywords.llm_max_new_tokens": 4,
+                                            "keywords.llm_num_beams": 1})  # fmt: skip
+    fresh = Counting(hf)
+    ex4 = LLMExtractor(short, generator=fresh)
+    assert (ex4.decoding.max_new_tokens, ex4.decoding.num_beams) == (4, 1)
+    assert ex4.settings()["decoding"] != dec.hash()
+    assert all(len(ws) <= 4 for ws in ex4(items)) and fresh.rows == 2  # not served from the cache

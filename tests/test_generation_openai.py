@@ -205,6 +205,45 @@ def test_key_never_printed(vllm_serve, direct, tmp_path, caplog, capfd):
     )  # ...and nothing carries the key
 
 
+def test_keywords_stage_quarantines_failures_and_resumes(vllm_serve, tmp_path):
+    """keywords.extractor=llm over the server, in the Ray Data stage under its own Ray: through a
+    proxy failing a share of requests (one try each), those items are quarantined with the error and
+    cached nowhere; the table rebuilt against the server asks it for exactly those items again."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out, n = tmp_path / "out.json", 16
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.path.join(repo, "tests")]))
+    env[KEY_ENV] = PLANTED_KEY
+    proxy = FaultProxy(vllm_serve.port, p500=0.3, seed=5)
+    proxy.start()
+    before = vllm_serve.completions()
+    try:
+        proc = subprocess.run(
+            [sys.executable, os.path.join(repo, "tests", "generation_stage_check.py"), "--url", proxy.url,
+             "--model", SERVED_NAME, "--key-env", KEY_ENV, "--root", str(tmp_path / "run"), "--out", str(out),
+             "--rows", str(n), "--keywords", vllm_serve.url,
+             "--set", "generation.max_tries=1", "keywords.llm_max_new_tokens=8", "keywords.batch_size=4"],
+            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    first, second = result["first"], result["second"]
+    failed = proxy.counts["500"]
+    assert 0 < failed < n and proxy.counts["forwarded"] == n - failed
+    assert first["rows_quarantined"] == failed and first["rows"] == n - failed
+    assert len(result["reasons"]) == failed
+    assert all(r.startswith("extractor_failed: http_500") for r in result["reasons"])
+    # Rebuilt: the server is asked for the failed items only; the others come from the cache.
+    assert vllm_serve.completions() - before == n
+    assert second["rows"] == n and second["rows_quarantined"] == 0
+    assert (second["items_cached"], second["items_computed"]) == (n - failed, failed)
+
+
 @pytest.mark.slow  # about 7 minutes on the loaded 2-core CPU: the restart is a second server start
 def test_server_killed_mid_stage_and_restarted(vllm_serve, tmp_path):
     """The real ``vllm serve`` process (the session's) is killed while the Ray Data stage is running

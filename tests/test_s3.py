@@ -173,7 +173,8 @@ def test_write_resume_commit_read(s3):
     after = _objects(client, bucket, prefix)
     assert SUCCESS in after and MANIFEST in after
     others = [o["LastModified"] for k, o in after.items() if k != SUCCESS]
-    assert after[SUCCESS]["LastModified"] >= max(others)  # _SUCCESS is the last object written
+    later = [k for k, o in after.items() if o["LastModified"] > after[SUCCESS]["LastModified"]]
+    assert after[SUCCESS]["LastModified"] >= max(others), later  # _SUCCESS is the last object written
     body = json.loads(client.get_object(Bucket=bucket, Key=prefix + MANIFEST)["Body"].read())
     assert sorted(body["files"]) == sorted(
         [part_name(s) for s in range(4)] + [quarantine_name(s) for s in range(4)]

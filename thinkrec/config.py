@@ -196,6 +196,13 @@ class KeywordsConfig:
     tfidf_max_df: float = Field(0.5, gt=0, le=1)
     """tfidf: terms in more than this share of items carry no information and are never keywords
     (scikit-learn's ``max_df``)."""
+    llm_max_new_tokens: int = Field(32, ge=1)
+    """llm: new tokens per item summary (the reference: 32)."""
+    llm_num_beams: int = Field(4, ge=1)
+    """llm: beams of the beam search on the hf backend (vLLM and OpenAI-compatible servers decode
+    greedily; the backend is recorded on each row)."""
+    llm_repetition_penalty: float = Field(1.2, gt=0)
+    """llm: the reference setting is 1.2."""
 
 
 CFModel = Literal["mf", "lightgcn", "sasrec"]

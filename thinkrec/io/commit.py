@@ -441,10 +441,13 @@ class TableWriter:
                 f"{self.uri}: {rows_q} of {total} rows quarantined ({rate:.2%}) > max {self.max_quarantine_rate:.2%}; "
                 f"top reasons: {named}; see {self.uri}/quarantine/"
             )
+        # The records are in the manifest now. They go before _SUCCESS, which stays the last object
+        # written (on S3, pyarrow's delete writes a directory marker for the parent); a crash in
+        # between loses nothing: a recommit reads the shards' files instead.
+        if self.storage.exists(f"{self.uri}/{RECORDS}"):
+            self.storage.delete(f"{self.uri}/{RECORDS}")
         self.storage.write_bytes(f"{self.uri}/{SUCCESS}", b"")
         self.complete = True
-        if self.storage.exists(f"{self.uri}/{RECORDS}"):
-            self.storage.delete(f"{self.uri}/{RECORDS}")  # in the manifest now
         return manifest
 
 

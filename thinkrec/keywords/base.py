@@ -60,6 +60,15 @@ class ItemText:
     """The keywords the source ships (MovieLens genres, Amazon and Yelp categories)."""
 
 
+@dataclass(frozen=True)
+class Failed:
+    """An extractor's result for an item it could not process (an LLM call that failed all its
+    tries): the stage quarantines the item with ``error`` and caches nothing for it, so a rebuilt
+    table asks again."""
+
+    error: str
+
+
 class Extractor(Protocol):
     name: str
 
@@ -67,8 +76,8 @@ class Extractor(Protocol):
         """Everything that changes the output; hashed with the item's text for the cache key."""
         ...
 
-    def __call__(self, items: list[ItemText]) -> list[list[str]]:
-        """Raw keywords per item, in the order given."""
+    def __call__(self, items: list[ItemText]) -> list[list[str] | Failed]:
+        """Raw keywords per item, in the order given (``Failed`` for an item that got none)."""
         ...
 
 

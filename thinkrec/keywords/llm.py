@@ -2,7 +2,7 @@
 
 The reference's shape (REFERENCE.md, stage 1): the item's title and description fields go into one
 prompt asking for up to ten comma-separated keywords; decoding is beam search with at most 32 new
-tokens and repetition penalty 1.2. The reply is split at commas and given to ``postprocess`` by the
+tokens and repetition penalty 1.2 (``keywords.llm_*``). The reply is split at commas and given to ``postprocess`` by the
 keywords stage, which also caches by a hash of the text and ``settings()``.
 
 Below that, every prompt goes through the prompt-hash cache (``cache/keywords``,
@@ -18,15 +18,12 @@ from typing import Any
 from thinkrec.generation.base import Decoding, GenRequest, make_generator
 from thinkrec.generation.cache import CachedGenerator
 from thinkrec.io.fs import Storage
-from thinkrec.keywords.base import ItemText
+from thinkrec.keywords.base import Failed, ItemText
 
 PROMPT = (
     "Summarise the item below in at most ten keywords, separated by commas.\n"
     "Title: {title}\nDescription: {text}\nKeywords:"
 )
-# The reference decoding: beam search (4 beams on the hf backend; vLLM and servers decode greedily,
-# recorded through the backend name), at most 32 new tokens, repetition penalty 1.2.
-DECODING = Decoding(max_new_tokens=32, temperature=0.0, repetition_penalty=1.2, num_beams=4)
 CACHE = "cache/keywords"
 ADAPTER = "base"  # the summariser is used as it is
 
@@ -40,7 +37,14 @@ class LLMExtractor:
         self.gen = CachedGenerator(
             generator or make_generator(cfg), Storage.from_config(cfg), CACHE, enabled=cfg.generation.cache
         )
-        self.failed = 0  # rows the generator failed (they get no keywords; the item keeps its title)
+        k = cfg.keywords
+        # Beam search is greedy at temperature 0; the defaults are the reference decoding.
+        self.decoding = Decoding(
+            max_new_tokens=k.llm_max_new_tokens,
+            temperature=0.0,
+            repetition_penalty=k.llm_repetition_penalty,
+            num_beams=k.llm_num_beams,
+        )
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -48,19 +52,21 @@ class LLMExtractor:
             "model": self.gen.model,
             "adapter": ADAPTER,
             "prompt": PROMPT,
-            "decoding": DECODING.hash(),
+            "decoding": self.decoding.hash(),
         }
 
     @property
     def label(self) -> str:
         """What produced the keywords, for each output row: ``llm:<backend>:<model>:<adapter>:<decoding hash>``."""
-        return f"llm:{self.gen.name}:{self.gen.model}:{ADAPTER}:{DECODING.hash()}"
+        return f"llm:{self.gen.name}:{self.gen.model}:{ADAPTER}:{self.decoding.hash()}"
 
-    def __call__(self, items: list[ItemText]) -> list[list[str]]:
+    def __call__(self, items: list[ItemText]) -> list[list[str] | Failed]:
         reqs = [GenRequest(str(it.item_id), PROMPT.format(title=it.title, text=it.text)) for it in items]
-        out = []
-        for r in self.gen.generate(reqs, DECODING):
-            self.failed += r.error is not None
+        out: list[list[str] | Failed] = []
+        for r in self.gen.generate(reqs, self.decoding):
+            if r.error is not None:
+                out.append(Failed(r.error))
+                continue
             text = (r.text or "").split("\n", 1)[0]
             out.append([w.strip() for w in text.split(",") if w.strip()])
         return out

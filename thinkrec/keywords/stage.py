@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
 from thinkrec.data.items import ITEMS, KEYWORDS
-from thinkrec.io.commit import TableWriter, fingerprint, read_dataset, stable_shard
+from thinkrec.io.commit import REASON, TableWriter, fingerprint, read_dataset, stable_shard
 from thinkrec.io.fs import Storage, join
-from thinkrec.keywords.base import ItemText, cut_words, extractor_class, extractor_name, postprocess
+from thinkrec.keywords.base import Failed, ItemText, cut_words, extractor_class, extractor_name, postprocess
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class ExtractActor:
         cached = cols[CACHED]
         miss = [i for i, c in enumerate(cached) if c is None]
         keywords: list[list[str]] = [c if c is not None else [] for c in cached]
+        reasons: list[str | None] = [None] * batch.num_rows
         if miss:
             items = [
                 ItemText(cols[S.ITEM_ID][i], cols[S.TITLE][i], cols[TEXT][i], tuple(cols[TAGS][i]))
@@ -176,9 +177,15 @@ class ExtractActor:
                 raise RuntimeError(
                     f"keywords extractor {type(self.extractor).__name__} returned {len(raw)} lists for {len(items)} items"
                 )
+            done = []
             for i, words in zip(miss, raw, strict=True):
+                if isinstance(words, Failed):
+                    reasons[i] = f"extractor_failed: {words.error}"
+                    continue
                 keywords[i] = postprocess([str(w) for w in words], self.max_keywords)
-            self._publish([cols[KEY][i] for i in miss], [keywords[i] for i in miss])
+                done.append(i)
+            if done:  # a failed item is never cached: a rebuilt table asks again
+                self._publish([cols[KEY][i] for i in done], [keywords[i] for i in done])
         computed = np.zeros(batch.num_rows, bool)
         computed[miss] = True
         return pa.table(
@@ -189,6 +196,7 @@ class ExtractActor:
                 # decoding hash; a rule-based one is its name.
                 S.EXTRACTOR: [getattr(self.extractor, "label", self.extractor.name)] * batch.num_rows,
                 COMPUTED: computed,
+                REASON: pa.array(reasons, pa.string()),
             }
         )
 
@@ -287,7 +295,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # Sorted by item id, so every shard's file has the same bytes whatever the blocks were.
         for b in results.sort(S.ITEM_ID).iter_batches(batch_format="pyarrow", batch_size=4096):
             counted["computed"] += int(pc.sum(b.column(COMPUTED)).as_py() or 0)
-            yield keep(b.drop_columns([COMPUTED]))
+            yield keep(b.drop_columns([COMPUTED]))  # rows with a _reason go to quarantine
 
     w.write(stream(), pending)
     computed = counted["computed"]
