@@ -75,10 +75,24 @@ class DataConfig:
     """A rating >= this is a positive (label 1)."""
     history_len: int = Field(10, ge=1, le=50)
     """Interactions shown in the prompt: the user's last N strictly before the sample."""
+    split: Literal["time_window", "dates", "cut_halve"] = "time_window"
+    """How rows are split by time (thinkrec/data/splits.py): ``time_window``: the latest test_frac of
+    all interactions (by count) is test, the valid_frac before it valid; ``dates``: consecutive
+    calendar slots, split_dates = [valid start, test start] (the reference's ML-1M month slots);
+    ``cut_halve``: train before split_dates[0], the later window sorted by time and halved by count
+    into valid / test (the reference's Yelp rule; its Books rule with split_start 2017-01-01,
+    split_dates [2017-11-01], split_end 2018-01-01)."""
+    split_dates: tuple[str, ...] = ()
+    """ISO dates (UTC unless a zone is given) of the ``dates`` and ``cut_halve`` splits."""
+    split_start: str = ""
+    """Rows before this ISO date are dropped (counted as rows_filtered ``outside_split_window``)
+    before the activity filter; empty: none."""
+    split_end: str = ""
+    """Rows at or after this ISO date are dropped likewise; empty: none."""
     valid_frac: float = Field(0.1, gt=0, lt=1)
-    """Share of the timeline (by interaction count) in the validation window."""
+    """time_window: share of the timeline (by interaction count) in the validation window."""
     test_frac: float = Field(0.1, gt=0, lt=1)
-    """Share of the timeline (by interaction count) in the test window (the latest)."""
+    """time_window: share of the timeline (by interaction count) in the test window (the latest)."""
     min_interactions: int = Field(0, ge=0)
     """Keep only users and items with MORE than this many ratings (the reference's Yelp and Books
     rule: 20). 0 keeps all. Rows removed are counted per rule in the manifest's ``rows_filtered``."""
@@ -99,6 +113,20 @@ class DataConfig:
     def _fracs(self) -> DataConfig:
         if self.valid_frac + self.test_frac >= 0.9:
             raise ValueError("data.valid_frac + data.test_frac must leave at least 10% for training")
+        from thinkrec.data.splits import epoch_seconds, window
+
+        need = {"time_window": 0, "dates": 2, "cut_halve": 1}[self.split]
+        if len(self.split_dates) != need:
+            raise ValueError(
+                f"data.split={self.split} takes {need} data.split_dates, got {list(self.split_dates)}"
+            )
+        dates = [epoch_seconds(d, "data.split_dates") for d in self.split_dates]
+        lo, hi = window(self)
+        if dates != sorted(dates) or any(not lo <= d < hi for d in dates) or lo >= hi:
+            raise ValueError(
+                f"data.split_dates {list(self.split_dates)} must be ascending and inside "
+                f"[data.split_start={self.split_start!r}, data.split_end={self.split_end!r})"
+            )
         return self
 
 

@@ -2,9 +2,9 @@
 
 Rules (ThinkRec reference code, adapted to a single time line):
 - label = rating >= data.label_threshold;
-- split by time windows: all interactions sorted by timestamp; the latest ``test_frac`` of them (by
-  count) form the test window, the ``valid_frac`` before it the validation window, the rest train.
-  The two cut points are timestamps, so a window never splits one second across splits;
+- split by time, by the rule data.split names (thinkrec/data/splits.py: one global time window by
+  count, calendar slots, or a cut with the later window halved). The two cut points are timestamps,
+  so a window never splits one second across splits;
 - history = the user's last ``history_len`` interactions strictly before the sample's timestamp,
   from any split (what the user had seen at that time), oldest first, with their labels;
 - ids remapped to 1..N in order of the raw ids (0 is padding);
@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from thinkrec.config import Config
-from thinkrec.data import amazon, generic, yelp
+from thinkrec.data import agg, amazon, generic, splits, yelp
 from thinkrec.data import lines as L
 from thinkrec.data import movielens as ml
 from thinkrec.data import reader as R
@@ -209,7 +209,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if items is None or cfg.data.unknown_items == "keep":
         # Items the log names without metadata (all of them when there is no item table; a
         # distributed distinct), titled by their raw ids.
-        seen = sorted(str(i) for i in parsed.filter(lambda r: r[REASON] is None).unique(S.RAW_ITEM_ID))
+        seen = sorted(str(i) for i in agg.distinct(parsed.filter(lambda r: r[REASON] is None), S.RAW_ITEM_ID))
         extra = [i for i in seen if known_items is None or i not in known_items]
         bare = R.item_frame([{S.RAW_ITEM_ID: i, S.TITLE: i, S.KEYWORDS: []} for i in extra])
         bare = bare.drop(columns=[REASON])
@@ -220,21 +220,22 @@ def run(cfg: Config) -> dict[str, Any]:
     item_map = remap(items[S.RAW_ITEM_ID])
     ok = parsed.filter(lambda r: r[REASON] is None)
     filtered: dict[str, int] = {}
+    lo, hi = splits.window(cfg.data)
+    if (lo, hi) != splits.NO_BOUND:
+        inside = ok.filter(lambda r: lo <= r[S.TIMESTAMP] < hi).materialize()
+        filtered[splits.OUTSIDE_WINDOW] = ok.count() - inside.count()
+        ok = inside
     if cfg.data.min_interactions:
-        ok, filtered = filter_active(ok, cfg.data.min_interactions, cfg.data.filter_mode)
-    users_raw = pd.Series(ok.unique(S.RAW_USER_ID))
+        ok, active = filter_active(ok, cfg.data.min_interactions, cfg.data.filter_mode)
+        filtered.update(active)
+    users_raw = pd.Series(agg.distinct(ok, S.RAW_USER_ID))
     user_map = remap(users_raw)
     if cfg.data.max_users:
         user_map = {r: i for r, i in user_map.items() if i <= cfg.data.max_users}
         ok = ok.filter(lambda r: r[S.RAW_USER_ID] in user_map)
     bad = parsed.filter(lambda r: r[REASON] is not None)
 
-    ts = np.sort(ok.to_pandas()[S.TIMESTAMP].to_numpy(np.int64)) if ok.count() else np.zeros(1, np.int64)
-    n = len(ts)
-    cuts = (
-        int(ts[int(n * (1 - cfg.data.valid_frac - cfg.data.test_frac))]),
-        int(ts[int(n * (1 - cfg.data.test_frac))]),
-    )
+    cuts = splits.cut_points(ok, cfg.data, S.TIMESTAMP)  # distributed: no timestamps on the driver
     samples = (
         ok.groupby(S.RAW_USER_ID)
         .map_groups(
@@ -251,8 +252,8 @@ def run(cfg: Config) -> dict[str, Any]:
         .materialize()
     )
     train = samples.filter(lambda r: r[S.SPLIT] == "train" and r[REASON] is None)
-    train_users = set(train.unique(S.USER_ID))
-    train_items = set(train.unique(S.ITEM_ID))
+    train_users = set(agg.distinct(train, S.USER_ID).tolist())
+    train_items = set(agg.distinct(train, S.ITEM_ID).tolist())
 
     def finish(batch: pd.DataFrame) -> pd.DataFrame:
         batch[S.NOT_COLD] = batch[S.USER_ID].isin(train_users) & batch[S.ITEM_ID].isin(train_items)
@@ -292,6 +293,11 @@ def run(cfg: Config) -> dict[str, Any]:
         w.commit(
             rows_in=rows_in,
             extra={
+                "split": {
+                    "rule": cfg.data.split,
+                    "dates": list(cfg.data.split_dates),
+                    "window": [cfg.data.split_start, cfg.data.split_end],
+                },
                 "split_cut_timestamps": list(cuts),
                 "split_rows": counts,
                 "source": inter_paths[0] if len(inter_paths) == 1 else inter_paths,
@@ -337,19 +343,6 @@ FILTER_USER = "user_min_interactions"
 FILTER_ITEM = "item_min_interactions"
 
 
-def _counts(ds: Any, col: str) -> pd.Series:
-    """Rows per distinct value of ``col``: each block counts its own values, the small per-block
-    counts are summed (cheaper than a shuffle group-by; one row per distinct value comes back)."""
-
-    def block_counts(batch: pd.DataFrame) -> pd.DataFrame:
-        v = batch[col].value_counts()
-        return pd.DataFrame({col: v.index.astype(str), "n": v.to_numpy(np.int64)})
-
-    parts = ds.select_columns([col]).map_batches(block_counts, batch_format="pandas", batch_size=None)
-    df = parts.to_pandas()
-    return df.groupby(col)["n"].sum() if len(df) else pd.Series(dtype="int64")
-
-
 def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[str, int]]:
     """Keep rows whose user and item both have more than ``min_interactions`` rows. ``single_pass``
     (the reference code) counts once on the input; ``fixed_point`` repeats until every remaining
@@ -357,7 +350,7 @@ def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[
     fails counts for the user rule; one whose user passes and item fails, for the item rule)."""
     removed = {FILTER_USER: 0, FILTER_ITEM: 0}
     while True:
-        users, items = _counts(ds, S.RAW_USER_ID), _counts(ds, S.RAW_ITEM_ID)
+        users, items = agg.value_counts(ds, S.RAW_USER_ID), agg.value_counts(ds, S.RAW_ITEM_ID)
         keep_u = set(users.index[users > min_interactions])
         keep_i = set(items.index[items > min_interactions])
         if len(keep_u) == len(users) and len(keep_i) == len(items):
@@ -368,9 +361,9 @@ def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[
             return batch.assign(_fu=~u, _fi=u & ~batch[S.RAW_ITEM_ID].isin(keep_i))
 
         flagged = ds.map_batches(rule, batch_format="pandas").materialize()
-        if flagged.count():
-            removed[FILTER_USER] += int(flagged.sum("_fu") or 0)
-            removed[FILTER_ITEM] += int(flagged.sum("_fi") or 0)
+        got = agg.sums(flagged, ["_fu", "_fi"])
+        removed[FILTER_USER] += got["_fu"]
+        removed[FILTER_ITEM] += got["_fi"]
         ds = (
             flagged.filter(lambda r: not r["_fu"] and not r["_fi"]).drop_columns(["_fu", "_fi"]).materialize()
         )
