@@ -84,6 +84,24 @@ def describe_model(cfg: Any) -> dict[str, Any]:
     return desc
 
 
+def split_rule(data: Any) -> str:
+    """data.split in words, for the report."""
+    window = ""
+    if data.split_start or data.split_end:
+        window = f"; only rows in [{data.split_start or 'start'}, {data.split_end or 'end'})"
+    if data.split == "dates":
+        return f"calendar slots: valid from {data.split_dates[0]}, test from {data.split_dates[1]}{window}"
+    if data.split == "cut_halve":
+        return (
+            f"train before {data.split_dates[0]}; the later rows sorted by time and halved by count into "
+            f"valid / test (cuts are timestamps){window}"
+        )
+    return (
+        f"by time over one timeline: latest {data.test_frac:.0%} of interactions = test, the "
+        f"{data.valid_frac:.0%} before = valid, the rest = train (cuts are timestamps){window}"
+    )
+
+
 def describe_data(cfg: Any, manifests: dict[str, Any]) -> dict[str, Any]:
     man = manifests.get(INTERACTIONS, {})
     cuts = man.get("split_cut_timestamps")
@@ -92,10 +110,7 @@ def describe_data(cfg: Any, manifests: dict[str, Any]) -> dict[str, Any]:
         "source": cfg.data.source or "embedded copy",
         "max_users": cfg.data.max_users,
         "label_rule": f"rating >= {cfg.data.label_threshold}",
-        "split_rule": (
-            f"by time over one timeline: latest {cfg.data.test_frac:.0%} of interactions = test, the "
-            f"{cfg.data.valid_frac:.0%} before = valid, the rest = train (cuts are timestamps)"
-        ),
+        "split_rule": split_rule(cfg.data),
         "split_rows": man.get("split_rows"),
         "split_cut_timestamps": cuts,
         "split_cut_dates": [_iso(t) for t in cuts] if cuts else None,
