@@ -112,6 +112,7 @@ ML100K = R.Reader(
     parse_items=lambda lines: parse_item_lines(lines, "atomic"),
     encoding="latin-1",
     header=ATOMIC_HEADER,
+    item_header=ITEM_HEADER,
 )
 ML1M = R.Reader(
     name="ml-1m",

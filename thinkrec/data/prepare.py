@@ -16,7 +16,6 @@ reason; rows_in (lines read) = rows_out + rows_quarantined is checked when the t
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -80,32 +79,46 @@ def source_files(cfg: Config) -> tuple[R.Reader, list[str], list[str], pafs.File
     return reader, [f"{root}/{inter_name}"], [f"{root}/{items_name}"], fs
 
 
-def _item_lines(fs: pafs.FileSystem, path: str, reader: R.Reader) -> list[str]:
+def read_items(fs: pafs.FileSystem, paths: list[str], reader: R.Reader) -> tuple[Any, dict[str, int]]:
+    """The item files (decompressed by extension) through Ray Data -> a Dataset of raw_item_id,
+    title, keywords, description, and the lines dropped per reason. Unusable lines are dropped and
+    counted; of repeated ids the first line (by file, then line) wins, found by a group-by on the id
+    across workers, so no process holds the item table."""
     if reader.items_format == "parquet":
-        with fs.open_input_file(path) as f:
-            rows = pq.read_table(f, columns=list(reader.item_columns) or None).to_pylist()
-        return [json.dumps(r, default=str) for r in rows]
-    with fs.open_input_stream(path) as f:
-        lines = [ln for ln in f.read().decode(reader.encoding, errors="replace").splitlines() if ln.strip()]
-    return [ln for ln in lines if not (reader.item_header and ln.rstrip("\r") == reader.item_header)]
+        source = generic.read_records(paths, "parquet", list(reader.item_columns), filesystem=fs)
+    else:
+        source = read_lines(paths, filesystem=fs, encoding=reader.encoding)
 
+    def parse(batch: pd.DataFrame) -> pd.DataFrame:
+        text = batch[L.TEXT]
+        decoded = text.notna().to_numpy()
+        stripped = text.fillna("").str.rstrip("\r")
+        keep = ~decoded | (stripped.str.strip() != "").to_numpy()  # blank lines are no items
+        if reader.item_header:
+            keep &= ~stripped.str.startswith(reader.item_header).to_numpy()
+        good, bad = batch[keep & decoded], batch[keep & ~decoded]
+        df = reader.parse_items(good[L.TEXT].tolist())
+        if len(df) != len(good):  # a reader's contract: one row per line it is given
+            raise RuntimeError(f"{reader.name} item parser returned {len(df)} rows for {len(good)} lines")
+        if len(bad):
+            df = pd.concat([df, R.item_frame([R.bad_item("", R.BAD_ENCODING)] * len(bad))], ignore_index=True)
+        where = pd.concat([good, bad], ignore_index=True)
+        df[L.SOURCE_FILE] = where[L.SOURCE_FILE].to_numpy()
+        df[L.SOURCE_LINE] = where[L.SOURCE_LINE].to_numpy()
+        return df
 
-def read_items(fs: pafs.FileSystem, paths: list[str], reader: R.Reader) -> pd.DataFrame:
-    """The item files (decompressed by extension) -> raw_item_id, title, keywords, description;
-    unusable lines and repeated ids (the first line wins) are dropped and counted in the manifest."""
-    lines = [ln for p in paths for ln in _item_lines(fs, p, reader)]
-    df = reader.parse_items(lines)
-    good = df[df[REASON].isna()].drop(columns=[REASON])
-    good = good.drop_duplicates(S.RAW_ITEM_ID, keep="first").reset_index(drop=True)
-    good.attrs["dropped"] = {
-        **df[REASON].dropna().value_counts().to_dict(),
-        **(
-            {R.DUPLICATE: int(df[REASON].isna().sum() - len(good))}
-            if len(good) < df[REASON].isna().sum()
-            else {}
-        ),
-    }
-    return good
+    parsed = source.map_batches(parse, batch_format="pandas").materialize()
+    dropped = agg.value_counts(parsed.filter(lambda r: r[REASON] is not None), REASON)
+    usable = parsed.filter(lambda r: r[REASON] is None).drop_columns([REASON]).materialize()
+
+    def first_line(group: pd.DataFrame) -> pd.DataFrame:
+        return group.sort_values([L.SOURCE_FILE, L.SOURCE_LINE], kind="stable").iloc[:1]
+
+    items = usable.groupby(S.RAW_ITEM_ID).map_groups(first_line, batch_format="pandas").materialize()
+    counts = {str(k): int(v) for k, v in dropped.items()}
+    if items.count() < usable.count():
+        counts[R.DUPLICATE] = usable.count() - items.count()
+    return items.select_columns([S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, S.DESCRIPTION]), counts
 
 
 def stage_meta(cfg: Config) -> dict[str, str]:
@@ -180,8 +193,9 @@ def run(cfg: Config) -> dict[str, Any]:
         return storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
 
     reader, inter_paths, item_paths, fs = source_files(cfg)
-    items = read_items(fs, item_paths, reader) if item_paths else None
-    known_items = set(items[S.RAW_ITEM_ID]) if items is not None else None
+    items, item_lines_dropped = read_items(fs, item_paths, reader) if item_paths else (None, {})
+    # One entry per item (not per row): the parse tasks check reviews against it.
+    known_items = set(agg.distinct(items, S.RAW_ITEM_ID).tolist()) if items is not None else None
 
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
         if reader.header:
@@ -206,18 +220,15 @@ def run(cfg: Config) -> dict[str, Any]:
     else:
         source = read_lines(inter_paths, filesystem=fs, encoding=reader.encoding)
     parsed = source.map_batches(parse, batch_format="pandas").materialize()
+    extra: list[str] = []
     if items is None or cfg.data.unknown_items == "keep":
         # Items the log names without metadata (all of them when there is no item table; a
         # distributed distinct), titled by their raw ids.
         seen = sorted(str(i) for i in agg.distinct(parsed.filter(lambda r: r[REASON] is None), S.RAW_ITEM_ID))
         extra = [i for i in seen if known_items is None or i not in known_items]
-        bare = R.item_frame([{S.RAW_ITEM_ID: i, S.TITLE: i, S.KEYWORDS: []} for i in extra])
-        bare = bare.drop(columns=[REASON])
-        dropped = items.attrs.get("dropped", {}) if items is not None else {}
-        items = bare if items is None else pd.concat([items, bare], ignore_index=True)
-        items.attrs["dropped"] = dropped
-        items.attrs["kept_without_metadata"] = len(extra)
-    item_map = remap(items[S.RAW_ITEM_ID])
+    raw_items = pd.Series(sorted(known_items or []) + extra, dtype=object)
+    item_map = remap(raw_items)
+    del raw_items
     ok = parsed.filter(lambda r: r[REASON] is None)
     filtered: dict[str, int] = {}
     lo, hi = splits.window(cfg.data)
@@ -302,24 +313,15 @@ def run(cfg: Config) -> dict[str, Any]:
                 "split_rows": counts,
                 "source": inter_paths[0] if len(inter_paths) == 1 else inter_paths,
                 "dataset": cfg.data.dataset,
-                "item_lines_dropped": items.attrs.get("dropped", {}),
-                "items_without_metadata": items.attrs.get("kept_without_metadata", 0),
+                "item_lines_dropped": item_lines_dropped,
+                "items_without_metadata": len(extra),
                 "lines_read": lines_read,
                 "rows_filtered": filtered,
                 "filter": {"min_interactions": cfg.data.min_interactions, "mode": cfg.data.filter_mode},
             },
         )
 
-    kept_items = items.assign(**{S.ITEM_ID: items[S.RAW_ITEM_ID].map(item_map)})
-    _write_small(
-        storage,
-        out[ITEMS],
-        kept_items[[S.ITEM_ID, S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, S.DESCRIPTION]],
-        S.ITEMS,
-        S.ITEM_ID,
-        meta,
-        config,
-    )
+    _write_items(storage, out[ITEMS], items, extra, item_map, meta, config)
     users = pd.DataFrame({S.USER_ID: list(user_map.values()), S.RAW_USER_ID: list(user_map.keys())})
     users = users.sort_values(S.USER_ID)
     _write_small(storage, out[USERS], users, S.USERS, S.USER_ID, meta, config)
@@ -327,7 +329,8 @@ def run(cfg: Config) -> dict[str, Any]:
     _write_small(
         storage, out[USER_IDS], users[[S.RAW_USER_ID, S.USER_ID]], S.USER_IDS, S.USER_ID, meta, config
     )
-    item_ids = kept_items[[S.RAW_ITEM_ID, S.ITEM_ID]].sort_values(S.ITEM_ID)
+    item_ids = pd.DataFrame({S.RAW_ITEM_ID: list(item_map.keys()), S.ITEM_ID: list(item_map.values())})
+    item_ids = item_ids.sort_values(S.ITEM_ID)
     _write_small(storage, out[ITEM_IDS], item_ids, S.ITEM_IDS, S.ITEM_ID, meta, config)
     man = storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
     log.info(
@@ -390,6 +393,49 @@ def _split_counts(storage: Storage, uri: str, num_shards: int) -> dict[str, int]
         for item in pc.value_counts(col).to_pylist():
             counts[item["values"]] += item["counts"]
     return counts
+
+
+def _write_items(
+    storage: Storage,
+    uri: str,
+    items: Any,
+    extra: list[str],
+    item_map: dict[str, int],
+    meta: dict[str, str],
+    config: dict[str, Any],
+) -> None:
+    """prepare/items from the parsed item Dataset plus the items the log names without metadata,
+    sorted by item id (a distributed sort) and streamed into the writer."""
+    import ray.data
+
+    w = TableWriter(storage, uri, num_shards=1, key=S.ITEM_ID, meta=meta, config=config, schema=S.ITEMS)
+    if w.complete:
+        return
+    parts = [] if items is None else [items]
+    if extra:
+        bare = R.item_frame([{S.RAW_ITEM_ID: i, S.TITLE: i, S.KEYWORDS: []} for i in extra]).drop(
+            columns=[REASON]
+        )
+        parts.append(ray.data.from_pandas(bare))
+
+    def with_ids(batch: pd.DataFrame) -> pa.Table:
+        batch = batch.assign(**{S.ITEM_ID: batch[S.RAW_ITEM_ID].map(item_map).astype(np.int64)})
+        return pa.Table.from_pandas(batch[S.ITEMS.names], schema=S.ITEMS, preserve_index=False)
+
+    rows = 0
+
+    def stream() -> Any:
+        nonlocal rows
+        if not parts:
+            return
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        ds = ds.map_batches(with_ids, batch_format="pandas").sort(S.ITEM_ID)
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
+            rows += b.num_rows
+            yield b
+
+    w.write(stream())
+    w.commit(rows_in=rows)
 
 
 def _write_small(
