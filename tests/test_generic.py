@@ -116,8 +116,9 @@ def _write_logs(d: str, seed: int = 0) -> pd.DataFrame:
 
 def test_same_input_split_differently_gives_identical_tables(ray_local, tmp_path):
     """One log as two Parquet files, read in default blocks, and as one gzipped CSV, read in tiny
-    blocks with other keyword batches: byte-identical prepared tables, id maps and keyword tables
-    (the same manifest checksums). The keywords are tfidf over the catalog's text."""
+    blocks with other keyword batches, and the Parquet files again under a Ray of one CPU instead of
+    two: byte-identical prepared tables, id maps and keyword tables (the same manifest checksums).
+    The keywords are tfidf over the catalog's text."""
     from thinkrec.data import ids
     from thinkrec.data import items as I
     from thinkrec.keywords import stage as kw_stage
@@ -149,6 +150,11 @@ def test_same_input_split_differently_gives_identical_tables(ray_local, tmp_path
         assert man["rows"] == len(log) and man["rows_quarantined"] == 0
     for t in files["pq"]:
         assert files["pq"][t] == files["csv"][t], t
+    # The Parquet files again under a Ray of one CPU (its own process, as a job driver would be).
+    files["1cpu"] = _tables_under_one_cpu(cfg.replace(**{"data.source": str(tmp_path / "raw" / "pq"),
+        "data.generic.interactions": "log-*.parquet", "storage.output_root": str(tmp_path / "run-1cpu")}), tables)  # fmt: skip
+    for t in files["pq"]:
+        assert files["1cpu"][t] == files["pq"][t], t
     items = read_table(st, st.uri(prepare.ITEMS)).to_pandas().sort_values(S.ITEM_ID)
     assert items[S.TITLE].iloc[1] == "Thing 1"
     assert list(items[S.DESCRIPTION].iloc[1]) == ["A sturdy red widget"]
@@ -160,3 +166,26 @@ def test_same_input_split_differently_gives_identical_tables(ray_local, tmp_path
     assert list(kw[S.KEYWORDS].iloc[2]) == ["blue"] and set(kw[S.EXTRACTOR]) == {"tfidf"}
     inter = read_table(st, st.uri(prepare.INTERACTIONS)).to_pandas()
     assert sorted(inter[S.TIMESTAMP]) == sorted(log["event_time"] // 1000)
+
+
+def _tables_under_one_cpu(cfg, tables) -> dict:
+    """prepare + keywords in a child process on a local Ray of one CPU -> each table's manifest files."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    conf = os.path.join(cfg.storage.output_root + "-config.json")
+    with open(conf, "w") as f:
+        json.dump({**cfg.to_dict(), "ray": {**cfg.to_dict()["ray"], "num_cpus": 1}}, f)
+    code = (
+        "import sys; from thinkrec import config as C; from thinkrec.runtime import init_ray; "
+        "from thinkrec.data import prepare; from thinkrec.keywords import stage; "
+        "cfg = C.load(sys.argv[1]); init_ray(cfg); prepare.run(cfg); stage.run(cfg)"
+    )
+    env = dict(os.environ, PYTHONPATH=repo, THINKREC_PROGRESS="0")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, conf], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    st = Storage.from_config(cfg)
+    return {t: st.read_json(st.uri(t, "_manifest.json"))["files"] for t in tables}
