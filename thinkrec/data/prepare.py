@@ -116,8 +116,9 @@ def read_items(fs: pafs.FileSystem, paths: list[str], reader: R.Reader) -> tuple
 
     items = usable.groupby(S.RAW_ITEM_ID).map_groups(first_line, batch_format="pandas").materialize()
     counts = {str(k): int(v) for k, v in dropped.items()}
-    if items.count() < usable.count():
-        counts[R.DUPLICATE] = usable.count() - items.count()
+    repeated = usable.count() - items.count()
+    if repeated:
+        counts[R.DUPLICATE] = repeated
     return items.select_columns([S.RAW_ITEM_ID, S.TITLE, S.KEYWORDS, S.DESCRIPTION]), counts
 
 
@@ -226,9 +227,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # distributed distinct), titled by their raw ids.
         seen = sorted(str(i) for i in agg.distinct(parsed.filter(lambda r: r[REASON] is None), S.RAW_ITEM_ID))
         extra = [i for i in seen if known_items is None or i not in known_items]
-    raw_items = pd.Series(sorted(known_items or []) + extra, dtype=object)
-    item_map = remap(raw_items)
-    del raw_items
+    item_map = remap(pd.Series(sorted(known_items or []) + extra, dtype=object))
     ok = parsed.filter(lambda r: r[REASON] is None)
     filtered: dict[str, int] = {}
     lo, hi = splits.window(cfg.data)

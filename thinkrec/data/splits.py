@@ -75,11 +75,17 @@ def count_in(ds: Any, col: str, lo: int, hi: int) -> tuple[int, int, int]:
 
 
 def values_at_ranks(
-    ds: Any, col: str, ranks: list[int], lo: int = NO_BOUND[0], hi: int = NO_BOUND[1]
+    ds: Any,
+    col: str,
+    ranks: list[int],
+    lo: int = NO_BOUND[0],
+    hi: int = NO_BOUND[1],
+    stats: tuple[int, int, int] | None = None,
 ) -> list[int]:
     """The values at the given 0-based ranks of ``col`` sorted ascending, over rows with
-    lo <= value < hi (int64 columns), as ``np.sort(values)[ranks]`` but distributed (module doc)."""
-    n, vmin, vmax = count_in(ds, col, lo, hi)
+    lo <= value < hi (int64 columns), as ``np.sort(values)[ranks]`` but distributed (module doc).
+    ``stats``: ``count_in(ds, col, lo, hi)`` when the caller has it already."""
+    n, vmin, vmax = stats or count_in(ds, col, lo, hi)
     if not n:
         raise ValueError(f"no rows with {col} in [{lo}, {hi}) to cut")
     if any(r < 0 or r >= n for r in ranks):
@@ -129,15 +135,14 @@ def cut_points(ds: Any, data: Any, col: str) -> tuple[int, int]:
         return valid, test
     if data.split == "cut_halve":
         cut = epoch_seconds(data.split_dates[0], "data.split_dates")
-        later, _, _ = count_in(ds, col, max(cut, lo), hi)
-        if not later:
+        stats = count_in(ds, col, max(cut, lo), hi)
+        if not stats[0]:
             raise ValueError(f"data.split=cut_halve: no interactions at or after {data.split_dates[0]}")
-        return cut, values_at_ranks(ds, col, [later // 2], max(cut, lo), hi)[0]
-    n, _, _ = count_in(ds, col, lo, hi)
+        return cut, values_at_ranks(ds, col, [stats[0] // 2], max(cut, lo), hi, stats)[0]
+    stats = count_in(ds, col, lo, hi)
+    n = stats[0]
     if not n:
         return 0, 0
-    return tuple(  # type: ignore[return-value]
-        values_at_ranks(
-            ds, col, [int(n * (1 - data.valid_frac - data.test_frac)), int(n * (1 - data.test_frac))], lo, hi
-        )
-    )
+    ranks = [int(n * (1 - data.valid_frac - data.test_frac)), int(n * (1 - data.test_frac))]
+    valid, test = values_at_ranks(ds, col, ranks, lo, hi, stats)
+    return valid, test

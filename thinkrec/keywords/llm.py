@@ -2,8 +2,9 @@
 
 The reference's shape (REFERENCE.md, stage 1): the item's title and description fields go into one
 prompt asking for up to ten comma-separated keywords; decoding is beam search with at most 32 new
-tokens and repetition penalty 1.2 (``keywords.llm_*``). The reply is split at commas and given to ``postprocess`` by the
-keywords stage, which also caches by a hash of the text and ``settings()``.
+tokens and repetition penalty 1.2 (``keywords.llm_*``). The reply is split at commas and given to
+``postprocess`` by the keywords stage, which also caches by a hash of the text and ``settings()``;
+an item whose generation failed comes back as ``Failed`` (quarantined by the stage, never cached).
 
 Below that, every prompt goes through the prompt-hash cache (``cache/keywords``,
 generation/cache.py), so a rerun or an item text met again costs no generation whatever the stage

@@ -12,7 +12,8 @@ post-processing (REFERENCE.md: stopwords, numbers and words under 3 letters drop
 kept). A rerun, or another run or dataset pointed at the same ``keywords.cache``, computes nothing
 it has computed before. The table is committed like every other (a finished one with the same
 fingerprint is skipped; a rerun after a failure writes only unpublished shards, and the cache
-keeps every batch that finished).
+keeps every batch that finished). An item the extractor returns as ``Failed`` goes to quarantine
+with ``extractor_failed: <error>`` and is not cached, so a rebuilt table asks for it again.
 """
 
 from __future__ import annotations
