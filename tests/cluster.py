@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import pytest
-from servers import free_port, wait_for
+from servers import aws_env, free_port, wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,3 +210,17 @@ def two_node_cluster(tmp_path_factory):
     environment at start-up reach both nodes (set them before requesting this fixture)."""
     with running_cluster(tmp_path_factory) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def aws_cluster(moto_server, tmp_path_factory):
+    """Two nodes whose environment holds the AWS chain for the moto server (set before they start:
+    a driver started by the job API reads the node's environment, not the submitter's)."""
+    env = aws_env(moto_server, "testing", "testing")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            mp.delenv(var, raising=False)
+        for var, value in env.items():
+            mp.setenv(var, value)
+        with running_cluster(tmp_path_factory) as cluster:
+            yield cluster

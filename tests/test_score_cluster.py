@@ -15,9 +15,8 @@ import pyarrow.csv as pacsv
 import pytest
 import yaml
 from conftest import scoring_root
-from servers import aws_env
 
-from cluster import running_cluster
+from cluster import aws_cluster  # noqa: F401 (the fixture)
 from thinkrec.data import schema as S
 from thinkrec.data.ids import ids_table
 from thinkrec.io.commit import mark_success, read_table
@@ -28,22 +27,13 @@ from thinkrec.scoring.base import BASE_MODEL_DIR
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def aws_cluster(moto_server, tmp_path_factory):
-    """Two nodes whose environment holds the AWS chain for the moto server (set before they start:
-    a driver started by the job API reads the node's environment, not the submitter's)."""
-    env = aws_env(moto_server, "testing", "testing")
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            mp.delenv(var, raising=False)
-        for var, value in env.items():
-            mp.setenv(var, value)
-        with running_cluster(tmp_path_factory) as cluster:
-            yield cluster
-
-
 def test_submitted_job_on_s3_equals_local_run(
-    aws_cluster, s3_bucket, prepared, tiny_qwen, artifact_dirs, tmp_path
+    aws_cluster,  # noqa: F811 (the imported fixture)
+    s3_bucket,
+    prepared,
+    tiny_qwen,
+    artifact_dirs,
+    tmp_path,
 ):
     storage, client, bucket = s3_bucket["storage"], s3_bucket["client"], s3_bucket["bucket"]
     # A local run root whose base model lives in the root (model.base empty), as the train stage

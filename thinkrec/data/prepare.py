@@ -34,7 +34,7 @@ from thinkrec.data import reader as R
 from thinkrec.data import schema as S
 from thinkrec.data.ids import ITEM_IDS, USER_IDS
 from thinkrec.data.lines import read_lines
-from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, stable_shard
+from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, write_distributed
 from thinkrec.io.fs import Storage
 
 log = logging.getLogger(__name__)
@@ -282,23 +282,15 @@ def run(cfg: Config) -> dict[str, Any]:
     rows_in = lines_read - sum(filtered.values()) if not cfg.data.max_users else ok.count() + bad.count()
     w = TableWriter.for_stage(cfg, storage, out[INTERACTIONS], meta, S.INTERACTIONS)
     if not w.complete:
-        pending = w.pending_shards()
-        shard_of = _shard_filter(pending, cfg.storage.num_shards)
-        stream = (
-            b
-            for ds in (
-                # Sorted (a distributed sort), so each shard's file has the same bytes however the
-                # input was split into files, blocks or CPUs.
-                samples.sort([S.USER_ID, S.TIMESTAMP, S.ITEM_ID, L.SOURCE_FILE, L.SOURCE_LINE]).map_batches(
-                    shard_of, batch_format="pyarrow"
-                ),
-                bad.map_batches(bad_rows, batch_format="pandas")
-                .sort([L.SOURCE_FILE, L.SOURCE_LINE])
-                .map_batches(shard_of, batch_format="pyarrow"),
-            )
-            for b in ds.iter_batches(batch_format="pyarrow", batch_size=4096)
+        # Written by tasks, shard by shard (no row passes through the driver); each shard sorted, so
+        # its file has the same bytes however the input was split into files, blocks or CPUs.
+        write_distributed(
+            w,
+            [
+                ("samples", samples, [S.USER_ID, S.TIMESTAMP, S.ITEM_ID, L.SOURCE_FILE, L.SOURCE_LINE]),
+                ("bad", bad.map_batches(bad_rows, batch_format="pandas"), [L.SOURCE_FILE, L.SOURCE_LINE]),
+            ],
         )
-        w.write(stream, pending)
         counts = _split_counts(storage, out[INTERACTIONS], cfg.storage.num_shards)
         w.commit(
             rows_in=rows_in,
@@ -372,15 +364,6 @@ def filter_active(ds: Any, min_interactions: int, mode: str) -> tuple[Any, dict[
         if mode == "single_pass":
             break
     return ds, removed
-
-
-def _shard_filter(pending: list[int], num_shards: int) -> Any:
-    wanted = np.array(pending)
-
-    def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(pa.array(np.isin(stable_shard(batch.column(S.USER_ID), num_shards), wanted)))
-
-    return keep
 
 
 def _split_counts(storage: Storage, uri: str, num_shards: int) -> dict[str, int]:

@@ -527,3 +527,121 @@ def read_rows(
     empty = schema.empty_table() if schema is not None else pa.table({})
     out = pa.concat_tables(parts) if parts else empty
     return out.select(columns) if columns is not None and out.num_columns else out
+
+
+# -- distributed writes: rows staged by shard in tasks, each shard published by one task -----------
+STAGING = "_staging"
+
+
+def staged_dir(root: str, stream: str, shard: int) -> str:
+    return f"{root}/{STAGING}/{stream}/shard-{shard:05d}"
+
+
+def read_staged(fs: pafs.FileSystem, directory: str, sort_by: list[str]) -> pa.Table:
+    """Every staged piece of one shard, concatenated and sorted by ``sort_by`` (stable), so the
+    shard's rows come out in the same order however the input was split into pieces."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    pieces = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not pieces:
+        return pa.table({})
+    t = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces], promote_options="default")
+    return t.take(pc.sort_indices(t, [(c, "ascending") for c in sort_by])) if sort_by else t
+
+
+def _stage_batch(
+    batch: pa.Table, *, storage: Storage, uri: str, stream: str, key: str, num_shards: int, pending: list[int]
+) -> pa.Table:
+    """Ray Data task: split a batch by shard and upload each piece (rows of pending shards only) as
+    ``_staging/<stream>/shard-<s>/<content hash>.parquet``. The name is the hash of the piece's
+    rows, so a retried task writes the same names again, never a second copy. Returns rows per
+    shard (one small row per shard it touched)."""
+    fs, root = storage.fs(uri)
+    shards = stable_shard(batch.column(key), num_shards)
+    wanted = np.isin(shards, pending)
+    out_shards, out_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="thinkrec-stage-") as tmp:
+        for s in np.unique(shards[wanted]).tolist():
+            piece = batch.filter(pa.array(shards == s))
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, piece.schema) as w:
+                w.write_table(piece)
+            name = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:24]
+            local = os.path.join(tmp, f"{name}.parquet")
+            pq.write_table(piece, local)
+            upload_file(fs, local, f"{staged_dir(root, stream, s)}/{name}.parquet")
+            out_shards.append(s)
+            out_rows.append(piece.num_rows)
+    return pa.table({"shard": pa.array(out_shards, pa.int32()), "rows": pa.array(out_rows, pa.int64())})
+
+
+def _publish_staged(
+    batch: dict[str, np.ndarray],
+    *,
+    storage: Storage,
+    uri: str,
+    schema: pa.Schema,
+    streams: list[tuple[str, list[str]]],
+) -> dict[str, np.ndarray]:
+    """Ray Data task over shard ids: one shard's staged rows, stream after stream, each sorted by
+    its keys, published with its quarantine and record (``publish_shard``)."""
+    fs, root = storage.fs(uri)
+    recs = []
+    for shard in batch["shard"].tolist():
+        tables = (read_staged(fs, staged_dir(root, name, shard), keys) for name, keys in streams)
+        recs.append(publish_shard(storage, uri, shard, schema, (t for t in tables if t.num_rows)))
+    return {
+        "shard": np.array([r["shard"] for r in recs], np.int64),
+        "rows": np.array([r["rows"] + r["rows_quarantined"] for r in recs], np.int64),
+    }
+
+
+def write_distributed(
+    writer: TableWriter, datasets: list[tuple[str, Any, list[str]]], pending: list[int] | None = None
+) -> dict[int, int]:
+    """Write Ray Datasets into ``writer``'s table with no row passing through the driver: tasks stage
+    each dataset's rows by shard (``_stage_batch``), then one task per pending shard reads its pieces
+    and publishes the shard. ``datasets`` are (stream name, Dataset, sort keys), written in that order
+    within each shard; each must have ``writer.key``. The driver sees one count row per piece and one
+    record per shard, and checks that every staged row was published. Returns rows per shard."""
+    import ray.data
+
+    assert writer.schema is not None, "write_distributed needs the table's schema"
+    pending = writer.pending_shards() if pending is None else list(pending)
+    if not pending:
+        return {}
+    staging = f"{writer.uri}/{STAGING}"
+    if writer.storage.exists(staging):
+        writer.storage.delete(staging)  # a killed run's pieces: published shards are kept, the rest restaged
+    staged = np.zeros(writer.num_shards, np.int64)
+    kwargs = dict(storage=writer.storage, uri=writer.uri, key=writer.key, num_shards=writer.num_shards)
+    for name, ds, _ in datasets:
+        counts = ds.map_batches(
+            _stage_batch,
+            batch_format="pyarrow",
+            batch_size=None,  # one piece per block and shard, not per 1,024 rows
+            fn_kwargs={**kwargs, "stream": name, "pending": pending},
+        )
+        for b in counts.iter_batches(batch_format="numpy", batch_size=None):
+            np.add.at(staged, b["shard"], b["rows"])
+    shards = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+    done = shards.map_batches(
+        _publish_staged,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={
+            "storage": writer.storage,
+            "uri": writer.uri,
+            "schema": writer.schema,
+            "streams": [(name, keys) for name, _, keys in datasets],
+        },
+    )
+    published: dict[int, int] = {}
+    for b in done.iter_batches(batch_format="numpy", batch_size=None):
+        published.update(zip(b["shard"].tolist(), b["rows"].tolist(), strict=True))
+    for s in pending:
+        if published.get(s) != staged[s]:
+            raise CommitError(
+                f"{writer.uri}: shard {s} staged {staged[s]} rows, published {published.get(s)}"
+            )
+    writer.storage.delete(staging)
+    return published
