@@ -112,6 +112,7 @@ def prepare_once(src: str, out: str) -> dict[str, Any]:
         "rows_per_s": round(man["lines_read"] / wall),
         "peak_driver_rss_mib": round(peak_driver / 2**20),
         "peak_workers_rss_mib": round(peak_workers / 2**20),
+        "phase_s": man.get("phase_s", {}),
     }
 
 
