@@ -133,10 +133,10 @@ def test_too_many_bad_rows_fail_without_success(ray_local, dirty_source, tmp_pat
 
 
 def test_remap_orders_numeric_ids():
-    import pandas as pd
+    import pyarrow as pa
 
-    assert prepare.remap(pd.Series(["10", "2", "2", "1"])) == {"1": 1, "2": 2, "10": 3}
-    assert prepare.remap(pd.Series(["b", "a"])) == {"a": 1, "b": 2}
+    assert prepare.id_order(pa.array(["10", "2", "2", "1"])).to_pylist() == ["1", "2", "10"]
+    assert prepare.id_order(pa.array(["b", "a", "10"])).to_pylist() == ["10", "a", "b"]
 
 
 def test_embedded_dataset_is_found():

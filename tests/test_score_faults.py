@@ -225,6 +225,10 @@ def test_second_node_stopped_mid_job(
         before = published(out)
         time.sleep(5)
         two_node_cluster.start_worker()
+    except RuntimeError as e:  # the job ended early: say why
+        job.join(timeout=60)
+        proc = result.get("proc")
+        raise AssertionError(f"{e}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}" if proc else str(e)) from e
     finally:
         job.join(timeout=1200)
     proc = result["proc"]

@@ -17,6 +17,7 @@ reason; rows_in (lines read) = rows_out + rows_quarantined is checked when the t
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from typing import Any
 
@@ -133,23 +134,39 @@ def stage_meta(cfg: Config) -> dict[str, str]:
     return fingerprint({"data": cfg.to_dict()["data"], "stage": "prepare/v3"})
 
 
-def _sort_key(raw: pd.Series) -> pd.Series:
-    """Raw ids in numeric order when they are numbers, else lexical."""
-    num = pd.to_numeric(raw, errors="coerce")
-    return num if num.notna().all() else raw
+def id_order(raw: pa.Array) -> pa.Array:
+    """The distinct raw ids in internal-id order (position + 1 is the id): numeric order when every
+    id is a number, else lexical (UTF-8 bytes, the order of Python's str). The map stays one Arrow
+    array on the driver and in the tasks, a few bytes per entity."""
+    raw = pc.unique(pc.cast(raw, pa.string()))
+    try:
+        keys = pa.table({"n": pc.cast(raw, pa.float64()), "r": raw})
+        order = pc.sort_indices(keys, sort_keys=[("n", "ascending"), ("r", "ascending")])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        order = pc.sort_indices(raw)
+    return raw.take(order)
 
 
-def remap(raw: pd.Series) -> dict[str, int]:
-    uniq = pd.Series(raw.unique())
-    order = uniq.iloc[np.argsort(_sort_key(uniq).to_numpy(), kind="stable")]
-    return {r: i + 1 for i, r in enumerate(order)}
+def to_ids(raw: Any, order: pa.Array) -> np.ndarray:
+    """Raw ids -> internal ids 1..N by ``order`` (from ``id_order``). Every id must be in it: the
+    rows were filtered against the same map."""
+    idx = pc.index_in(pa.array(raw, pa.string()), value_set=order)
+    if idx.null_count:
+        missing = pa.array(raw, pa.string()).filter(pc.is_null(idx))[0]
+        raise ValueError(f"raw id {missing.as_py()!r} is not in the id map")
+    return idx.to_numpy().astype(np.int64) + 1
+
+
+def in_ids(raw: Any, order: pa.Array) -> np.ndarray:
+    """Whether each raw id is in the map."""
+    return pc.is_in(pa.array(raw, pa.string()), value_set=order).to_numpy(zero_copy_only=False)
 
 
 def build_samples(
     block: pd.DataFrame,
     *,
-    user_map: dict[str, int],
-    item_map: dict[str, int],
+    user_ids: pa.Array,
+    item_ids: pa.Array,
     cuts: tuple[int, int],
     threshold: float,
     history_len: int,
@@ -159,8 +176,8 @@ def build_samples(
     Data's map_groups slices and converts each group, which made a 2M-row log 30x slower than one of
     200k). Duplicated (user, item, timestamp) rows are kept once (the first by source file and
     line); the copies get a ``duplicate`` reason."""
-    users = block[S.RAW_USER_ID].map(user_map).to_numpy(np.int64)
-    items = block[S.RAW_ITEM_ID].map(item_map).to_numpy(np.int64)
+    users = to_ids(block[S.RAW_USER_ID], user_ids)
+    items = to_ids(block[S.RAW_ITEM_ID], item_ids)
     ts = block[S.TIMESTAMP].to_numpy(np.int64)
     line = block[L.SOURCE_LINE].to_numpy(np.int64)
     file = block[L.SOURCE_FILE].astype(str).to_numpy()
@@ -219,7 +236,9 @@ class _Phases(dict):
         now = time.perf_counter()
         self[name] = round(now - self.t, 2)
         self.t = now
-        log.info("prepare: %s done in %.1fs", name, self[name])
+        # The driver's peak RSS so far (kB on Linux): which phase makes it grow with the input.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info("prepare: %s done in %.1fs (driver peak RSS %.0f MiB)", name, self[name], peak)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -234,7 +253,7 @@ def run(cfg: Config) -> dict[str, Any]:
     reader, inter_paths, item_paths, fs = source_files(cfg)
     items, item_lines_dropped = read_items(fs, item_paths, reader) if item_paths else (None, {})
     # One entry per item (not per row): the parse tasks check reviews against it.
-    known_items = set(agg.distinct(items, S.RAW_ITEM_ID).tolist()) if items is not None else None
+    known_items = agg.distinct(items, S.RAW_ITEM_ID) if items is not None else None
     phase("items")
 
     def parse(batch: pd.DataFrame) -> pd.DataFrame:
@@ -251,7 +270,7 @@ def run(cfg: Config) -> dict[str, Any]:
         df[L.SOURCE_FILE] = where[L.SOURCE_FILE].to_numpy()
         df[L.SOURCE_LINE] = where[L.SOURCE_LINE].to_numpy()
         if known_items is not None and cfg.data.unknown_items == "quarantine":
-            unknown = df[REASON].isna() & ~df[S.RAW_ITEM_ID].isin(known_items)
+            unknown = df[REASON].isna() & ~in_ids(df[S.RAW_ITEM_ID].where(df[REASON].isna()), known_items)
             df.loc[unknown, REASON] = R.UNKNOWN_ITEM
         return df
 
@@ -261,13 +280,14 @@ def run(cfg: Config) -> dict[str, Any]:
         source = read_lines(inter_paths, filesystem=fs, encoding=reader.encoding)
     parsed = source.map_batches(parse, batch_format="pandas").materialize()
     phase("parse")
-    extra: list[str] = []
+    extra = pa.array([], pa.string())
     if items is None or cfg.data.unknown_items == "keep":
         # Items the log names without metadata (all of them when there is no item table; a
         # distributed distinct), titled by their raw ids.
-        seen = sorted(str(i) for i in agg.distinct(parsed.filter(lambda r: r[REASON] is None), S.RAW_ITEM_ID))
-        extra = [i for i in seen if known_items is None or i not in known_items]
-    item_map = remap(pd.Series(sorted(known_items or []) + extra, dtype=object))
+        seen = pc.cast(agg.distinct(parsed.filter(lambda r: r[REASON] is None), S.RAW_ITEM_ID), pa.string())
+        extra = seen if known_items is None else seen.filter(pc.invert(in_ids(seen, known_items)))
+    known = pa.array([], pa.string()) if known_items is None else pc.cast(known_items, pa.string())
+    item_ids = id_order(pa.concat_arrays([known, extra]))
     ok = parsed.filter(lambda r: r[REASON] is None)
     filtered: dict[str, int] = {}
     lo, hi = splits.window(cfg.data)
@@ -278,11 +298,10 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.data.min_interactions:
         ok, active = filter_active(ok, cfg.data.min_interactions, cfg.data.filter_mode)
         filtered.update(active)
-    users_raw = pd.Series(agg.distinct(ok, S.RAW_USER_ID))
-    user_map = remap(users_raw)
+    user_ids = id_order(agg.distinct(ok, S.RAW_USER_ID))
     if cfg.data.max_users:
-        user_map = {r: i for r, i in user_map.items() if i <= cfg.data.max_users}
-        ok = ok.filter(lambda r: r[S.RAW_USER_ID] in user_map)
+        user_ids = user_ids[: cfg.data.max_users]
+        ok = ok.map_batches(lambda b: b[in_ids(b[S.RAW_USER_ID], user_ids)], batch_format="pandas")
     bad = parsed.filter(lambda r: r[REASON] is not None)
     phase("filters_and_ids")
 
@@ -295,8 +314,8 @@ def run(cfg: Config) -> dict[str, Any]:
             batch_format="pandas",
             batch_size=None,
             fn_kwargs=dict(
-                user_map=user_map,
-                item_map=item_map,
+                user_ids=user_ids,
+                item_ids=item_ids,
                 cuts=cuts,
                 threshold=cfg.data.label_threshold,
                 history_len=cfg.data.history_len,
@@ -306,11 +325,15 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     phase("cuts_and_histories")
     train = samples.filter(lambda r: r[S.SPLIT] == "train" and r[REASON] is None)
-    train_users = set(agg.distinct(train, S.USER_ID).tolist())
-    train_items = set(agg.distinct(train, S.ITEM_ID).tolist())
+    # Which ids train has, one flag per id (indexed by internal id).
+    in_train = {}
+    for col, n in ((S.USER_ID, len(user_ids)), (S.ITEM_ID, len(item_ids))):
+        in_train[col] = np.zeros(n + 1, bool)
+        in_train[col][agg.distinct(train, col).to_numpy(zero_copy_only=False).astype(np.int64)] = True
 
     def finish(batch: pd.DataFrame) -> pd.DataFrame:
-        batch[S.NOT_COLD] = batch[S.USER_ID].isin(train_users) & batch[S.ITEM_ID].isin(train_items)
+        users, items = batch[S.USER_ID].to_numpy(np.int64), batch[S.ITEM_ID].to_numpy(np.int64)
+        batch[S.NOT_COLD] = in_train[S.USER_ID][users] & in_train[S.ITEM_ID][items]
         return batch
 
     samples = samples.map_batches(finish, batch_format="pandas")
@@ -358,17 +381,13 @@ def run(cfg: Config) -> dict[str, Any]:
             },
         )
 
-    _write_items(storage, out[ITEMS], items, extra, item_map, meta, config)
-    users = pd.DataFrame({S.USER_ID: list(user_map.values()), S.RAW_USER_ID: list(user_map.keys())})
-    users = users.sort_values(S.USER_ID)
-    _write_small(storage, out[USERS], users, S.USERS, S.USER_ID, meta, config)
+    _write_items(storage, out[ITEMS], items, extra, item_ids, meta, config)
     # The id maps (raw id strings <-> 1..N) every later stage looks ids up in (thinkrec/data/ids.py).
-    _write_small(
-        storage, out[USER_IDS], users[[S.RAW_USER_ID, S.USER_ID]], S.USER_IDS, S.USER_ID, meta, config
-    )
-    item_ids = pd.DataFrame({S.RAW_ITEM_ID: list(item_map.keys()), S.ITEM_ID: list(item_map.values())})
-    item_ids = item_ids.sort_values(S.ITEM_ID)
-    _write_small(storage, out[ITEM_IDS], item_ids, S.ITEM_IDS, S.ITEM_ID, meta, config)
+    users = _id_table(user_ids, S.RAW_USER_ID, S.USER_ID)
+    _write_small(storage, out[USERS], users, S.USERS, S.USER_ID, meta, config)
+    _write_small(storage, out[USER_IDS], users, S.USER_IDS, S.USER_ID, meta, config)
+    items_map = _id_table(item_ids, S.RAW_ITEM_ID, S.ITEM_ID)
+    _write_small(storage, out[ITEM_IDS], items_map, S.ITEM_IDS, S.ITEM_ID, meta, config)
     man = storage.read_json(f"{out[INTERACTIONS]}/_manifest.json")
     log.info(
         "prepare: %s rows (%s quarantined), splits %s",
@@ -434,8 +453,8 @@ def _write_items(
     storage: Storage,
     uri: str,
     items: Any,
-    extra: list[str],
-    item_map: dict[str, int],
+    extra: pa.Array,
+    item_ids: pa.Array,
     meta: dict[str, str],
     config: dict[str, Any],
 ) -> None:
@@ -447,14 +466,13 @@ def _write_items(
     if w.complete:
         return
     parts = [] if items is None else [items]
-    if extra:
-        bare = R.item_frame([{S.RAW_ITEM_ID: i, S.TITLE: i, S.KEYWORDS: []} for i in extra]).drop(
-            columns=[REASON]
-        )
-        parts.append(ray.data.from_pandas(bare))
+    if len(extra):
+        empty = pa.ListArray.from_arrays(np.zeros(len(extra) + 1, np.int32), pa.array([], pa.string()))
+        bare = {S.RAW_ITEM_ID: extra, S.TITLE: extra, S.KEYWORDS: empty, S.DESCRIPTION: empty}
+        parts.append(ray.data.from_arrow(pa.table(bare)))
 
     def with_ids(batch: pd.DataFrame) -> pa.Table:
-        batch = batch.assign(**{S.ITEM_ID: batch[S.RAW_ITEM_ID].map(item_map).astype(np.int64)})
+        batch = batch.assign(**{S.ITEM_ID: to_ids(batch[S.RAW_ITEM_ID], item_ids)})
         return pa.Table.from_pandas(batch[S.ITEMS.names], schema=S.ITEMS, preserve_index=False)
 
     rows = 0
@@ -473,10 +491,14 @@ def _write_items(
     w.commit(rows_in=rows)
 
 
+def _id_table(order: pa.Array, raw: str, internal: str) -> pa.Table:
+    return pa.table({raw: order, internal: pa.array(np.arange(1, len(order) + 1, dtype=np.int64))})
+
+
 def _write_small(
     storage: Storage,
     uri: str,
-    df: pd.DataFrame,
+    table: pa.Table,
     schema: pa.Schema,
     key: str,
     meta: dict[str, str],
@@ -484,5 +506,5 @@ def _write_small(
 ) -> None:
     w = TableWriter(storage, uri, num_shards=1, key=key, meta=meta, config=config, schema=schema)
     if not w.complete:
-        w.write([pa.Table.from_pandas(df, schema=schema, preserve_index=False)])
-        w.commit(rows_in=len(df))
+        w.write([table.select(schema.names).cast(schema)])
+        w.commit(rows_in=table.num_rows)
