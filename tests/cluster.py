@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +61,12 @@ class LocalCluster:
     head: subprocess.Popen | None = None
     worker: subprocess.Popen | None = None
     log_dir: str = ""
+    worker_temp_dir: str = ""
+    """The second node's own Ray temp dir. Two nodes on one host otherwise share the session's
+    runtime_resources/: when the second node sets up a job's working_dir it unpacks the package
+    again into the directory the job's driver runs in on the first, and a driver whose working
+    directory is replaced under it fails its next import (torch's MKL: "Cannot load
+    libtorch_cpu.so"). Nodes of a real cluster each have their own disk."""
     _pgids: list[int] = field(default_factory=list)
 
     @property
@@ -107,6 +115,7 @@ class LocalCluster:
                 f"--address={self.address}",
                 f"--num-cpus={self.num_cpus}",
                 "--node-ip-address=127.0.0.1",
+                *([f"--temp-dir={self.worker_temp_dir}"] if self.worker_temp_dir else []),
                 *_node_ports(),
             ],
             "worker",
@@ -196,12 +205,15 @@ def running_cluster(tmp_path_factory):
     environment of the test process as it is when this is entered."""
     cluster = LocalCluster(port=free_port(), dashboard_port=free_port())
     cluster.log_dir = str(tmp_path_factory.mktemp("ray-cluster-logs"))
+    # Short (unix socket paths are limited to about 107 bytes) and outside pytest's tmp tree.
+    cluster.worker_temp_dir = tempfile.mkdtemp(prefix="rayw-")
     try:
         cluster.start_head()
         cluster.start_worker()
         yield cluster
     finally:
         cluster.shutdown()
+        shutil.rmtree(cluster.worker_temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
