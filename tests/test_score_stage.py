@@ -227,3 +227,58 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
         assert diff[~single].max() < 0.05
     p = got.column(S.P_YES).to_numpy()
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
+
+
+def test_prompts_run_one_slice_ahead_and_stop_with_the_consumer():
+    """The scorer actor's prompt thread: items in order, at most one slice ahead of the scorer; its
+    error reaches the scorer; a scorer that stops early (a failed shard) ends the thread."""
+    import threading
+
+    made: list[int] = []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"bad slice {i}")
+            made.append(i)
+            yield i
+
+    got = []
+    for x in stage._ahead(items(5)):
+        got.append(x)
+        assert len(made) <= len(got) + 2  # one queued, one being made
+    assert got == list(range(5))
+
+    with pytest.raises(ValueError, match="bad slice 2"):
+        list(stage._ahead(items(5, fail_at=2)))
+
+    made.clear()
+    it = stage._ahead(items(1000))
+    assert next(it) == 0
+    it.close()  # the consumer stops: the producer must not run on
+    assert len(made) <= 3 and not [t for t in threading.enumerate() if t.name == "thinkrec-prompts"]
+
+
+def test_stage_leaves_no_scorer_actor(scored):
+    """The scorer actors end with the stage, not when the driver's handles are collected: no
+    ShardStep worker process is left under this session's local Ray."""
+    import time
+
+    import psutil
+
+    del scored  # the stage has run in this session's own Ray (its processes are our descendants)
+
+    def scorers():
+        procs = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "ShardStep" in " ".join(p.cmdline()):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        return procs
+
+    deadline = time.time() + 30  # ray.kill returns at once; the process exits soon after
+    while scorers() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not scorers()

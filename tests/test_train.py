@@ -148,6 +148,32 @@ def test_examples_bos_template_and_answer(request, model, chat, bos_count, label
     assert all(ids[p] == pb.placeholder_id for p in row["cf_pos"])
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
+def test_prompt_pieces_tokenize_as_the_tokenizer_does(request, model):
+    """The builder's batched call to the fast tokenizer's backend gives each piece the ids the
+    tokenizer's own call gives it (special-token text, non-ASCII and spacing included)."""
+    tok = _tokenizer(request.getfixturevalue(model))
+    pb = PromptBuilder(tok, cf_tokens=True)
+    assert pb._backend is not None  # the fast path is the one under test
+    texts = [
+        '"Toy Story (1995)" ',
+        ' [Animation, Children\'s]: Yes\n- "Amélie" ',
+        "  two  spaces\tand a tab ",
+        "<|endoftext|> inside text",
+        "Answer:",
+    ]
+    assert pb.encode_texts(texts) == [tok(t, add_special_tokens=False).input_ids for t in texts]
+    # A whole prefix: one call for all its pieces, the same ids as one call per piece.
+    text = pb.prefix_text([(ITEMS[1], 1), (ITEMS[2], 0)])
+    pieces = text.split("\x00")  # the CF slots: user, then each history item
+    want: list[int] = []
+    for k, piece in enumerate(pieces):
+        want += tok(piece, add_special_tokens=False).input_ids if piece else []
+        want += [pb.placeholder_id] if k < len(pieces) - 1 else []
+    enc = pb.encode_prefix(7, [(1, ITEMS[1], 1), (2, ITEMS[2], 0)])
+    assert enc.ids[len(pb.bos) :] == want and len(enc.cf_pos) == 3
+
+
 def test_examples_text_only_have_no_cf_slots(tiny_qwen):
     pb = PromptBuilder(_tokenizer(tiny_qwen), cf_tokens=False)
     (row,) = D.encode_rows(pb, [_sample(1)], ITEMS, history_len=10, max_answer_tokens=12)

@@ -16,7 +16,7 @@ this machine's CPU with the tiny model and random adapters.
   prefix sharing over full prompts, pairs/s over the scoring window (first shard started to last
   shard published). Target >= 3.
 - scale_2_actors: the stage's pairs/s over the scoring window with 2 scorer actors over 1, each 1 CPU
-  and 1 torch thread, 8 shards. Target >= 1.7.
+  and 1 torch thread, 8 shards; two rounds, the best window of each. Target >= 1.7.
 - stage_efficiency: the whole stage's pairs/s (``run`` start to commit: partition, lookups, prompts,
   scorer, worker writes, commit; the job's Ray start excluded) over the bare scorer's pairs/s on the
   same rows, model and thread. Target >= 0.85.
@@ -415,6 +415,53 @@ def bare_rate(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
     return {"pairs": len(rows), "seconds": wall, "pairs_per_s": len(rows) / wall}
 
 
+def orchestration(quick: bool, jobs: str) -> dict[str, Any]:
+    """``scale_2_actors`` and ``stage_efficiency`` with their runs (``python -m
+    thinkrec.scoring.bench --orchestration`` measures these two alone)."""
+    default_tiny = dataclasses.asdict(C.Config().model.tiny)
+    # Two scorer actors over one, each 1 CPU and 1 torch thread, 8 shards.
+    scale_spec = {
+        "pairs": 4000 if quick else 40_000,
+        "per_user": 20,
+        "tiny": default_tiny,
+        "overrides": {"score.num_shards": 8, "score.num_cpus_per_actor": 1, "score.batch_size": 64},
+    }
+    # Two rounds, 1 then 2 actors in each, and the best window of each count: one job's window
+    # moves by 10% with the machine's load here, and a ratio of two single runs by more.
+    rounds = [
+        {
+            k: job_run(
+                {
+                    **scale_spec,
+                    "name": f"scale-{k}-{r}",
+                    "overrides": {**scale_spec["overrides"], "score.concurrency": k},
+                },
+                jobs,
+            )
+            for k in (1, 2)
+        }
+        for r in range(1 if quick else 2)
+    ]
+    scale = {k: min((rd[k] for rd in rounds), key=lambda j: j["scoring_window_s"]) for k in (1, 2)}
+    # The whole stage over the bare scorer on the same rows, model and thread.
+    eff_spec = {
+        "name": "efficiency",
+        "pairs": 4000 if quick else 60_000,
+        "per_user": 20,
+        "tiny": default_tiny,
+        "overrides": {"score.batch_size": 64},
+    }
+    eff_stage = job_run(eff_spec, jobs)
+    eff_bare = bare_rate(eff_spec, jobs)
+    return {
+        "scale_2_actors": scale[1]["scoring_window_s"] / scale[2]["scoring_window_s"],
+        "stage_efficiency": eff_stage["pairs_per_s"] / eff_bare["pairs_per_s"],
+        "scale_runs": [j for rd in rounds for j in rd.values()],
+        "efficiency_stage": eff_stage,
+        "efficiency_bare_scorer": eff_bare,
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and least disturbed by neighbours
     repeats = 2 if quick else 3
@@ -509,34 +556,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             )
             for share in (False, True)
         }
-        # Two scorer actors over one, each 1 CPU and 1 torch thread, 8 shards.
-        scale_spec = {
-            "pairs": 4000 if quick else 40_000,
-            "per_user": 20,
-            "tiny": default_tiny,
-            "overrides": {"score.num_shards": 8, "score.num_cpus_per_actor": 1, "score.batch_size": 64},
-        }
-        scale = {
-            k: job_run(
-                {
-                    **scale_spec,
-                    "name": f"scale-{k}",
-                    "overrides": {**scale_spec["overrides"], "score.concurrency": k},
-                },
-                jobs,
-            )
-            for k in (1, 2)
-        }
-        # The whole stage over the bare scorer on the same rows, model and thread.
-        eff_spec = {
-            "name": "efficiency",
-            "pairs": 4000 if quick else 60_000,
-            "per_user": 20,
-            "tiny": default_tiny,
-            "overrides": {"score.batch_size": 64},
-        }
-        eff_stage = job_run(eff_spec, jobs)
-        eff_bare = bare_rate(eff_spec, jobs)
+        orch = orchestration(quick, jobs)
 
     result = {
         "prefix_speedup": rate_shared / rate_full,
@@ -547,8 +567,8 @@ def run(quick: bool = False) -> dict[str, Any]:
         "shuffled_prefix_speedup": (
             shuffled[False]["scoring_window_s"] / shuffled[True]["scoring_window_s"]
         ),  # same rows: the ratio of times is the ratio of pairs/s
-        "scale_2_actors": scale[1]["scoring_window_s"] / scale[2]["scoring_window_s"],
-        "stage_efficiency": eff_stage["pairs_per_s"] / eff_bare["pairs_per_s"],
+        "scale_2_actors": orch["scale_2_actors"],
+        "stage_efficiency": orch["stage_efficiency"],
         "targets": {
             "prefix_speedup": ">= 3",
             "fusion_overhead": "<= 0.15",
@@ -579,9 +599,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "rss_model": {**rss_tiny, "note": "smallest tiny model, so 1M pairs finish on 2 cores"},
             "rss_ray": "Ray's default object store",
             "shuffled_runs": list(shuffled.values()),
-            "scale_runs": list(scale.values()),
-            "efficiency_stage": eff_stage,
-            "efficiency_bare_scorer": eff_bare,
+            **{k: orch[k] for k in ("scale_runs", "efficiency_stage", "efficiency_bare_scorer")},
             "quick": quick,
         },
         "hardware": hardware(),
@@ -600,5 +618,9 @@ def run(quick: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--stage-job":
         _stage_job(json.loads(sys.argv[2]), sys.argv[3])
+    elif "--orchestration" in sys.argv:
+        with tempfile.TemporaryDirectory(prefix="thinkrec-bench-") as tmp:
+            orch = orchestration("--quick" in sys.argv, tmp)
+        print(json.dumps({**orch, "hardware": hardware()}, indent=2))
     else:
         print(json.dumps(run(quick="--quick" in sys.argv), indent=2))

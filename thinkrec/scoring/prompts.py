@@ -43,6 +43,7 @@ from thinkrec.model.fusion import gate
 from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
 from thinkrec.model.thinkrec import CFTable, load_fusion
 from thinkrec.scoring.base import Artifacts, ScoreRow, load_artifacts
+from thinkrec.scoring.candidates import shard_key
 
 NULL_ID = "null_id"
 UNKNOWN_USER = "unknown_user"
@@ -55,12 +56,6 @@ FIELDS = ("ids", "cf_pos", "cf_kind", "cf_id")
 
 def enc_col(part: str, name: str) -> str:
     return f"_{part}_{name}"
-
-
-def shard_key(user_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """user_id with nulls as 0 (the padding id, never a real user), so null-id rows get a shard and
-    every batch hashes integer keys the same way."""
-    return pc.fill_null(pc.cast(user_ids, pa.int64()), 0)
 
 
 def gate_mode(cfg: Config) -> str:
@@ -138,13 +133,15 @@ class PromptStep:
     """Loads tokenizer, CF table and fusion once per actor; per batch (a shard, in the stage), the
     batch's ``Lookups``, then prompts, gates and quarantine reasons."""
 
-    def __init__(self, cfg: dict[str, Any], artifacts: Artifacts | None = None) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], artifacts: Artifacts | None = None, tokenizer: Any | None = None
+    ) -> None:
         self.cfg = from_dict(cfg)
         c = self.cfg
         # Loaded here, not on the driver: with an s3:// root each node needs its own local copy.
         artifacts = artifacts or load_artifacts(c)
         self.storage = Storage.from_config(c)
-        tok = load_tokenizer(artifacts.base_model, c.model.trust_remote_code)
+        tok = tokenizer or load_tokenizer(artifacts.base_model, c.model.trust_remote_code)
         self.pb = PromptBuilder(
             tok,
             cf_tokens=c.model.cf_tokens,
