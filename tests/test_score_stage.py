@@ -233,6 +233,7 @@ def test_prompts_run_one_slice_ahead_and_stop_with_the_consumer():
     """The scorer actor's prompt thread: items in order, at most one slice ahead of the scorer; its
     error reaches the scorer; a scorer that stops early (a failed shard) ends the thread."""
     import threading
+    import time
 
     made: list[int] = []
 
@@ -257,6 +258,15 @@ def test_prompts_run_one_slice_ahead_and_stop_with_the_consumer():
     assert next(it) == 0
     it.close()  # the consumer stops: the producer must not run on
     assert len(made) <= 3 and not [t for t in threading.enumerate() if t.name == "thinkrec-prompts"]
+
+    # The producer done with its items while the queue is full: closing must not wait on it forever.
+    it = stage._ahead(items(2))
+    assert next(it) == 0
+    time.sleep(0.5)  # the producer puts its last item and reaches the end of its items
+    closer = threading.Thread(target=it.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
 
 
 def test_stage_leaves_no_scorer_actor(scored):

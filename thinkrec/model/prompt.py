@@ -70,7 +70,7 @@ class PromptBuilder:
     ) -> None:
         self.tok = tokenizer
         # A fast tokenizer's Rust backend, called directly on a prompt's pieces: the same ids as the
-        # tokenizer's own call (tests/test_prompt.py), without converting each piece's encoding.
+        # tokenizer's own call (tests/test_train.py), without converting each piece's encoding.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self.cf_tokens = cf_tokens
         self.use_chat_template = use_chat_template and getattr(tokenizer, "chat_template", None) is not None

@@ -86,7 +86,7 @@ def _default_candidates(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.equal(batch.column(S.SPLIT), "test")).drop_columns([S.SPLIT])
 
 
-def _file_infos(storage: Storage, uri: str) -> list[pafs.FileInfo]:
+def file_infos(storage: Storage, uri: str) -> list[pafs.FileInfo]:
     fs, path = storage.fs(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -116,7 +116,7 @@ def candidate_files(cfg: Config, storage: Storage) -> tuple[list[str], str, str]
     uri = cfg.score.candidates
     if not uri:
         return manifest_files(storage, storage.uri(INTERACTIONS)), "parquet", "test"
-    paths = [f.path for f in _file_infos(_storage_for(cfg, storage), uri)]
+    paths = [f.path for f in file_infos(storage_for(cfg, storage), uri)]
     if not paths:
         raise FileNotFoundError(f"score.candidates: no files under {uri}")
     fmts = {p: _format(p) for p in paths}
@@ -151,7 +151,7 @@ def output_schema(first: pa.Table | None, mode: str) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _storage_for(cfg: Config, storage: Storage) -> Storage:
+def storage_for(cfg: Config, storage: Storage) -> Storage:
     """A Storage whose root is on the candidates' filesystem (they may live outside the output root)."""
     uri = cfg.score.candidates or storage.root
     return Storage(root=uri, s3_endpoint=storage.s3_endpoint, s3_region=storage.s3_region)
@@ -181,7 +181,7 @@ PARTITIONED = "_partitioned.json"
 FINGERPRINT = "_fingerprint.json"
 
 
-def _out_storage(storage: Storage, out: str) -> Storage:
+def out_storage(storage: Storage, out: str) -> Storage:
     """A Storage on the output's filesystem (the output may live outside the run root)."""
     return Storage(root=out, s3_endpoint=storage.s3_endpoint, s3_region=storage.s3_region)
 
@@ -243,7 +243,7 @@ def partition(cfg: Config, storage: Storage, out: str, meta: dict[str, str]) -> 
     and config exists). Returns (rows per shard, mode). The driver sees one count row per file."""
     import ray.data
 
-    ost = _out_storage(storage, out)
+    ost = out_storage(storage, out)
     paths, fmt, mode = candidate_files(cfg, storage)
     n = n_shards(cfg)
     marker = f"{out}/{STAGING}/{PARTITIONED}"
@@ -259,7 +259,7 @@ def partition(cfg: Config, storage: Storage, out: str, meta: dict[str, str]) -> 
     staged = files.map_batches(
         _partition_files,
         fn_kwargs={
-            "storage": _storage_for(cfg, storage),
+            "storage": storage_for(cfg, storage),
             "out": ost,
             "fmt": fmt,
             "mode": mode,
@@ -277,12 +277,24 @@ def partition(cfg: Config, storage: Storage, out: str, meta: dict[str, str]) -> 
     return rows, mode
 
 
+def read_staged(out: Storage, shard: int, mode: str) -> pa.Table:
+    """A staged shard's pieces as one table, stably sorted by user (``out``: a Storage rooted at the
+    output): a user's candidates together, whatever the input order."""
+    fs, root = out.fs(out.root)
+    infos = fs.get_file_info(pafs.FileSelector(_staged_dir(root, shard), allow_not_found=True))
+    pieces = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not pieces:
+        return pa.table({})
+    t = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces], promote_options="default")
+    return t.take(pc.sort_indices(t, [(shard_column(mode), "ascending")]))
+
+
 def first_schema(cfg: Config, storage: Storage) -> pa.Schema:
     """The output schema from the first candidate file alone (a Parquet footer or one block)."""
     paths, fmt, mode = candidate_files(cfg, storage)
     if mode == "test":
         return S.SCORES
-    st = _storage_for(cfg, storage)
+    st = storage_for(cfg, storage)
     if fmt == "parquet":
         fs, _ = st.fs(st.root)
         with fs.open_input_file(paths[0]) as f:

@@ -30,8 +30,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
@@ -53,16 +51,16 @@ from thinkrec.scoring.candidates import (  # noqa: F401 (SCORES: re-exported)
     FINGERPRINT,
     SCORES,
     STAGING,
-    _file_infos,
-    _out_storage,
-    _staged_dir,
-    _storage_for,
     candidate_files,
+    file_infos,
     first_schema,
     n_shards,
+    out_storage,
     output_uri,
     partition,
+    read_staged,
     shard_column,
+    storage_for,
 )
 from thinkrec.scoring.prompts import PromptStep, rows_from_table
 
@@ -111,7 +109,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         # An external table has no manifest: identify it by its files' names, sizes and times.
         sections["candidate_files"] = [
             (f.path, f.size, str(f.mtime))
-            for f in _file_infos(_storage_for(cfg, storage), cfg.score.candidates)
+            for f in file_infos(storage_for(cfg, storage), cfg.score.candidates)
         ]
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
     inputs += keywords_inputs(storage)
@@ -151,21 +149,11 @@ class ShardStep:
         self.scorer = make_scorer(self.cfg, self.artifacts, tok)
         self.prompts = PromptStep(cfg, artifacts=self.artifacts, tokenizer=tok)
         self.storage = Storage.from_config(self.cfg)
-        self.out, self.ost, self.schema, self.mode = out, _out_storage(self.storage, out), schema, mode
-
-    def _staged(self, shard: int) -> pa.Table:
-        fs, root = self.ost.fs(self.out)
-        infos = fs.get_file_info(pafs.FileSelector(_staged_dir(root, shard), allow_not_found=True))
-        pieces = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
-        if not pieces:
-            return pa.table({})
-        t = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in pieces], promote_options="default")
-        # Stable sort by user: a user's candidates together, whatever the input order.
-        return t.take(pc.sort_indices(t, [(shard_column(self.mode), "ascending")]))
+        self.out, self.ost, self.schema, self.mode = out, out_storage(self.storage, out), schema, mode
 
     def score_shard(self, shard: int) -> dict[str, Any]:
         t0 = time.time()  # wall clock: shards of several actors share one timeline
-        table = self._staged(shard)
+        table = read_staged(self.ost, shard, self.mode)
         n = table.num_rows
         batches: Iterator[pa.Table] = iter(())
         if n:
@@ -208,20 +196,24 @@ def _ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(msg: tuple[str, Any]) -> bool:
+        """Wait for room, or until the consumer stops (then False: nobody reads the queue)."""
+        while not stop.is_set():
+            try:
+                q.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for x in items:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", x), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", x)):
                     return
-            q.put(("end", None))
+            put(("end", None))
         except BaseException as e:  # handed to the consumer
-            q.put(("error", e))
+            put(("error", e))
 
     thread = threading.Thread(target=produce, name="thinkrec-prompts", daemon=True)
     thread.start()
@@ -267,7 +259,9 @@ def start_actors(cfg: Config, out: str, schema: pa.Schema, mode: str, k: int) ->
     return [actor.remote(cfg.to_dict(), out, schema, mode) for _ in range(k)]
 
 
-def score_shards(cfg: Config, out: str, pending: list[int], staged: np.ndarray, actors: list[Any]) -> float:
+def score_shards(
+    cfg: Config, out: str, pending: list[int], staged: np.ndarray, actors: list[Any]
+) -> tuple[float, float]:
     """The pending shard ids over the scorer actors, one shard per actor at a time; each actor
     publishes its shards as it finishes them. The driver receives one small record per shard and
     checks it against the staged count. Returns the scoring window's wall-clock bounds: the first
@@ -340,7 +334,7 @@ def run(cfg: Config) -> dict[str, Any]:
         log.info("score: up to date, skipped (%s)", out)
         return storage.read_json(f"{out}/{MANIFEST}")
     schema = first_schema(cfg, storage)
-    ost = _out_storage(storage, out)
+    ost = out_storage(storage, out)
     _, _, mode = candidate_files(cfg, storage)
     # The fingerprint a job's shards were made with, kept beside them: a resubmission with the same
     # one keeps every published shard; shards of another config or table are never mixed in.
