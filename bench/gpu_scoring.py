@@ -16,15 +16,15 @@ Measures, in one run:
   (a card at its power cap cannot hold the single-call boost rate through a 0.36 s forward).
   ``variants`` measures, at that batch size: no attention mask (the HF scorer's full-prompt call),
   ``torch.compile`` (``--no-compile`` skips it), and the scorer's fused q/k/v and gate/up projections
-  (thinkrec/scoring/fused_proj.py), eager and compiled; then, compiled, the last layer's MLP at the
-  answer position only (thinkrec/scoring/answer_rows.py; it skips ``flops_skipped_share`` of the FLOPs
-  the floor counts), and that with the scorer's attention setup (thinkrec/scoring/causal_attn.py:
+  (thinkrec/scoring/engine/fused_proj.py), eager and compiled; then, compiled, the last layer's MLP at the
+  answer position only (thinkrec/scoring/engine/answer_rows.py; it skips ``flops_skipped_share`` of the FLOPs
+  the floor counts), and that with the scorer's attention setup (thinkrec/scoring/engine/causal_attn.py:
   SDPA's causal kernel under compile, no materialised mask); ``best`` is the fastest;
 - ``prefix_shared``: pairs/s when each user's 200-token prefix runs once (4 users' prefixes in one
   batch) and its key/value cache serves that user's 100 candidates of 56 tokens each, over the same
   pairs as full 256-token prompts (both as the scorer runs them: fused projections, the
   answer-rows-only last layer, the causal-kernel attention setup). Target >= 3.5;
-- ``prefix_packed``: the same users and candidates packed (thinkrec/scoring/packed.py, the HF
+- ``prefix_packed``: the same users and candidates packed (thinkrec/scoring/engine/packed.py, the HF
   scorer's ``score.prefix_mode="packed"``): each user's prefix once, then its 100 candidates in one
   sequence with a block attention mask (each candidate sees the prefix and itself, positions restart
   at the prefix's end), as an explicit boolean SDPA mask. Its own FLOP floor counts the prefix once
@@ -40,7 +40,7 @@ Measures, in one run:
 
 Needs the repository root on PYTHONPATH (or thinkrec installed): the fused projections, the
 answer-rows-only last layer, the attention setup and the prefix-shared key/value cache are the HF
-scorer's own (thinkrec/scoring/fused_proj.py, answer_rows.py, causal_attn.py, kv_cache.py).
+scorer's own (thinkrec/scoring/engine/fused_proj.py, answer_rows.py, causal_attn.py, kv_cache.py).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ import torch
 from model_shapes import LLAMA3_8B, TINY  # bench/ is the script's directory
 
 # The scorer's own pieces (torch + transformers only); the repository root must be on PYTHONPATH.
-from thinkrec.scoring import answer_rows, causal_attn
-from thinkrec.scoring.fused_proj import fuse as fuse_projections
-from thinkrec.scoring.kv_cache import prefix_cache
-from thinkrec.scoring.packed import layout as pack_layout
+from thinkrec.scoring.engine import answer_rows, causal_attn
+from thinkrec.scoring.engine.fused_proj import fuse as fuse_projections
+from thinkrec.scoring.engine.kv_cache import prefix_cache
+from thinkrec.scoring.engine.packed import layout as pack_layout
 
 
 def llama8b_config(tiny: bool):
@@ -245,7 +245,7 @@ def main() -> None:
     variants = [variant("eager, no mask", body, masked=False)]
     if not args.no_compile:
         variants.append(variant(f"compiled ({args.compile_mode})", compile_(body), masked=True))
-    # The HF scorer's layout: q/k/v and gate/up as one matmul each (thinkrec.scoring.fused_proj),
+    # The HF scorer's layout: q/k/v and gate/up as one matmul each (thinkrec.scoring.engine.fused_proj),
     # fused in place, so every later measurement (prefix sharing too) runs the fused model.
     fused_groups = fuse_projections(model)
     torch._dynamo.reset()

@@ -20,7 +20,7 @@ from thinkrec import config as C
 from thinkrec.model.base import build_tiny_model, load_tokenizer
 from thinkrec.model.prompt import PromptBuilder
 from thinkrec.scoring.bench import make_rows, write_artifacts
-from thinkrec.scoring.hf import HFScorer
+from thinkrec.scoring.engine.hf import HFScorer
 
 MODES = {
     "full": {"score.prefix_sharing": False},

@@ -11,8 +11,8 @@ import torch
 from thinkrec import config as C
 from thinkrec.model.base import load_model
 from thinkrec.model.fusion import gate
-from thinkrec.scoring import fused_lora
 from thinkrec.scoring.base import load_artifacts
+from thinkrec.scoring.engine import fused_lora
 
 NAMES = ("global", "expert-0", "expert-1", "expert-2")
 
@@ -154,7 +154,7 @@ def test_fused_projections_equal_separate_ones(adapters, mode):
     """q/k/v and gate/up as one matmul each (fused_proj.fuse), over per-row fused LoRA mixtures: the
     same logits as the separate projections (float32, atol 1e-5), every group fused, weights not
     held twice."""
-    from thinkrec.scoring import fused_proj
+    from thinkrec.scoring.engine import fused_proj
 
     base, dirs = adapters
     gates = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(3)), -1)
@@ -177,7 +177,7 @@ def test_fused_projection_members_in_any_order_and_on_other_inputs(tiny_llama):
     """A member called with a different input than its group's last matmul recomputes (a model that
     feeds siblings different inputs stays exact), and call order does not matter. Llama: no biases;
     Qwen's q/k/v biases are covered above."""
-    from thinkrec.scoring import fused_proj
+    from thinkrec.scoring.engine import fused_proj
 
     model = load_model(tiny_llama).eval()
     attn = model.model.layers[0].self_attn

@@ -15,7 +15,7 @@ pytestmark = [
 
 
 def scorer(cfg, art, device: str, overrides: dict):
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
 
     return HFScorer(cfg.replace(**overrides), art, device=device, tokenizer=tokenizer(art.base_model))
 

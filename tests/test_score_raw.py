@@ -45,7 +45,7 @@ def test_raw_id_table_with_passthrough_and_unknown_ids(prepared, tiny_qwen, arti
     """A JSON-lines table in raw ids, unordered, with a request id, a slate position and a timestamp:
     every known row scored exactly like the same pairs in internal ids (full prompts, history before
     the row's timestamp), passthrough columns unchanged, unknown raw ids quarantined by name."""
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
     from thinkrec.scoring.prompts import PromptStep, rows_from_table
 
     storage = Storage.from_config(prepared)
@@ -157,7 +157,7 @@ def test_raw_csv_prefix_on_s3_to_an_s3_output(s3_bucket, prepared, tiny_qwen, ar
 
     import yaml
 
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
     from thinkrec.scoring.prompts import PromptStep, rows_from_table
 
     storage, client, bucket = s3_bucket["storage"], s3_bucket["client"], s3_bucket["bucket"]

@@ -64,7 +64,7 @@ def test_scores_every_test_row(scored):
 def test_stage_scores_equal_direct_scorer(scored):
     """The stage's scores equal the HF scorer on the same prompts with full prompts and no Ray
     (float32, atol 1e-4: prefix sharing vs full prompt)."""
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
     from thinkrec.scoring.prompts import PromptStep, rows_from_table
 
     cfg, _, table = scored
@@ -292,3 +292,22 @@ def test_stage_leaves_no_scorer_actor(scored):
     while scorers() and time.time() < deadline:
         time.sleep(0.5)
     assert not scorers()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_pinned_scorer_actors_hold_distinct_cores(scored):
+    """``score.pin_cores``: two 1-CPU scorer actors each bind their process to a core of its own."""
+    import ray
+
+    from thinkrec.scoring.candidates import candidate_files, first_schema, output_uri
+
+    cfg = scored[0].replace(**{"score.pin_cores": True, "score.num_cpus_per_actor": 1})
+    storage = Storage.from_config(cfg)
+    _, _, mode = candidate_files(cfg, storage)
+    actors = stage.start_actors(cfg, output_uri(cfg, storage), first_schema(cfg, storage), mode, 2)
+    try:
+        got = ray.get([a.cores.remote() for a in actors], timeout=300)
+    finally:
+        stage._stop(actors)
+    assert [len(g["cores"]) for g in got] == [1, 1] and got[0]["cores"] != got[1]["cores"]
+    assert [g["mask"] for g in got] == [g["cores"] for g in got]

@@ -71,7 +71,7 @@ def make_rows(
 
 
 def scorer_for(cfg: C.Config, artifacts, **score_overrides):
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
 
     over = {f"score.{k}": v for k, v in score_overrides.items()}
     return HFScorer(cfg.replace(**over), artifacts, tokenizer=tokenizer(artifacts.base_model))
@@ -122,7 +122,7 @@ def test_fused_projections_do_not_change_scores(scoring_setup, prefix_sharing):
 def test_last_layer_mlp_at_answer_rows_only(scoring_setup, prefix_sharing):
     """The last layer's MLP at each row's answer position only (answer_rows.py): the scores of the full
     last layer, over right-padded prompts of different lengths (float32, atol 1e-5)."""
-    from thinkrec.scoring import answer_rows
+    from thinkrec.scoring.engine import answer_rows
 
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=4, per_user=3, seed=6, gates="random")
@@ -164,7 +164,7 @@ def test_compiled_full_prompts_build_no_causal_mask(scoring_setup, monkeypatch):
     with its padding mask and cache). Plain "sdpa" on the same model is the control."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from thinkrec.scoring import causal_attn
+    from thinkrec.scoring.engine import causal_attn
 
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=3, per_user=2, seed=8, gates="random")
@@ -196,7 +196,7 @@ def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
     """Fused mixtures per row == an explicitly merged float64 model (W + sum_n w_n s_n B_n A_n), with the
     full vocabulary head: the scorer's Yes logit within atol 1e-4 and P(Yes) = softmax over {Yes, No}."""
     from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings
-    from thinkrec.scoring.fused_lora import merge_into
+    from thinkrec.scoring.engine.fused_lora import merge_into
 
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=3, per_user=2, seed=2, gates="random")
@@ -221,7 +221,7 @@ def test_prefix_cache_equals_gather_and_concatenation():
     """kv_cache.prefix_cache: each row starts with its group's prefix (groups in any order), the
     candidate pass's keys land after it in place (what DynamicCache's gather + concatenation gave,
     exactly), and writing past the reserved room is an error."""
-    from thinkrec.scoring.kv_cache import prefix_cache
+    from thinkrec.scoring.engine.kv_cache import prefix_cache
 
     g = torch.Generator().manual_seed(0)
     kv = [(torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)) for _ in range(2)]
@@ -317,7 +317,7 @@ def test_packed_equals_full_prompt(scoring_setup, left_pad):
 def test_packed_mask_blocks_other_candidates():
     """The block mask: the prefix is causal, a candidate sees the prefix and itself, never another
     candidate; padding sees itself only; positions restart at the prefix's end."""
-    from thinkrec.scoring.packed import layout
+    from thinkrec.scoring.engine.packed import layout
 
     lay = layout([2, 1], [[2, 1], [1]], left_pad=True)
     m = lay.mask()[:, 0]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from thinkrec.scoring.merge import (
+from thinkrec.scoring.engine.merge import (
     LoraAdapter,
     MixtureReport,
     load_adapter,
@@ -378,7 +378,7 @@ def test_vllm_equals_hf_scorer(setup, vllm_result, reference) -> None:
     """Against the HF backend with the gates vLLM served (HF mixes exactly per row, so the served grid
     weights are passed as the rows' gates)."""
     from thinkrec.scoring.base import ScoreRow, load_artifacts
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
 
     served_w = vllm_result["served_weights"]
     names = list(load_artifacts(setup).adapter_names)

@@ -90,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from thinkrec.scoring.base import load_artifacts
-    from thinkrec.scoring.vllm import VLLMScorer
+    from thinkrec.scoring.engine.vllm import VLLMScorer
 
     cfg = checks_config(args.base, args.root)
     rows, _ = build_rows(cfg)

@@ -6,12 +6,20 @@ variant's committed outputs are copied into the others' roots before they run, a
 (relative to the output root) let each pipeline skip them. Every variant sees the same split and the
 same test rows; the table is written to ``<output_root>/ablation/comparison.{md,json}``, and
 ``thinkrec compare`` over the variants (paired intervals) to ``<output_root>/ablation/compare/``.
+
+With ``ablation.seeds``, every variant runs once per seed under ``ablation/seed-<s>/<variant>``
+(upstream outputs shared within a seed) and the table reports each AUC and UAUC as mean ± sample
+standard deviation over the seeds, the simple baselines beside them, the strongest baseline and each
+variant's margin to it, and whether the paper's ordering holds; comparison.json keeps every seed's
+metrics and learning curves (train/curves.json).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+import numpy as np
 
 from thinkrec.config import Config
 from thinkrec.io.fs import Storage
@@ -39,9 +47,37 @@ def _flat(model: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v["value"] for k, v in model["metrics"].items()} | {"rows": model["counts"]["rows"]}
 
 
-def variant_config(cfg: Config, name: str) -> Config:
+def _spread(values: list[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation, min and max over the seeds (NaN-free values only)."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if not len(v):
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "sd": sd, "min": float(v.min()), "max": float(v.max()), "n": len(v)}
+
+
+def _mean_flat(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every numeric metric's mean over the seeds' flat rows (the row count is the first's)."""
+    if len(runs) == 1:
+        return runs[0]
+    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
+    return {k: _spread([r.get(k) for r in runs])["mean"] for k in keys} | {"rows": runs[0].get("rows")}
+
+
+def _ms(sp: dict[str, Any]) -> str:
+    """``mean ± sd`` of a spread, or the value alone for one seed."""
+    if sp["mean"] is None:
+        return "n/a"
+    return f"{sp['mean']:.4f}" if sp["n"] == 1 else f"{sp['mean']:.4f} ± {sp['sd']:.4f}"
+
+
+def variant_config(cfg: Config, name: str, seed: int | None = None) -> Config:
+    """The variant's config: ``ablation/<name>``, or ``ablation/seed-<s>/<name>`` under a seed."""
     storage = Storage.from_config(cfg)
-    return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
+    if seed is None:
+        return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
+    root = storage.uri("ablation", f"seed-{seed}", name)
+    return cfg.replace(**{"seed": seed, "storage.output_root": root, **VARIANTS[name]})
 
 
 SHARED = ("base_model", "prepare", "keywords", "cf", "reason")
@@ -57,49 +93,110 @@ def share_upstream(storage: Storage, src_root: str, dst_root: str) -> None:
             log.info("ablation: reused %s (%d files) from %s", part, n, src_root)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    from thinkrec import pipeline
+def _curves(storage: Storage, root: str) -> dict[str, Any]:
+    """The train stage's learning curves (train loss per step, validation AUC/UAUC per epoch)."""
+    uri = f"{root}/train/curves.json"
+    return storage.read_json(uri) if storage.exists(uri) else {}
 
-    storage = Storage.from_config(cfg)
-    rows = {}
-    first: str | None = None
-    for name in cfg.ablation.variants:
-        log.info("ablation: %s (%s)", name, VARIANTS[name])
-        vcfg = variant_config(cfg, name)
-        if first is None:
-            first = vcfg.storage.output_root
-        else:
-            share_upstream(storage, first, vcfg.storage.output_root)
-        out = pipeline.run(vcfg)
-        models = out["metrics"].get("metrics", {}).get("all", {})
-        rows[name] = {
-            "thinkrec": _flat(models.get("thinkrec")),
-            "mf": _flat(models.get(f"cf_{cfg.cf.model}")),
-            "timings": out["timings"],
-        }
+
+def table(cfg: Config, rows: dict[str, Any], seeds: list[int | None]) -> str:
+    """The comparison's markdown: variants, the baselines beside them, the paper's ordering."""
+    multi = len(seeds) > 1
+    seed_txt = f"seeds {', '.join(map(str, seeds))}: mean ± sample sd" if multi else f"seed {cfg.seed}"
     lines = [
         "# Ablations",
         "",
-        f"Config hash {cfg.hash()}; every variant on the same split and test rows (MF: the same CF",
-        "model in every variant, scored on those rows). Train seconds: this run's train stage (0 when",
-        "a finished stage was reused).",
+        f"Config hash {cfg.hash()}; every variant on the same split and test rows ({seed_txt}). MF: the",
+        "CF model of the same seed, scored on those rows. Train seconds: this run's train stage (0 when",
+        "a finished stage was reused; the first seed's).",
         "",
         "| variant | CF tokens | reasoning | experts | AUC | UAUC | MF AUC | MF UAUC | rows | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        v = VARIANTS[name]
-        m, mf = r["thinkrec"], r["mf"]
+        v, sp = VARIANTS[name], r["spread"]
         lines.append(
             f"| {name} | {v['model.cf_tokens']} | {v['train.reasoning']} | {v['train.experts']} "
-            f"| {_fmt(m.get('auc'))} | {_fmt(m.get('uauc'))} | {_fmt(mf.get('auc'))} "
-            f"| {_fmt(mf.get('uauc'))} | {m.get('rows', 'n/a')} | {r['timings'].get('train', 'n/a')} |"
+            f"| {_ms(sp['thinkrec']['auc'])} | {_ms(sp['thinkrec']['uauc'])} | {_ms(sp['mf']['auc'])} "
+            f"| {_ms(sp['mf']['uauc'])} | {r['thinkrec'].get('rows', 'n/a')} "
+            f"| {r['timings'].get('train', 'n/a')} |"
         )
-    table = "\n".join(lines) + "\n"
-    storage.write_bytes(storage.uri("ablation", "comparison.md"), table.encode())
+    first = next(iter(rows.values()))
+    base = {m: s for m, s in first["spread"].items() if m not in ("thinkrec", "mf")}
+    if base:
+        lines += ["", "Baselines on the same rows (the first variant's runs):", ""]
+        lines += ["| baseline | AUC | UAUC |", "|---|---|---|"]
+        lines += [f"| {m} | {_ms(s['auc'])} | {_ms(s['uauc'])} |" for m, s in base.items()]
+        best = max(base, key=lambda m: base[m]["auc"]["mean"] or -1)
+        lines += ["", f"Strongest baseline by AUC: {best} ({_ms(base[best]['auc'])})."]
+        for name, r in rows.items():
+            m = r["spread"]["thinkrec"]["auc"]["mean"]
+            if m is not None and base[best]["auc"]["mean"] is not None:
+                lines.append(f"- {name}: AUC margin to it {m - base[best]['auc']['mean']:+.4f}")
+    order = [n for n in ("thinkrec", "thinkrec-no-experts", "collm", "tallrec") if n in rows]
+    if len(order) > 1:
+        means = [rows[n]["spread"]["thinkrec"]["auc"]["mean"] or float("nan") for n in order]
+        holds = all(a > b for a, b in zip(means, means[1:], strict=False))
+        measured = " > ".join(
+            f"{n} {rows[n]['spread']['thinkrec']['auc']['mean']:.4f}"
+            for n in sorted(order, key=lambda n: -(rows[n]["spread"]["thinkrec"]["auc"]["mean"] or -1))
+        )
+        lines += [
+            "",
+            f"The paper's ordering by AUC ({' > '.join(order)}): {'holds' if holds else 'does not hold'}"
+            f" here. Measured (mean AUC): {measured}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from thinkrec import pipeline
+
+    storage = Storage.from_config(cfg)
+    seeds: list[int | None] = list(cfg.ablation.seeds) or [None]
+    by_seed: dict[str, dict[str, Any]] = {name: {} for name in cfg.ablation.variants}
+    for seed in seeds:
+        first: str | None = None  # upstream outputs are shared within a seed (its fingerprints)
+        for name in cfg.ablation.variants:
+            vcfg = variant_config(cfg, name, seed)
+            log.info("ablation: %s (%s) seed %s", name, VARIANTS[name], vcfg.seed)
+            if first is None:
+                first = vcfg.storage.output_root
+            else:
+                share_upstream(storage, first, vcfg.storage.output_root)
+            out = pipeline.run(vcfg)
+            models = out["metrics"].get("metrics", {}).get("all", {})
+            cf_name = f"cf_{cfg.cf.model}"
+            by_seed[name][str(vcfg.seed)] = {
+                "thinkrec": _flat(models.get("thinkrec")),
+                "mf": _flat(models.get(cf_name)),
+                "baselines": {m: _flat(v) for m, v in models.items() if m not in ("thinkrec", cf_name)},
+                "timings": out["timings"],
+                "curves": _curves(storage, vcfg.storage.output_root),
+            }
+    rows: dict[str, Any] = {}
+    for name, runs in by_seed.items():
+        rs = list(runs.values())
+        models = ["thinkrec", "mf", *rs[0]["baselines"]]
+
+        def pick(r: dict[str, Any], m: str) -> dict[str, Any]:
+            return r[m] if m in ("thinkrec", "mf") else r["baselines"].get(m, {})
+
+        rows[name] = {
+            "thinkrec": _mean_flat([r["thinkrec"] for r in rs]),
+            "mf": _mean_flat([r["mf"] for r in rs]),
+            "spread": {
+                m: {k: _spread([pick(r, m).get(k) for r in rs]) for k in ("auc", "uauc")} for m in models
+            },
+            "timings": rs[0]["timings"],
+            "seeds": runs,
+        }
+    text = table(cfg, rows, [s if s is not None else cfg.seed for s in seeds])
+    storage.write_bytes(storage.uri("ablation", "comparison.md"), text.encode())
     storage.write_json(storage.uri("ablation", "comparison.json"), rows)
-    print(table)
-    roots = [variant_config(cfg, n).storage.output_root for n in rows]
+    print(text)
+    # The first seed's variants (paired intervals need one run per model).
+    roots = [variant_config(cfg, n, seeds[0]).storage.output_root for n in rows]
     if len(roots) >= 2:
         from eval.compare import compare
 

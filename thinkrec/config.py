@@ -489,6 +489,11 @@ class ScoreConfig:
     below one, so it still runs beside scorer actors that hold whole CPUs."""
     torch_threads: int = Field(0, ge=0)
     """Intra-op threads per scorer on CPU (0: torch's default, Ray sets it from the actor's num_cpus)."""
+    pin_cores: bool = False
+    """Bind each scorer actor's process to ``num_cpus_per_actor`` cores of its node that no other
+    scorer actor holds (Linux; thinkrec/runtime.py ``CorePin``). Ray counts CPUs but binds none, so
+    without this an actor's prompt thread runs on any idle core: faster alone, but ``num_cpus`` is then
+    not what it uses. For nodes given over to scoring, and for the benchmark's ``scale_2_actors``."""
     vllm_max_model_len: int | None = Field(None, ge=16)
     """vLLM: longest prompt + 1 answer token. None: the model's own maximum."""
     vllm_kv_cache_gib: float | None = Field(None, gt=0)
@@ -574,6 +579,11 @@ class AblationConfig:
         ("tallrec", "collm", "thinkrec-no-experts", "thinkrec"), min_length=1
     )
     """Which variants ``thinkrec ablation`` runs, in this order (see thinkrec/ablation.py)."""
+    seeds: tuple[int, ...] = ()
+    """Seeds to run every variant under (each the config's top-level ``seed``: the CF model's, the
+    tiny base's and the adapters' initialisation, batch order, grouping). Empty: the config's ``seed``
+    alone, under ``ablation/<variant>``; otherwise each seed under ``ablation/seed-<s>/<variant>``
+    and the table gives each metric's mean and spread over the seeds."""
 
 
 @dataclass(config=_STRICT)

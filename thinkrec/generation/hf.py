@@ -2,7 +2,7 @@
 
 - Prompts are left-padded (decoder-only generation continues at the last position of every row).
 - With trained artifacts, the K adapters [global, expert-0, ...] are installed as one fused LoRA per
-  target layer (scoring/fused_lora.py, the same layers the scorer uses) and each row's gate mixes
+  target layer (scoring/engine/fused_lora.py, the same layers the scorer uses) and each row's gate mixes
   them for every generated token; under beam search each row's gate is repeated for its beams.
 - Encoded prompts (token ids with CF slots) go in as ``inputs_embeds`` with the projected CF
   embeddings in their slots, left-padded the same way.
@@ -19,8 +19,8 @@ import torch
 from thinkrec.generation.base import Decoding, GenRequest, GenResult
 from thinkrec.model.base import load_model, load_tokenizer
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
-from thinkrec.scoring import fused_lora
 from thinkrec.scoring.base import Artifacts
+from thinkrec.scoring.engine import fused_lora
 
 
 class HFGenerator:

@@ -5,7 +5,7 @@
 - Per-row adapters: vLLM applies one LoRA per request. A row whose gate is one-hot on adapter k gets
   that adapter's ``LoRARequest``. A row whose gate mixes adapters gets the exact fused adapter of that
   gate: the weighted sum of LoRA deltas sum_k w_k s_k B_k A_k is one LoRA of rank sum(r_k) (the A's
-  stacked, the B's scaled by w_k s_k and concatenated; ``scoring/merge.py``), so it computes the same
+  stacked, the B's scaled by w_k s_k and concatenated; ``scoring/engine/merge.py``), so it computes the same
   mixture as the hf backend's fused gates, unquantised. Each distinct gate is merged once, saved under
   a local temporary directory and kept by a hash of its weights, with its own ``LoRARequest``.
 - CF tokens: the token embeddings with the projected CF embeddings in the CF slots are computed on the
@@ -35,8 +35,8 @@ import torch
 from thinkrec.generation.base import Decoding, GenRequest, GenResult
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
 from thinkrec.scoring.base import Artifacts
-from thinkrec.scoring.merge import LoraAdapter, load_adapter, merge_exact, save_adapter
-from thinkrec.scoring.vllm import load_input_embeddings, lora_rank_bound
+from thinkrec.scoring.engine.merge import LoraAdapter, load_adapter, merge_exact, save_adapter
+from thinkrec.scoring.engine.vllm import load_input_embeddings, lora_rank_bound
 
 _ONE_HOT_TOL = 1e-9
 

@@ -9,7 +9,7 @@ Adapters are indexed [global, expert-0, ..., expert-(N-1)]; a row's gate is a ve
     otherwise                                     -> mixture      g = [0, w]
 
 With g per row, the exact output of the mixture is ``W x + sum_k g_k B_k A_k x``, which the fused
-LoRA layer computes for a whole batch at once (scoring/fused_lora.py).
+LoRA layer computes for a whole batch at once (scoring/engine/fused_lora.py).
 """
 
 from __future__ import annotations

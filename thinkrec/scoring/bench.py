@@ -16,7 +16,9 @@ this machine's CPU with the tiny model and random adapters.
   prefix sharing over full prompts, pairs/s over the scoring window (first shard started to last
   shard published). Target >= 3.
 - scale_2_actors: the stage's pairs/s over the scoring window with 2 scorer actors over 1, each 1 CPU
-  and 1 torch thread, 8 shards; two rounds, the best window of each. Target >= 1.7.
+  (pinned to one core, ``score.pin_cores``) and 1 torch thread, 8 shards; two rounds, the best window
+  of each. Target >= 1.7. ``scale_2_actors_unpinned`` (no target): one round without pinning, where
+  the lone actor's prompt thread takes the idle second core.
 - stage_efficiency: the whole stage's pairs/s (``run`` start to commit: partition, lookups, prompts,
   scorer, worker writes, commit; the job's Ray start excluded) over the bare scorer's pairs/s on the
   same rows, model and thread. Target >= 0.85.
@@ -171,7 +173,7 @@ def _best_rate(fn: Any, n: int, repeats: int) -> float:
 def reference_rate(base: str, art: Artifacts, pb: PromptBuilder, rows: list[ScoreRow], repeats: int) -> float:
     """The reference code's way: per user, merge that user's adapter mixture into the weights, then
     ``generate`` 16 tokens at batch size 2 over full prompts and read the first step's logits."""
-    from thinkrec.scoring.fused_lora import merge_into
+    from thinkrec.scoring.engine.fused_lora import merge_into
 
     model = load_model(base).eval()
     proj = CFProjector.load(art.projector or "")
@@ -394,7 +396,7 @@ def bare_rate(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from thinkrec.scoring.base import load_artifacts
-    from thinkrec.scoring.hf import HFScorer
+    from thinkrec.scoring.engine.hf import HFScorer
     from thinkrec.scoring.prompts import PromptStep, rows_from_table
 
     cfg, cands = synthetic_run(workdir, spec["name"] + "-bare", spec["pairs"], spec["per_user"], spec["tiny"])
@@ -419,12 +421,19 @@ def orchestration(quick: bool, jobs: str) -> dict[str, Any]:
     """``scale_2_actors`` and ``stage_efficiency`` with their runs (``python -m
     thinkrec.scoring.bench --orchestration`` measures these two alone)."""
     default_tiny = dataclasses.asdict(C.Config().model.tiny)
-    # Two scorer actors over one, each 1 CPU and 1 torch thread, 8 shards.
+    # Two scorer actors over one, each 1 CPU and 1 torch thread, 8 shards. Each actor is pinned to
+    # its one core (score.pin_cores): unpinned, the lone actor's prompt thread runs on the idle second
+    # core, so the one-actor run would use two CPUs (one unpinned round is kept, for reference).
     scale_spec = {
         "pairs": 4000 if quick else 40_000,
         "per_user": 20,
         "tiny": default_tiny,
-        "overrides": {"score.num_shards": 8, "score.num_cpus_per_actor": 1, "score.batch_size": 64},
+        "overrides": {
+            "score.num_shards": 8,
+            "score.num_cpus_per_actor": 1,
+            "score.batch_size": 64,
+            "score.pin_cores": True,
+        },
     }
     # Two rounds, 1 then 2 actors in each, and the best window of each count: one job's window
     # moves by 10% with the machine's load here, and a ratio of two single runs by more.
@@ -443,6 +452,17 @@ def orchestration(quick: bool, jobs: str) -> dict[str, Any]:
         for r in range(1 if quick else 2)
     ]
     scale = {k: min((rd[k] for rd in rounds), key=lambda j: j["scoring_window_s"]) for k in (1, 2)}
+    unpinned = {
+        k: job_run(
+            {
+                **scale_spec,
+                "name": f"scale-unpinned-{k}",
+                "overrides": {**scale_spec["overrides"], "score.concurrency": k, "score.pin_cores": False},
+            },
+            jobs,
+        )
+        for k in (1, 2)
+    }
     # The whole stage over the bare scorer on the same rows, model and thread.
     eff_spec = {
         "name": "efficiency",
@@ -456,7 +476,8 @@ def orchestration(quick: bool, jobs: str) -> dict[str, Any]:
     return {
         "scale_2_actors": scale[1]["scoring_window_s"] / scale[2]["scoring_window_s"],
         "stage_efficiency": eff_stage["pairs_per_s"] / eff_bare["pairs_per_s"],
-        "scale_runs": [j for rd in rounds for j in rd.values()],
+        "scale_2_actors_unpinned": unpinned[1]["scoring_window_s"] / unpinned[2]["scoring_window_s"],
+        "scale_runs": [j for rd in rounds for j in rd.values()] + list(unpinned.values()),
         "efficiency_stage": eff_stage,
         "efficiency_bare_scorer": eff_bare,
     }
@@ -473,7 +494,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         tok = load_tokenizer(base)
         pb = PromptBuilder(tok)
         rows = make_rows(pb, art, users, 20, n_items)
-        from thinkrec.scoring.hf import HFScorer
+        from thinkrec.scoring.engine.hf import HFScorer
 
         cfg = C.load(None, {"model.base": base, "score.batch_size": 64})
         full = HFScorer(cfg.replace(**{"score.prefix_sharing": False}), art, tokenizer=tok)
@@ -599,7 +620,15 @@ def run(quick: bool = False) -> dict[str, Any]:
             "rss_model": {**rss_tiny, "note": "smallest tiny model, so 1M pairs finish on 2 cores"},
             "rss_ray": "Ray's default object store",
             "shuffled_runs": list(shuffled.values()),
-            **{k: orch[k] for k in ("scale_runs", "efficiency_stage", "efficiency_bare_scorer")},
+            **{
+                k: orch[k]
+                for k in (
+                    "scale_2_actors_unpinned",
+                    "scale_runs",
+                    "efficiency_stage",
+                    "efficiency_bare_scorer",
+                )
+            },
             "quick": quick,
         },
         "hardware": hardware(),

@@ -20,6 +20,7 @@ fingerprint is skipped before its candidates are read.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -46,6 +47,7 @@ from thinkrec.io.commit import (
 )
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_tokenizer
+from thinkrec.runtime import CorePin
 from thinkrec.scoring.base import CF_MODEL_DIR, TRAIN_DIR, Artifacts, Scorer, load_artifacts
 from thinkrec.scoring.candidates import (  # noqa: F401 (SCORES: re-exported)
     FINGERPRINT,
@@ -75,6 +77,7 @@ RUNTIME_KEYS = (
     "num_gpus_per_actor",
     "block_rows",
     "torch_threads",
+    "pin_cores",
     "read_cpus",
     # Same scores up to float rounding: how the forward runs, not what it computes.
     "fuse_projections",
@@ -87,11 +90,11 @@ def make_scorer(cfg: Config, artifacts: Artifacts, tokenizer: Any | None = None)
     """The configured backend, imported only when chosen (vLLM is a GPU extra). ``tokenizer``: one
     already loaded (the HF backend reads only its Yes/No ids)."""
     if cfg.score.backend == "hf":
-        from thinkrec.scoring.hf import HFScorer
+        from thinkrec.scoring.engine.hf import HFScorer
 
         return HFScorer(cfg, artifacts, tokenizer=tokenizer)
     if cfg.score.backend == "vllm":
-        from thinkrec.scoring.vllm import VLLMScorer
+        from thinkrec.scoring.engine.vllm import VLLMScorer
 
         return VLLMScorer(cfg, artifacts)
     raise ValueError(f"score.backend: unknown backend {cfg.score.backend!r} (hf or vllm)")
@@ -142,6 +145,11 @@ class ShardStep:
 
     def __init__(self, cfg: dict[str, Any], out: str, schema: pa.Schema, mode: str) -> None:
         self.cfg = from_dict(cfg)
+        sc = self.cfg.score
+        # Before the model loads, so that torch's thread pool starts inside the pinned cores.
+        self.pin = CorePin(math.ceil(sc.num_cpus_per_actor) if sc.pin_cores else 0)
+        if self.pin.cores:
+            log.info("scorer actor pinned to cores %s", self.pin.cores)
         self.artifacts = load_artifacts(self.cfg)  # per actor: a node-local copy when the root is s3://
         self.version = self.artifacts.version
         # One tokenizer for the prompts and the scorer: loading one takes seconds of the actor's start.
@@ -150,6 +158,11 @@ class ShardStep:
         self.prompts = PromptStep(cfg, artifacts=self.artifacts, tokenizer=tok)
         self.storage = Storage.from_config(self.cfg)
         self.out, self.ost, self.schema, self.mode = out, out_storage(self.storage, out), schema, mode
+
+    def cores(self) -> dict[str, list[int]]:
+        """The cores this actor claimed (empty: not pinned) and its process's CPU mask now."""
+        mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        return {"cores": self.pin.cores, "mask": mask}
 
     def score_shard(self, shard: int) -> dict[str, Any]:
         t0 = time.time()  # wall clock: shards of several actors share one timeline

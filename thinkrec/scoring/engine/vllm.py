@@ -10,7 +10,7 @@ sigmoid(logit_Yes - logit_No) = P(Yes) renormalised over {Yes, No}.
 
 Adapters (DESIGN.md, scoring rule 4): vLLM applies one LoRA per request, so
 - rows whose gate is one adapter (global, or a single expert) are sent with that adapter;
-- rows whose gate mixes adapters are sent with a pre-merged exact mixture (``scoring/merge.py``):
+- rows whose gate mixes adapters are sent with a pre-merged exact mixture (``scoring/engine/merge.py``):
   the weights are quantised to ``score.mixture_step`` and at most ``score.max_mixtures`` mixtures are
   merged (the most frequent over the CF table's users, computed when the scorer starts, then the most
   frequent in each batch while room is left); other rows use the nearest kept mixture.
@@ -48,7 +48,7 @@ from thinkrec.model.fusion import gate as fusion_gate
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, load_fusion
 from thinkrec.scoring.base import Artifacts, ScoreRow
-from thinkrec.scoring.merge import (
+from thinkrec.scoring.engine.merge import (
     LoraAdapter,
     MixtureReport,
     load_adapter,

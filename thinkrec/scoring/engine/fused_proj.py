@@ -28,7 +28,7 @@ from itertools import accumulate, pairwise
 import torch
 from torch import nn
 
-from thinkrec.scoring.fused_lora import FusedLoRALinear
+from thinkrec.scoring.engine.fused_lora import FusedLoRALinear
 
 SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Attribute names of projections that read the same input, per parent module."""

@@ -33,9 +33,9 @@ import torch
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
-from thinkrec.scoring import answer_rows, causal_attn, fused_lora, fused_proj, packed
 from thinkrec.scoring.base import Artifacts, ScoreRow
-from thinkrec.scoring.kv_cache import prefix_cache
+from thinkrec.scoring.engine import answer_rows, causal_attn, fused_lora, fused_proj, packed
+from thinkrec.scoring.engine.kv_cache import prefix_cache
 
 
 def pick_device(requested: str | None = None) -> str:
