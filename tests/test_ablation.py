@@ -112,6 +112,7 @@ def _seed_run(auc: float, uauc: float, mf: float, item: float) -> dict:
         "thinkrec": {"auc": auc, "uauc": uauc, "rows": 10},
         "mf": {"auc": mf, "uauc": 0.7, "rows": 10},
         "baselines": {"item_rate": {"auc": item, "uauc": 0.69, "rows": 10}},
+        "timings": {"train": 1.0},
     }
 
 
@@ -128,17 +129,7 @@ def test_seeds_give_mean_and_spread_and_the_ordering(tmp_path):
         "thinkrec": [_seed_run(0.72, 0.61, 0.70, 0.69), _seed_run(0.74, 0.63, 0.70, 0.69)],
         "tallrec": [_seed_run(0.60, 0.52, 0.70, 0.69), _seed_run(0.80, 0.56, 0.70, 0.69)],
     }
-    rows = {}
-    for name, rs in runs.items():
-        models = ["thinkrec", "mf", "item_rate"]
-        pick = lambda r, m: r[m] if m in ("thinkrec", "mf") else r["baselines"][m]  # noqa: E731
-        rows[name] = {
-            "thinkrec": ablation._mean_flat([r["thinkrec"] for r in rs]),
-            "spread": {
-                m: {k: ablation._spread([pick(r, m)[k] for r in rs]) for k in ("auc", "uauc")} for m in models
-            },
-            "timings": {"train": 1.0},
-        }
+    rows = {name: ablation.summarise({"3": r3, "4": r4}) for name, (r3, r4) in runs.items()}
     assert rows["thinkrec"]["thinkrec"]["auc"] == pytest.approx(0.73)
     sp = rows["tallrec"]["spread"]["thinkrec"]["auc"]
     assert sp["mean"] == pytest.approx(0.70) and sp["sd"] == pytest.approx(0.1414213, abs=1e-6)

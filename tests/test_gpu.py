@@ -20,13 +20,17 @@ def scorer(cfg, art, device: str, overrides: dict):
     return HFScorer(cfg.replace(**overrides), art, device=device, tokenizer=tokenizer(art.base_model))
 
 
-@pytest.mark.parametrize("prefix_sharing", [False, True])
-def test_cuda_float32_equals_cpu(scoring_setup, prefix_sharing):  # noqa: F811
-    """float32, atol 1e-3 on the Yes logit (CUDA kernels sum in another order than CPU ones)."""
+@pytest.mark.parametrize(("prefix_sharing", "mode"), [(False, "cache"), (True, "cache"), (True, "packed")])
+def test_cuda_float32_equals_cpu(scoring_setup, prefix_sharing, mode):  # noqa: F811
+    """float32, atol 1e-3 on the Yes logit (CUDA kernels sum in another order than CPU ones); packed
+    runs FlexAttention's block mask on CUDA (score.packed_attention=auto) and the dense mask on CPU."""
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=5, per_user=6, gates="random")
-    s_cpu, p_cpu = scorer(cfg, art, "cpu", {"score.prefix_sharing": prefix_sharing}).score(rows)
-    s_gpu, p_gpu = scorer(cfg, art, "cuda", {"score.prefix_sharing": prefix_sharing}).score(rows)
+    over = {"score.prefix_sharing": prefix_sharing, "score.prefix_mode": mode}
+    s_cpu, p_cpu = scorer(cfg, art, "cpu", over).score(rows)
+    gpu = scorer(cfg, art, "cuda", over)
+    assert gpu.flex == (mode == "packed")
+    s_gpu, p_gpu = gpu.score(rows)
     assert s_gpu.dtype == np.float32 and s_gpu.shape == s_cpu.shape
     np.testing.assert_allclose(s_gpu, s_cpu, atol=1e-3, rtol=0)
     np.testing.assert_allclose(p_gpu, p_cpu, atol=1e-3, rtol=0)

@@ -292,26 +292,69 @@ def test_gpu_bench_tiny_smoke():
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2
 
 
-@pytest.mark.parametrize("left_pad", [False, True])
-def test_packed_equals_full_prompt(scoring_setup, left_pad):
+@pytest.mark.parametrize(("left_pad", "attention"), [(False, "sdpa"), (True, "sdpa"), (False, "flex")])
+def test_packed_equals_full_prompt(scoring_setup, left_pad, attention):
     """score.prefix_mode="packed" (a user's candidates after one prefix copy, block mask, positions
     restarting at the prefix's end): the full prompts' scores (float32, atol 1e-5), right- and
     left-padded, several users of different prefix and candidate lengths per batch, per-user gates
-    through the fused LoRA, CF tokens, the answer-rows-only last layer; a user split over packs too."""
+    through the fused LoRA, CF tokens, the answer-rows-only last layer; a user split over packs too;
+    the mask as SDPA's dense boolean and as FlexAttention's block mask."""
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=5, per_user=4, seed=5, gates="random")
     rng = random.Random(3)
     rows = rng.sample(rows, len(rows))  # a user's candidates are not adjacent
     s_full, p_full = scorer_for(cfg, art, prefix_sharing=False).score(rows)
-    for bs in (3, 7, 64):  # packs split a user (3), several users per forward (7, 64)
-        sc = scorer_for(cfg, art, prefix_sharing=True, prefix_mode="packed", batch_size=bs)
-        assert sc.answer_rows is not None and sc.projector is not None
+    # Packs split a user (3), several users per forward (7, 64); FlexAttention (compiled on its first
+    # call, 30 s on CPU per shape) at one of them: the scorer code around the mask is the same.
+    for bs in (7,) if attention == "flex" else (3, 7, 64):
+        sc = scorer_for(
+            cfg,
+            art,
+            prefix_sharing=True,
+            prefix_mode="packed",
+            packed_attention=attention,
+            batch_size=bs,
+        )
+        assert sc.answer_rows is not None and sc.projector is not None and sc.flex == (attention == "flex")
         sc.left_pad = left_pad
         s, p = sc.score(rows)
         np.testing.assert_allclose(s, s_full, atol=1e-5, rtol=0)
         np.testing.assert_allclose(p, p_full, atol=1e-5, rtol=0)
     assert len({len(r.candidate.ids) for r in rows}) > 1 and len({len(r.prefix.ids) for r in rows}) > 1
     assert np.ptp(s_full) > 1e-3
+
+
+def test_packed_flex_compiled_with_fused_projections():
+    """The GPU path's pieces on CPU: fused q/k/v projections, the answer-rows-only last layer and
+    FlexAttention's block mask, under a static-shape torch.compile, give the eager dense-mask hidden
+    states at every answer position (float32, atol 1e-5). With fused projections q, k and v are
+    strided views of one matmul's output, which compiled FlexAttention read wrongly (errors near 2)
+    until the attention made them contiguous."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from thinkrec.scoring.engine import answer_rows, causal_attn, fused_proj
+    from thinkrec.scoring.engine.packed import layout
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1
+    )
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert causal_attn.install(model) and fused_proj.fuse(model) == 4
+    body = model.model
+    rows = answer_rows.install(body)
+    lay = layout([24, 17], [[8] * 10, [5, 9, 3]])
+    ids = torch.randint(3, 512, tuple(lay.segment.shape))
+
+    def answers(net, mask):
+        with torch.inference_mode(), rows.at(lay.answer):
+            h = net(input_ids=ids, attention_mask=mask, position_ids=lay.positions, use_cache=False)
+        return h.last_hidden_state[torch.arange(2)[:, None], lay.answer]  # (B, M, H)
+
+    want = answers(body, lay.mask())
+    torch._dynamo.reset()
+    got = answers(torch.compile(body, dynamic=False), lay.block_mask())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_packed_mask_blocks_other_candidates():
@@ -329,3 +372,7 @@ def test_packed_mask_blocks_other_candidates():
     assert lay.segment[1].tolist() == [-1, -1, -1, 0, 1] and lay.answer[1].tolist() == [4, 4]
     assert m[1, 4].tolist() == [False, False, False, True, True]
     assert m[1, 1].tolist() == [False, True, False, False, False]
+    # FlexAttention's block mask, at a block size of 1 so every (query, key) pair is its own block,
+    # keeps exactly the pairs the dense mask keeps.
+    bm = lay.block_mask(block_size=1)
+    assert torch.equal(bm.to_dense().bool(), lay.mask())

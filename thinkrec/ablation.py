@@ -99,6 +99,24 @@ def _curves(storage: Storage, root: str) -> dict[str, Any]:
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
+def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One variant's row of the comparison from its per-seed runs (seed -> flat metrics of thinkrec,
+    mf and the baselines): every metric's mean, AUC and UAUC spreads per model, the runs kept."""
+    rs = list(runs.values())
+
+    def pick(r: dict[str, Any], m: str) -> dict[str, Any]:
+        return r[m] if m in ("thinkrec", "mf") else r["baselines"].get(m, {})
+
+    models = ["thinkrec", "mf", *rs[0]["baselines"]]
+    return {
+        "thinkrec": _mean_flat([r["thinkrec"] for r in rs]),
+        "mf": _mean_flat([r["mf"] for r in rs]),
+        "spread": {m: {k: _spread([pick(r, m).get(k) for r in rs]) for k in ("auc", "uauc")} for m in models},
+        "timings": rs[0]["timings"],
+        "seeds": runs,
+    }
+
+
 def table(cfg: Config, rows: dict[str, Any], seeds: list[int | None]) -> str:
     """The comparison's markdown: variants, the baselines beside them, the paper's ordering."""
     multi = len(seeds) > 1
@@ -133,7 +151,7 @@ def table(cfg: Config, rows: dict[str, Any], seeds: list[int | None]) -> str:
             m = r["spread"]["thinkrec"]["auc"]["mean"]
             if m is not None and base[best]["auc"]["mean"] is not None:
                 lines.append(f"- {name}: AUC margin to it {m - base[best]['auc']['mean']:+.4f}")
-    order = [n for n in ("thinkrec", "thinkrec-no-experts", "collm", "tallrec") if n in rows]
+    order = [n for n in reversed(VARIANTS) if n in rows]  # the paper's, strongest first
     if len(order) > 1:
         means = [rows[n]["spread"]["thinkrec"]["auc"]["mean"] or float("nan") for n in order]
         holds = all(a > b for a, b in zip(means, means[1:], strict=False))
@@ -174,23 +192,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 "timings": out["timings"],
                 "curves": _curves(storage, vcfg.storage.output_root),
             }
-    rows: dict[str, Any] = {}
-    for name, runs in by_seed.items():
-        rs = list(runs.values())
-        models = ["thinkrec", "mf", *rs[0]["baselines"]]
-
-        def pick(r: dict[str, Any], m: str) -> dict[str, Any]:
-            return r[m] if m in ("thinkrec", "mf") else r["baselines"].get(m, {})
-
-        rows[name] = {
-            "thinkrec": _mean_flat([r["thinkrec"] for r in rs]),
-            "mf": _mean_flat([r["mf"] for r in rs]),
-            "spread": {
-                m: {k: _spread([pick(r, m).get(k) for r in rs]) for k in ("auc", "uauc")} for m in models
-            },
-            "timings": rs[0]["timings"],
-            "seeds": runs,
-        }
+    rows = {name: summarise(runs) for name, runs in by_seed.items()}
     text = table(cfg, rows, [s if s is not None else cfg.seed for s in seeds])
     storage.write_bytes(storage.uri("ablation", "comparison.md"), text.encode())
     storage.write_json(storage.uri("ablation", "comparison.json"), rows)

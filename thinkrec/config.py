@@ -463,6 +463,12 @@ class ScoreConfig:
     each candidate row's cache (kv_cache.py); "packed" puts a user's candidates after one copy of the
     prefix in one sequence with a block attention mask (packed.py), with no per-candidate copies.
     Both equal full prompts (float32, atol 1e-5); bench/README.md has their pairs/s on a 2-core CPU."""
+    packed_attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """hf backend, prefix_mode "packed": how the block mask is applied. "sdpa": a dense boolean mask
+    (SDPA computes every query-key score, the masked ones too); "flex": a FlexAttention block mask
+    that skips the key blocks no candidate sees (on a GPU the attention of 100 candidates of 56
+    tokens runs about a twenty-fifth of the dense FLOPs). "auto": flex on CUDA, sdpa on CPU, where
+    the tiny model's short packs gain nothing from it. Both equal full prompts."""
     fuse_projections: bool = False
     """hf backend: run each layer's q/k/v (and gate/up) projections as one matmul over concatenated
     weights; exact either way. Off by default: it measured 0.85-1.08x on a 2-core CPU with the tiny

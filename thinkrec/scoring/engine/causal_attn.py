@@ -11,6 +11,10 @@ implementation ("sdpa" under another name) returns no mask exactly when the mask
 causal one: no padding mask given, no cache (query and key lengths equal, no offset). Every other
 call (the prefix-shared candidate pass with its padding mask and cache) gets transformers' own SDPA
 mask.
+
+The same implementation serves packed scoring (packed.py): a FlexAttention ``BlockMask`` passed as the
+attention mask goes to transformers' FlexAttention forward, which skips the masked-out blocks, and
+everything else to SDPA.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -35,7 +41,20 @@ def _mask(
     )
 
 
-AttentionInterface.register(NAME, sdpa_attention_forward)
+def _attention(
+    module: nn.Module, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+) -> Any:
+    if isinstance(attention_mask, BlockMask):  # packed candidates: only the blocks the mask keeps
+        kwargs.pop("is_causal", None)
+        # Contiguous copies: with fused projections (fused_proj.py) q, k and v are strided views of
+        # one matmul's output, and compiled FlexAttention on CPU (torch 2.13) then read them wrongly
+        # (logits off by up to 2 on the tiny model; eager and unfused were exact).
+        q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+        return flex_attention_forward(module, q, k, v, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, _attention)
 AttentionMaskInterface.register(NAME, _mask)
 
 

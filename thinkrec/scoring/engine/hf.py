@@ -70,7 +70,17 @@ class HFScorer:
         self.fused = fused_lora.install(model, dirs, mode)
         if cfg.score.fuse_projections:
             fused_proj.fuse(model)
-        causal_attn.install(model)  # full prompts keep SDPA's causal kernel under torch.compile
+        # Full prompts keep SDPA's causal kernel under torch.compile; packs may use FlexAttention.
+        flex_ok = causal_attn.install(model)
+        flex = cfg.score.packed_attention == "flex" or (
+            cfg.score.packed_attention == "auto" and self.device.startswith("cuda")
+        )
+        if self.packed and flex and not flex_ok:
+            raise ValueError(
+                "score.packed_attention=flex needs a model on SDPA attention; this model uses "
+                f"{model.config._attn_implementation!r} (set score.packed_attention=sdpa)"
+            )
+        self.flex = self.packed and flex
         body, _ = decoder_and_head(model)
         self.answer_rows = answer_rows.install(body)
         # dynamic=True: batches vary in rows and length; one symbolic-shape graph serves them
@@ -189,7 +199,7 @@ class HFScorer:
             with self.fused.gates(self._gates(heads)), self._only_at(answer):
                 hs = self.body(
                     inputs_embeds=emb,
-                    attention_mask=lay.mask().to(dev),
+                    attention_mask=lay.block_mask(dev) if self.flex else lay.mask().to(dev),
                     position_ids=lay.positions.to(dev),
                     use_cache=False,
                 ).last_hidden_state  # (B, T, H)
