@@ -229,49 +229,72 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
 
 
-def test_prompts_run_one_slice_ahead_and_stop_with_the_consumer():
-    """The scorer actor's prompt thread: items in order, at most one slice ahead of the scorer; its
-    error reaches the scorer; a scorer that stops early (a failed shard) ends the thread."""
-    import threading
-    import time
+def test_prompt_process_builds_each_shards_slices_and_recovers(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    """The scorer actor's prompt process: a shard's slices equal PromptStep's on the staged shard,
+    in order, and a shard named in advance follows; its error reaches the actor; a consumer that
+    stops early (a failed shard) or asks for another shard first (a retry) gets a fresh child, never
+    a stale stream; the child ends with the actor's pipe."""
+    from thinkrec.scoring.candidates import (
+        _staged_dir,
+        out_storage,
+        output_uri,
+        partition,
+        read_staged,
+        shard_column,
+    )
+    from thinkrec.scoring.prompt_process import PromptProcess, user_chunks
+    from thinkrec.scoring.prompts import PromptStep
 
-    made: list[int] = []
+    cfg = scoring_root(
+        prepared, tiny_qwen, artifact_dirs, str(tmp_path), **{"score.block_rows": 16, "score.num_shards": 3}
+    )
+    storage = Storage.from_config(cfg)
+    out = output_uri(cfg, storage)
+    staged, mode = partition(cfg, storage, out, stage.stage_meta(cfg, storage))
+    ost = out_storage(storage, out)
+    step = PromptStep(cfg.to_dict())
+    want = {}
+    for s in range(len(staged)):
+        t = read_staged(ost, s, mode)
+        lk = step.lookups(t)
+        want[s] = [step(c, lk) for c in user_chunks(t, shard_column(mode), cfg.score.block_rows)]
+    assert len(staged) == 3 and (staged > 0).all() and len(want[0]) > 1  # several slices a shard
 
-    def items(n, fail_at=None):
-        for i in range(n):
-            if i == fail_at:
-                raise ValueError(f"bad slice {i}")
-            made.append(i)
-            yield i
-
-    got = []
-    for x in stage._ahead(items(5)):
-        got.append(x)
-        assert len(made) <= len(got) + 2  # one queued, one being made
-    assert got == list(range(5))
-
-    with pytest.raises(ValueError, match="bad slice 2"):
-        list(stage._ahead(items(5, fail_at=2)))
-
-    made.clear()
-    it = stage._ahead(items(1000))
-    assert next(it) == 0
-    it.close()  # the consumer stops: the producer must not run on
-    assert len(made) <= 3 and not [t for t in threading.enumerate() if t.name == "thinkrec-prompts"]
-
-    # The producer done with its items while the queue is full: closing must not wait on it forever.
-    it = stage._ahead(items(2))
-    assert next(it) == 0
-    time.sleep(0.5)  # the producer puts its last item and reaches the end of its items
-    closer = threading.Thread(target=it.close)
-    closer.start()
-    closer.join(timeout=10)
-    assert not closer.is_alive()
+    pp = PromptProcess(cfg.to_dict(), load_artifacts(cfg), out, mode)
+    try:
+        pp.prefetch(0)
+        pp.prefetch(1)  # named in advance: built after shard 0
+        for s in (0, 1):
+            got = list(pp.slices(s))
+            assert len(got) == len(want[s]) and all(g.equals(w) for g, w in zip(got, want[s], strict=True))
+            assert pp.staged == staged[s]
+        first = pp._proc
+        it = pp.slices(2)
+        next(it)
+        it.close()  # stopped mid-shard: the stream goes with its child
+        assert pp._proc is not first and first.poll() is not None
+        pp.prefetch(0)
+        got = list(pp.slices(2))  # not the shard named first (a retry): starts over
+        assert len(got) == len(want[2]) and all(g.equals(w) for g, w in zip(got, want[2], strict=True))
+        bad = _staged_dir(ost.local_path(out), 99)
+        os.makedirs(bad)
+        with open(os.path.join(bad, "piece.parquet"), "wb") as f:
+            f.write(b"not parquet")
+        with pytest.raises(RuntimeError, match="prompt process, shard 99"):
+            list(pp.slices(99))
+        assert len(list(pp.slices(1))) == len(want[1])  # a fresh child after the error
+        child = pp._proc
+        assert child is not None
+        child.stdin.close()  # the actor's end of the pipe goes (the actor ended or was killed)
+        child.wait(timeout=30)
+    finally:
+        pp.stop()
 
 
 def test_stage_leaves_no_scorer_actor(scored):
     """The scorer actors end with the stage, not when the driver's handles are collected: no
-    ShardStep worker process is left under this session's local Ray."""
+    ShardStep worker process, and none of their prompt processes, is left under this session's
+    local Ray."""
     import time
 
     import psutil
@@ -282,7 +305,8 @@ def test_stage_leaves_no_scorer_actor(scored):
         procs = []
         for p in psutil.Process().children(recursive=True):
             try:
-                if "ShardStep" in " ".join(p.cmdline()):
+                cmd = " ".join(p.cmdline())
+                if "ShardStep" in cmd or "thinkrec.scoring.prompt_process" in cmd:
                     procs.append(p)
             except psutil.Error:
                 pass

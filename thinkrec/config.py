@@ -500,7 +500,7 @@ class ScoreConfig:
     pin_cores: bool = False
     """Bind each scorer actor's process to ``num_cpus_per_actor`` cores of its node that no other
     scorer actor holds (Linux; thinkrec/runtime.py ``CorePin``). Ray counts CPUs but binds none, so
-    without this an actor's prompt thread runs on any idle core: faster alone, but ``num_cpus`` is then
+    without this an actor's prompt process runs on any idle core: faster alone, but ``num_cpus`` is then
     not what it uses. For nodes given over to scoring, and for the benchmark's ``scale_2_actors``."""
     vllm_max_model_len: int | None = Field(None, ge=16)
     """vLLM: longest prompt + 1 answer token. None: the model's own maximum."""

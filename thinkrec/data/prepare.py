@@ -36,14 +36,11 @@ from thinkrec.data import reader as R
 from thinkrec.data import schema as S
 from thinkrec.data.ids import ITEM_IDS, USER_IDS
 from thinkrec.data.lines import read_lines
+from thinkrec.data.tables import INTERACTIONS, ITEMS, USERS
 from thinkrec.io.commit import REASON, TableWriter, fingerprint, is_complete, part_name, write_distributed
 from thinkrec.io.fs import Storage
 
 log = logging.getLogger(__name__)
-
-INTERACTIONS = "prepare/interactions"
-ITEMS = "prepare/items"
-USERS = "prepare/users"
 
 
 READERS: dict[str, R.Reader] = {

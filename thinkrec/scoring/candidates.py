@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from thinkrec.config import Config
 from thinkrec.data import schema as S
-from thinkrec.data.prepare import INTERACTIONS
+from thinkrec.data import tables as T
 from thinkrec.io.commit import manifest_files, stable_shard, upload_file
 from thinkrec.io.fs import Storage
 
@@ -115,7 +115,7 @@ def candidate_files(cfg: Config, storage: Storage) -> tuple[list[str], str, str]
     split of prepare/interactions, "raw" or "internal" a candidate table of that ``score.id_space``."""
     uri = cfg.score.candidates
     if not uri:
-        return manifest_files(storage, storage.uri(INTERACTIONS)), "parquet", "test"
+        return manifest_files(storage, storage.uri(T.INTERACTIONS)), "parquet", "test"
     paths = [f.path for f in file_infos(storage_for(cfg, storage), uri)]
     if not paths:
         raise FileNotFoundError(f"score.candidates: no files under {uri}")

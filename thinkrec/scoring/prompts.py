@@ -33,9 +33,9 @@ import pyarrow.compute as pc
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data import tables as T
 from thinkrec.data.ids import lookup
 from thinkrec.data.items import lookup_items
-from thinkrec.data.prepare import INTERACTIONS, USERS
 from thinkrec.io.commit import REASON, read_rows
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_tokenizer
@@ -81,7 +81,7 @@ class Lookups:
         else:
             user_ids = pc.cast(batch.column(S.USER_ID), pa.int64())
             item_ids = pc.cast(batch.column(S.ITEM_ID), pa.int64())
-        users = read_rows(storage, storage.uri(USERS), S.USER_ID, user_ids, [S.USER_ID])
+        users = read_rows(storage, storage.uri(T.USERS), S.USER_ID, user_ids, [S.USER_ID])
         self.users = set(users.column(0).to_pylist())
         self.has_hist = S.HISTORY_ITEMS in cols and S.HISTORY_LABELS in cols
         # Each user's timeline (time order), for tables without their own history columns.
@@ -92,7 +92,7 @@ class Lookups:
         else:
             inter = read_rows(
                 storage,
-                storage.uri(INTERACTIONS),
+                storage.uri(T.INTERACTIONS),
                 S.USER_ID,
                 pa.array(sorted(self.users), pa.int64()),
                 [S.USER_ID, S.ITEM_ID, S.LABEL, S.TIMESTAMP],

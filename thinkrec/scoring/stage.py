@@ -6,8 +6,9 @@
       -> ShardStep actors (Ray actors, one model each, HF or vLLM behind ``Scorer``; started while
          the table is partitioned), one shard at a time: the shard's candidates sorted by user, the
          lookups it needs (id maps, users, timelines, item texts: filtered reads, never whole
-         tables), prompts (built a slice ahead on a second thread), scores; the actor publishes the
-         shard (quarantine, record, part) the moment it is done
+         tables) and prompts, built by the actor's prompt process (prompt_process.py) a slice ahead
+         of the model and into the next shard; scores; the actor publishes the shard (quarantine,
+         record, part) the moment it is done
       -> the driver: _manifest.json from the shards' records, then _SUCCESS; the staging goes.
 
 A user's candidates always meet in one shard and one scorer call, so prefix sharing is the same
@@ -22,10 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,8 +32,8 @@ import pyarrow.compute as pc
 
 from thinkrec.config import Config, from_dict
 from thinkrec.data import schema as S
+from thinkrec.data import tables as T
 from thinkrec.data.items import keywords_inputs
-from thinkrec.data.prepare import INTERACTIONS, ITEMS, USERS
 from thinkrec.io.commit import (
     MANIFEST,
     REASON,
@@ -46,7 +44,6 @@ from thinkrec.io.commit import (
     publish_shard,
 )
 from thinkrec.io.fs import Storage
-from thinkrec.model.base import load_tokenizer
 from thinkrec.runtime import CorePin
 from thinkrec.scoring.base import CF_MODEL_DIR, TRAIN_DIR, Artifacts, Scorer, load_artifacts
 from thinkrec.scoring.candidates import (  # noqa: F401 (SCORES: re-exported)
@@ -60,11 +57,11 @@ from thinkrec.scoring.candidates import (  # noqa: F401 (SCORES: re-exported)
     out_storage,
     output_uri,
     partition,
-    read_staged,
     shard_column,
     storage_for,
 )
-from thinkrec.scoring.prompts import PromptStep, rows_from_table
+from thinkrec.scoring.prompt_process import PromptProcess
+from thinkrec.scoring.prompts import rows_from_table
 
 log = logging.getLogger(__name__)
 
@@ -114,48 +111,31 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
             (f.path, f.size, str(f.mtime))
             for f in file_infos(storage_for(cfg, storage), cfg.score.candidates)
         ]
-    inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, USERS, TRAIN_DIR, CF_MODEL_DIR)]
+    inputs = [storage.uri(t) for t in (T.INTERACTIONS, T.ITEMS, T.USERS, TRAIN_DIR, CF_MODEL_DIR)]
     inputs += keywords_inputs(storage)
     return fingerprint(sections, inputs, storage)
 
 
 # -- score: one actor scores a whole shard and publishes it ----------------------------------------
-def _user_chunks(table: pa.Table, key: str, rows: int) -> Iterator[pa.Table]:
-    """Slices of a table sorted by ``key`` of about ``rows`` rows, cut only where the key changes,
-    so each user's candidates stay in one scorer call (one prefix pass)."""
-    n = table.num_rows
-    if n == 0:
-        return
-    k = table.column(key).to_numpy(zero_copy_only=False)
-    change = np.flatnonzero(k[1:] != k[:-1]) + 1  # first row of each user but the first
-    start = 0
-    while start < n:
-        cut = np.searchsorted(change, start + rows)
-        end = int(change[cut]) if cut < len(change) else n
-        end = max(end, min(n, start + 1))
-        yield table.slice(start, end - start)
-        start = end
-
-
 class ShardStep:
     """The scorer actor's body: the model loaded once; per shard id, the shard's staged candidates ->
-    lookups -> prompts -> scores -> the published shard and its record. Prompts for the next slice
-    are built on a second thread while the model scores the current one (the forward releases the
-    GIL), so prompt building costs the scorer little of its time."""
+    lookups -> prompts -> scores -> the published shard and its record. The staged read, lookups and
+    prompts run in a child process (prompt_process.py), a slice ahead of the model and on into the
+    next shard the driver has named, so they cost the scorer neither its GIL nor a wait per shard."""
 
     def __init__(self, cfg: dict[str, Any], out: str, schema: pa.Schema, mode: str) -> None:
         self.cfg = from_dict(cfg)
         sc = self.cfg.score
-        # Before the model loads, so that torch's thread pool starts inside the pinned cores.
+        # Before the model loads, so that torch's thread pool (and the prompt process) start inside
+        # the pinned cores.
         self.pin = CorePin(math.ceil(sc.num_cpus_per_actor) if sc.pin_cores else 0)
         if self.pin.cores:
             log.info("scorer actor pinned to cores %s", self.pin.cores)
         self.artifacts = load_artifacts(self.cfg)  # per actor: a node-local copy when the root is s3://
         self.version = self.artifacts.version
-        # One tokenizer for the prompts and the scorer: loading one takes seconds of the actor's start.
-        tok = load_tokenizer(self.artifacts.base_model, self.cfg.model.trust_remote_code)
-        self.scorer = make_scorer(self.cfg, self.artifacts, tok)
-        self.prompts = PromptStep(cfg, artifacts=self.artifacts, tokenizer=tok)
+        # Started first: its imports and tokenizer load beside the model's.
+        self.prompts = PromptProcess(cfg, self.artifacts, out, mode)
+        self.scorer = make_scorer(self.cfg, self.artifacts)
         self.storage = Storage.from_config(self.cfg)
         self.out, self.ost, self.schema, self.mode = out, out_storage(self.storage, out), schema, mode
 
@@ -164,18 +144,15 @@ class ShardStep:
         mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         return {"cores": self.pin.cores, "mask": mask}
 
-    def score_shard(self, shard: int) -> dict[str, Any]:
+    def score_shard(self, shard: int, next_shard: int | None = None) -> dict[str, Any]:
+        """Score and publish ``shard``; ``next_shard``: the one the driver gives this actor next, whose
+        prompts the child starts on as soon as this shard's are built."""
         t0 = time.time()  # wall clock: shards of several actors share one timeline
-        table = read_staged(self.ost, shard, self.mode)
-        n = table.num_rows
-        batches: Iterator[pa.Table] = iter(())
-        if n:
-            lk = self.prompts.lookups(table)
-            chunks = _user_chunks(table, shard_column(self.mode), self.cfg.score.block_rows)
-            prompts = _ahead(self.prompts(c, lk) for c in chunks)
-            batches = (self.score_batch(p) for p in prompts)
+        batches = (self.score_batch(p) for p in self.prompts.slices(shard))
+        if next_shard is not None:
+            self.prompts.prefetch(next_shard)
         rec = publish_shard(self.ost, self.out, shard, self.schema, batches)
-        return {**rec, "staged": n, "started": t0, "ended": time.time()}
+        return {**rec, "staged": self.prompts.staged, "started": t0, "ended": time.time()}
 
     def score_batch(self, batch: pa.Table) -> pa.Table:
         """Prompt rows -> output rows; quarantined rows pass through with their reason."""
@@ -201,46 +178,6 @@ class ShardStep:
             if c not in out and not c.startswith("_"):
                 out[c] = batch.column(c)
         return pa.table(out)
-
-
-def _ahead(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
-    """``items`` computed on a background thread, up to ``depth`` ahead of the consumer. The
-    producer's errors surface in the consumer; a consumer that stops early stops the producer."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(msg: tuple[str, Any]) -> bool:
-        """Wait for room, or until the consumer stops (then False: nobody reads the queue)."""
-        while not stop.is_set():
-            try:
-                q.put(msg, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for x in items:
-                if not put(("item", x)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # handed to the consumer
-            put(("error", e))
-
-    thread = threading.Thread(target=produce, name="thinkrec-prompts", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise x
-            yield x
-    finally:
-        stop.set()
-        thread.join()
 
 
 def actors_before_partition(cfg: Config, k: int) -> int:
@@ -275,8 +212,8 @@ def start_actors(cfg: Config, out: str, schema: pa.Schema, mode: str, k: int) ->
 def score_shards(
     cfg: Config, out: str, pending: list[int], staged: np.ndarray, actors: list[Any]
 ) -> tuple[float, float]:
-    """The pending shard ids over the scorer actors, one shard per actor at a time; each actor
-    publishes its shards as it finishes them. The driver receives one small record per shard and
+    """The pending shard ids over the scorer actors, one shard per actor at a time (and the next
+    named in advance); each actor publishes its shards as it finishes them. The driver receives one small record per shard and
     checks it against the staged count. Returns the scoring window's wall-clock bounds: the first
     shard started, the last one published."""
     import ray
@@ -290,10 +227,19 @@ def score_shards(
         disable=os.environ.get("THINKREC_PROGRESS", "1") == "0",
     )
 
+    # Each actor is told its next shard with its current one, so its prompt process starts on it
+    # early; only while there are shards enough for every actor, so none idles at the end.
+    nxt: dict[Any, int] = {}
+
     def submit(a: Any) -> None:
-        if todo:
+        s = nxt.pop(a, None)
+        if s is None and todo:
             s = todo.pop()
-            running[a.score_shard.remote(s)] = a
+        if s is None:
+            return
+        if len(todo) >= len(actors):
+            nxt[a] = todo.pop()
+        running[a.score_shard.remote(s, nxt.get(a))] = a
 
     for a in actors:
         submit(a)
