@@ -272,9 +272,7 @@ def main() -> None:
     rows = answer_rows.install(body)
     last_mlp = sum(p.numel() for p in body.layers[-1].mlp.parameters())
     skipped = 2 * last_mlp * (prompt_len - 1) / flops_pair
-    if args.only == "packed":
-        causal_attn.install(model)
-    elif not args.no_compile:
+    if not args.no_compile and args.only == "all":
         torch._dynamo.reset()
         name = f"compiled ({args.compile_mode}), fused projections, answer rows only, no mask"
         variants.append({**variant(name, compile_(body), False, True), "flops_skipped_share": skipped})
@@ -303,9 +301,7 @@ def main() -> None:
     # back to back at the full-prompt batch's M: the matmul rate this model's shapes can reach, so
     # the gap to the peak splits into GEMM shape/clock effects and everything else in the forward.
     shape_rate = model_gemm_tflops(body, batch * prompt_len, device, dtype, iters)
-    if breakdown.get("gemm_tflops_in_forward") and breakdown.get(
-        "ms"
-    ):  # the best variant's pairs/s, had its GEMMs been all it ran
+    if breakdown.get("gemm_tflops_in_forward"):  # the best variant's pairs/s, had its GEMMs been all it ran
         only_gemms_rate = batch / (breakdown["ms"]["gemm"] / 1e3)
         breakdown["fraction_of_floor_if_only_gemms"] = only_gemms_rate / floor_rate
     for v in variants:

@@ -468,9 +468,10 @@ class ScoreConfig:
     (SDPA computes every query-key score, the masked ones too); "flex": a FlexAttention block mask
     that skips the key blocks no candidate sees (on a GPU the attention of 100 candidates of 56
     tokens runs about a twenty-fifth of the dense FLOPs; on an H200, 0.92 of the packed FLOP floor
-    compiled against the dense mask's 0.54, bench/README.md). "auto": flex on CUDA, sdpa on CPU, where
-    FlexAttention compiles anew for each pack shape (10-20 s each with the tiny model) and the short
-    packs leave few blocks to skip. Both equal full prompts."""
+    compiled against the dense mask's 0.54, bench/README.md). "auto": flex on CUDA (sdpa for a model
+    on another attention than SDPA), sdpa on CPU, where FlexAttention compiles anew for each pack
+    shape (10-20 s each with the tiny model) and the short packs leave few blocks to skip. Both equal
+    full prompts."""
     fuse_projections: bool = False
     """hf backend: run each layer's q/k/v (and gate/up) projections as one matmul over concatenated
     weights; exact either way. Off by default: it measured 0.85-1.08x on a 2-core CPU with the tiny

@@ -213,8 +213,8 @@ def score_shards(
     cfg: Config, out: str, pending: list[int], staged: np.ndarray, actors: list[Any]
 ) -> tuple[float, float]:
     """The pending shard ids over the scorer actors, one shard per actor at a time (and the next
-    named in advance); each actor publishes its shards as it finishes them. The driver receives one small record per shard and
-    checks it against the staged count. Returns the scoring window's wall-clock bounds: the first
+    named in advance); each actor publishes its shards as it finishes them. The driver receives one
+    small record per shard and checks it against the staged count. Returns the scoring window's wall-clock bounds: the first
     shard started, the last one published."""
     import ray
     from tqdm.auto import tqdm

@@ -73,8 +73,8 @@ class HFScorer:
         # Full prompts keep SDPA's causal kernel under torch.compile; packs may use FlexAttention.
         flex_ok = causal_attn.install(model)
         flex = cfg.score.packed_attention == "flex" or (
-            cfg.score.packed_attention == "auto" and self.device.startswith("cuda")
-        )
+            cfg.score.packed_attention == "auto" and self.device.startswith("cuda") and flex_ok
+        )  # auto falls back to the dense mask for a model on another attention; flex asked is an error
         if self.packed and flex and not flex_ok:
             raise ValueError(
                 "score.packed_attention=flex needs a model on SDPA attention; this model uses "
