@@ -3,6 +3,7 @@ skip when complete, and resubmission that recomputes only the missing shard."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -262,6 +263,8 @@ def test_prompt_process_builds_each_shards_slices_and_recovers(prepared, tiny_qw
 
     pp = PromptProcess(cfg.to_dict(), load_artifacts(cfg), out, mode)
     try:
+        # Its set-up sends the tokenizer's ids first, so the actor's scorer loads no tokenizer.
+        assert pp.answer_ids() == (step.pb.yes_id, step.pb.no_id, step.pb.placeholder_id)
         pp.prefetch(0)
         pp.prefetch(1)  # named in advance: built after shard 0
         for s in (0, 1):
@@ -289,6 +292,42 @@ def test_prompt_process_builds_each_shards_slices_and_recovers(prepared, tiny_qw
         child.wait(timeout=30)
     finally:
         pp.stop()
+    # A set-up that fails (here: no base model) reaches the actor with the child's traceback.
+    art = dataclasses.replace(load_artifacts(cfg), base_model=str(tmp_path / "no-such-model"))
+    broken = PromptProcess(cfg.to_dict(), art, out, mode)
+    try:
+        with pytest.raises(RuntimeError, match="prompt process set-up"):
+            broken.answer_ids()
+    finally:
+        broken.stop()
+
+
+def test_rows_share_encodings_converted_once(scored):
+    """A slice's rows with one prefix (one user's history) or one candidate (one item) share one
+    ``Encoded``, converted from Arrow once, and equal the row-by-row conversion."""
+    from thinkrec.scoring.prompts import PARTS, PromptStep, ref_col, rows_from_table
+
+    cfg, _, _ = scored
+    storage = Storage.from_config(cfg)
+    inter = read_table(storage, storage.uri(INTERACTIONS))
+    test = inter.filter(pa.compute.equal(inter.column(S.SPLIT), "test")).slice(0, 3)
+    prompts = PromptStep(cfg.to_dict())(pa.concat_tables([test] * 4))  # each user and item 4 times
+    rows = rows_from_table(prompts)
+    plain = rows_from_table(prompts.drop_columns([ref_col(p) for p in PARTS]))
+    assert len(rows) == len(plain) == 12
+    for a, b in zip(rows, plain, strict=True):
+        assert (a.user_id, a.item_id, a.prefix, a.candidate, a.gate_label) == (
+            b.user_id,
+            b.item_id,
+            b.prefix,
+            b.candidate,
+            b.gate_label,
+        )
+        np.testing.assert_array_equal(a.gate, b.gate)
+    for part in ("prefix", "candidate"):
+        values = {(tuple(getattr(r, part).ids), tuple(getattr(r, part).cf_id)) for r in rows}
+        assert len({id(getattr(r, part)) for r in rows}) == len(values) <= 3  # one object per value
+        assert len({id(getattr(r, part)) for r in plain}) == 12
 
 
 def test_stage_leaves_no_scorer_actor(scored):

@@ -376,3 +376,26 @@ def test_packed_mask_blocks_other_candidates():
     # keeps exactly the pairs the dense mask keeps.
     bm = lay.block_mask(block_size=1)
     assert torch.equal(bm.to_dense().bool(), lay.mask())
+
+
+def test_scorer_start_up_imports_no_optional_packages():
+    """A scorer process imports transformers' model and tokenizer machinery without scikit-learn or
+    scipy (1.2 s of its start-up), and both import normally afterwards; the actor's module imports
+    no torch before it starts its prompt process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import thinkrec.scoring.stage\n"
+        "assert 'torch' not in sys.modules\n"
+        "from thinkrec.model.base import import_transformers\n"
+        "import_transformers()\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "assert 'torch' in sys.modules and 'transformers.modeling_utils' in sys.modules\n"
+        "assert 'sklearn' not in sys.modules and 'scipy' not in sys.modules, sorted(sys.modules)\n"
+        "import scipy.optimize, sklearn.metrics\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

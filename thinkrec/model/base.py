@@ -10,8 +10,11 @@ chat template) exists so tests cover both tokenizer conventions. Both are saved 
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -133,7 +136,37 @@ def build_tiny_model(out_dir: str, tiny: Any, *, kind: str = "qwen2", seed: int 
     return out_dir
 
 
+@contextlib.contextmanager
+def without_optional(names: tuple[str, ...] = ("sklearn", "scipy")) -> Iterator[None]:
+    """Hide installed packages from the imports inside: ``find_spec`` answers None and ``import``
+    fails, then both work again. For transformers' model and tokenizer machinery, which imports
+    scikit-learn (assisted generation's ``roc_curve``) and scipy (object-detection losses) whenever
+    they are installed: 1.2 s of each scorer actor's and prompt process's start-up on a 2-core CPU,
+    for code that loading, scoring and training never run. A package already imported is left
+    alone."""
+    hidden = [n for n in names if n not in sys.modules]
+    for n in hidden:
+        sys.modules[n] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for n in hidden:
+            if sys.modules.get(n, 0) is None:
+                del sys.modules[n]
+
+
+def import_transformers() -> None:
+    """transformers' auto classes (the model base class, generation, tokenizers), imported once
+    without the optional packages they would pull in for nothing (``without_optional``)."""
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    with without_optional():
+        import transformers.modeling_utils  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    import_transformers()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -146,6 +179,7 @@ def load_model(
     path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None
 ) -> Any:
     """Any Hugging Face causal LM, safetensors only."""
+    import_transformers()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(

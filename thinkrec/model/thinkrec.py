@@ -19,12 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from thinkrec.model.base import decoder_and_head
+from thinkrec.model.layout import ADAPTERS, FUSION, GLOBAL, PROJECTOR  # noqa: F401 (re-exported)
 from thinkrec.model.prompt import CF_ITEM, CF_USER, Encoded
-
-ADAPTERS = "adapters"
-GLOBAL = "global"
-PROJECTOR = "projector.safetensors"
-FUSION = "fusion.json"
 
 
 def expert_name(group: int) -> str:

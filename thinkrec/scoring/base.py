@@ -17,8 +17,8 @@ import numpy as np
 
 from thinkrec.io.commit import SUCCESS
 from thinkrec.io.fs import Storage
+from thinkrec.model.layout import ADAPTERS, FUSION, GLOBAL, PROJECTOR
 from thinkrec.model.prompt import Encoded
-from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR
 
 TRAIN_DIR = "train"
 CF_MODEL_DIR = "cf/model"

@@ -9,11 +9,13 @@ the driver does, so the next shard's read, lookups and first slice are built whi
 is scored.
 
 Protocol (the child's stdin and stdout, nothing else): one JSON line of setup, then one JSON line per
-shard (``{"shard": s}``); for each shard, in order, frames of ``kind (1 byte) + length (8 bytes) +
-payload``: ``T`` one prompt slice as an Arrow IPC stream, ``E`` the shard's end (JSON: its staged
-row count), ``X`` an error (its traceback). The pipe's own buffer is the back-pressure: the child
-blocks writing a slice until the actor reads it, so it runs at most one slice ahead. The child
-exits when its stdin closes (the actor ended, or was killed), and writes its logs to stderr.
+shard (``{"shard": s}``). Frames of ``kind (1 byte) + length (8 bytes) + payload`` come back: first
+``I``, the tokenizer's answer and placeholder ids (JSON), so the scorer loads no tokenizer of its
+own; then for each shard, in order, ``T`` one prompt slice as an Arrow IPC stream and ``E`` the
+shard's end (JSON: its staged row count); ``X`` an error (its traceback), in the set-up or a shard.
+The pipe's own buffer is the back-pressure: the child blocks writing a slice until the actor reads
+it, so it runs at most one slice ahead. The child exits when its stdin closes (the actor ended, or
+was killed), and writes its logs to stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyarrow as pa
 from thinkrec.scoring.base import Artifacts
 from thinkrec.scoring.candidates import read_staged, shard_column
 
-SLICE, END, ERROR = b"T", b"E", b"X"
+IDS, SLICE, END, ERROR = b"I", b"T", b"E", b"X"
 _HEADER = struct.Struct("<cQ")
 
 
@@ -63,6 +65,11 @@ def _read_exact(f: IO[bytes], n: int) -> bytes:
     return buf
 
 
+def _read_frame(f: IO[bytes]) -> tuple[bytes, bytes]:
+    kind, n = _HEADER.unpack(_read_exact(f, _HEADER.size))
+    return kind, _read_exact(f, n)
+
+
 def _write_frame(f: IO[bytes], kind: bytes, payload: bytes | pa.Buffer) -> None:
     f.write(_HEADER.pack(kind, len(payload)))
     f.write(payload)
@@ -83,8 +90,19 @@ class PromptProcess:
         self._setup = {"cfg": cfg, "artifacts": dataclasses.asdict(artifacts), "out": out, "mode": mode}
         self._proc: subprocess.Popen[bytes] | None = None
         self._sent: list[int] = []  # shards told to the child whose slices are not all read yet
+        self._ids: dict[str, int] | None = None
         self.staged = 0  # the last shard's staged row count, once its slices are all read
         self.start()
+
+    def answer_ids(self) -> tuple[int, int, int]:
+        """(Yes, No, CF placeholder) token ids, from the child's tokenizer (waits for its set-up)."""
+        if self._ids is None:
+            assert self._proc is not None and self._proc.stdout is not None
+            kind, payload = _read_frame(self._proc.stdout)
+            if kind != IDS:
+                raise RuntimeError(f"prompt process set-up:\n{payload.decode()}")
+            self._ids = json.loads(payload)
+        return self._ids["yes"], self._ids["no"], self._ids["placeholder"]
 
     def start(self) -> None:
         """A fresh child (its CPU mask: this process's, so a pinned actor's prompts stay on its cores)."""
@@ -134,8 +152,9 @@ class PromptProcess:
         f, done = self._proc.stdout, False
         try:
             while True:
-                kind, n = _HEADER.unpack(_read_exact(f, _HEADER.size))
-                payload = _read_exact(f, n)
+                kind, payload = _read_frame(f)
+                if kind == IDS:  # a restarted child's set-up; the ids do not change
+                    continue
                 if kind == SLICE:
                     yield pa.ipc.open_stream(payload).read_all()
                 elif kind == END:
@@ -162,7 +181,14 @@ def _serve(inp: IO[bytes], out: IO[bytes]) -> None:
     setup = json.loads(inp.readline())
     art = setup["artifacts"]
     artifacts = Artifacts(**{**art, "adapter_names": tuple(art["adapter_names"])})
-    step = PromptStep(setup["cfg"], artifacts=artifacts)
+    try:
+        step = PromptStep(setup["cfg"], artifacts=artifacts)
+    except Exception:
+        _write_frame(out, ERROR, traceback.format_exc().encode())
+        return
+    pb = step.pb
+    ids = {"yes": pb.yes_id, "no": pb.no_id, "placeholder": pb.placeholder_id}
+    _write_frame(out, IDS, json.dumps(ids).encode())
     ost = out_storage(Storage.from_config(step.cfg), setup["out"])
     mode, block = setup["mode"], step.cfg.score.block_rows
     for line in inp:

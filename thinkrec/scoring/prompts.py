@@ -49,6 +49,14 @@ NULL_ID = "null_id"
 UNKNOWN_USER = "unknown_user"
 UNKNOWN_ITEM = "unknown_item"
 GATE_W = "_gate_w"
+
+
+def ref_col(part: str) -> str:
+    """Rows with the same value in this column carry the same encoding of ``part`` (a user's prefix,
+    an item's candidate text): the scorer's side converts each from Arrow once, not once per row."""
+    return f"_{part}_ref"
+
+
 # Encoded prompts as list columns: prefix (p) and candidate (c) ids and CF slots.
 PARTS = ("p", "c")
 FIELDS = ("ids", "cf_pos", "cf_kind", "cf_id")
@@ -251,6 +259,9 @@ class PromptStep:
         reasons: list[str | None] = []
         gates, gate_labels = [], []
         enc: dict[str, list[list[int]]] = {enc_col(p, f): [] for p in PARTS for f in FIELDS}
+        # Per part, id() of an encoding (cached, so shared between rows) -> its number in this batch.
+        refs: dict[str, dict[int, int]] = {p: {} for p in PARTS}
+        ref_of: dict[str, list[int]] = {p: [] for p in PARTS}
         for r in range(n):
             u, i = users[r], items[r]
             reason = None
@@ -276,6 +287,7 @@ class PromptStep:
                 prefix, cand = self._prefix(uid, hi, hl), self._candidate(iid)
                 g, glabel = self._gate(uid)
             for part, e in (("p", prefix), ("c", cand)):
+                ref_of[part].append(refs[part].setdefault(id(e), len(refs[part])))
                 enc[enc_col(part, "ids")].append(e.ids)
                 enc[enc_col(part, "cf_pos")].append(e.cf_pos)
                 enc[enc_col(part, "cf_kind")].append(e.cf_kind)
@@ -296,6 +308,7 @@ class PromptStep:
                 REASON: pa.array(reasons, pa.string()),
                 S.GATE: pa.array(gate_labels, pa.string()),
                 GATE_W: pa.array(gates, pa.list_(pa.float64())),
+                **{ref_col(p): pa.array(v, pa.int32()) for p, v in ref_of.items()},
                 **{
                     k: pa.array(v, pa.list_(pa.int64() if k.endswith("cf_id") else pa.int32()))
                     for k, v in enc.items()
@@ -310,22 +323,30 @@ class PromptStep:
 
 
 def rows_from_table(table: pa.Table) -> list[ScoreRow]:
-    """The scorer's side: Arrow rows (without a quarantine reason) -> ScoreRow."""
-    cols = {name: table.column(name).to_pylist() for name in table.column_names}
-    rows = []
-    for r in range(table.num_rows):
+    """The scorer's side: Arrow rows (without a quarantine reason) -> ScoreRow. Rows with the same
+    ``ref_col`` value share one ``Encoded``, converted once (a user's prefix repeats over their
+    candidates, an item's text over its users)."""
 
-        def e(part: str, r: int = r) -> Encoded:
-            return Encoded(*(cols[enc_col(part, f)][r] for f in FIELDS))
-
-        rows.append(
-            ScoreRow(
-                int(cols[S.USER_ID][r]),
-                int(cols[S.ITEM_ID][r]),
-                e("p"),
-                e("c"),
-                np.asarray(cols[GATE_W][r], dtype=np.float64),
-                cols[S.GATE][r],
+    def encoded(part: str) -> list[Encoded]:
+        ref = ref_col(part)
+        t, inverse = table, None
+        if ref in table.column_names:
+            _, first, inverse = np.unique(
+                table.column(ref).to_numpy(), return_index=True, return_inverse=True
             )
+            t = table.take(first)
+        cols = [t.column(enc_col(part, f)).to_pylist() for f in FIELDS]
+        unique = [Encoded(*c) for c in zip(*cols, strict=True)]
+        return unique if inverse is None else [unique[j] for j in inverse]
+
+    prefixes, cands = encoded("p"), encoded("c")
+    users = table.column(S.USER_ID).to_pylist()
+    items = table.column(S.ITEM_ID).to_pylist()
+    gates = table.column(GATE_W).to_pylist()
+    labels = table.column(S.GATE).to_pylist()
+    return [
+        ScoreRow(
+            int(users[r]), int(items[r]), prefixes[r], cands[r], np.asarray(gates[r], np.float64), labels[r]
         )
-    return rows
+        for r in range(table.num_rows)
+    ]

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,7 +62,6 @@ from thinkrec.scoring.candidates import (  # noqa: F401 (SCORES: re-exported)
     storage_for,
 )
 from thinkrec.scoring.prompt_process import PromptProcess
-from thinkrec.scoring.prompts import rows_from_table
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,22 @@ RUNTIME_KEYS = (
 )
 
 
-def make_scorer(cfg: Config, artifacts: Artifacts, tokenizer: Any | None = None) -> Scorer:
+def make_scorer(
+    cfg: Config,
+    artifacts: Artifacts,
+    tokenizer: Any | None = None,
+    answer_ids: Callable[[], tuple[int, int, int]] | None = None,
+) -> Scorer:
     """The configured backend, imported only when chosen (vLLM is a GPU extra). ``tokenizer``: one
-    already loaded (the HF backend reads only its Yes/No ids)."""
+    already loaded, or ``answer_ids``: a source of the (Yes, No, placeholder) ids instead (the HF
+    backend reads only those from a tokenizer)."""
     if cfg.score.backend == "hf":
+        from thinkrec.model.base import import_transformers
+
+        import_transformers()  # before the engine's own imports pull transformers in
         from thinkrec.scoring.engine.hf import HFScorer
 
-        return HFScorer(cfg, artifacts, tokenizer=tokenizer)
+        return HFScorer(cfg, artifacts, tokenizer=tokenizer, answer_ids=answer_ids)
     if cfg.score.backend == "vllm":
         from thinkrec.scoring.engine.vllm import VLLMScorer
 
@@ -133,9 +142,10 @@ class ShardStep:
             log.info("scorer actor pinned to cores %s", self.pin.cores)
         self.artifacts = load_artifacts(self.cfg)  # per actor: a node-local copy when the root is s3://
         self.version = self.artifacts.version
-        # Started first: its imports and tokenizer load beside the model's.
+        # Started first: its imports and tokenizer load beside the model's; it sends the answer ids,
+        # so the scorer loads no tokenizer.
         self.prompts = PromptProcess(cfg, self.artifacts, out, mode)
-        self.scorer = make_scorer(self.cfg, self.artifacts)
+        self.scorer = make_scorer(self.cfg, self.artifacts, answer_ids=self.prompts.answer_ids)
         self.storage = Storage.from_config(self.cfg)
         self.out, self.ost, self.schema, self.mode = out, out_storage(self.storage, out), schema, mode
 
@@ -156,6 +166,8 @@ class ShardStep:
 
     def score_batch(self, batch: pa.Table) -> pa.Table:
         """Prompt rows -> output rows; quarantined rows pass through with their reason."""
+        from thinkrec.scoring.prompts import rows_from_table  # torch: not at the actor module's import
+
         n = batch.num_rows
         good = pc.is_null(batch.column(REASON)).to_numpy(zero_copy_only=False)
         score = np.full(n, np.nan, np.float32)

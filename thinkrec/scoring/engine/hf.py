@@ -24,7 +24,7 @@ import contextlib
 import functools
 import operator
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +48,16 @@ class HFScorer:
     """``Scorer`` over a Hugging Face causal LM with fused per-row LoRA experts."""
 
     def __init__(
-        self, cfg: Any, artifacts: Artifacts, device: str | None = None, tokenizer: Any | None = None
+        self,
+        cfg: Any,
+        artifacts: Artifacts,
+        device: str | None = None,
+        tokenizer: Any | None = None,
+        answer_ids: Callable[[], tuple[int, int, int]] | None = None,
     ) -> None:
+        """``tokenizer``: one already loaded; ``answer_ids``: instead of any tokenizer, a call that
+        returns the (Yes, No, CF placeholder) token ids (the scorer actor's prompt process sends them,
+        so the actor skips its own tokenizer load)."""
         self.device = pick_device(device)
         if cfg.score.torch_threads and self.device == "cpu":
             torch.set_num_threads(cfg.score.torch_threads)
@@ -93,9 +101,14 @@ class HFScorer:
                 CFProjector.load(artifacts.projector).to(self.device).eval().requires_grad_(False)
             )
             self.cf = CFTable.load(artifacts.cf_embeddings)
-        tok = tokenizer or load_tokenizer(artifacts.base_model, cfg.model.trust_remote_code)
-        pb = PromptBuilder(tok, cf_tokens=cfg.model.cf_tokens, use_chat_template=cfg.model.use_chat_template)
-        self.yes_id, self.no_id, self.pad_id = pb.yes_id, pb.no_id, pb.placeholder_id
+        if answer_ids is not None:
+            self.yes_id, self.no_id, self.pad_id = answer_ids()
+        else:
+            tok = tokenizer or load_tokenizer(artifacts.base_model, cfg.model.trust_remote_code)
+            pb = PromptBuilder(
+                tok, cf_tokens=cfg.model.cf_tokens, use_chat_template=cfg.model.use_chat_template
+            )
+            self.yes_id, self.no_id, self.pad_id = pb.yes_id, pb.no_id, pb.placeholder_id
         _, head = decoder_and_head(model)
         idx = torch.tensor([self.yes_id, self.no_id], device=head.weight.device)
         self.w_yn = head.weight.index_select(0, idx).detach().float()  # (2, H)
