@@ -31,7 +31,9 @@ from thinkrec.train import stage as train_stage
 pytestmark = pytest.mark.integration
 
 SEED = 0
-# The sizes the tests train with: small enough for about a minute per test on 2 cores.
+# The sizes the tests train with. Measured on 2 cores: (a) 85 s, (c) 134 s, most of it the fixed
+# cost of each Ray Train phase (about 18 s: worker group start, imports, tokenizer, shutdown); (c)
+# trains four phases.
 TRAIN = {
     "data.history_len": 2,
     "train.num_workers": 2,

@@ -56,8 +56,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
+        from thinkrec.runtime import LOCAL_RUNTIME_ENV
+
         ray.init(
-            address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            runtime_env=LOCAL_RUNTIME_ENV,
         )
         started = True
     root = tempfile.mkdtemp(prefix="thinkrec-bench-train-")
