@@ -2,8 +2,8 @@
 thinkrec/cf/stage.py), the CoLLM-style model (CF tokens, no reasoning, no experts) scores the
 ML-100K test rows at least as well as the MF it reads, within 0.005 AUC.
 
-Slow (opt-in, ``-m slow``): the full pipeline of one ablation variant on ML-100K, about 10 minutes on
-a 2-core CPU."""
+Slow (opt-in, ``-m slow``): the full pipeline of one ablation variant on ML-100K, about 11 minutes on
+a 2-core CPU (seed 0: AUC 0.7002 against MF's 0.7025)."""
 
 from __future__ import annotations
 
