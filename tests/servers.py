@@ -6,11 +6,20 @@ import socket
 import subprocess
 import time
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 that this process has not handed out before: the kernel may give two
+    calls the same ephemeral port once the first is closed, and a Ray node whose components got one
+    port twice refuses to start (seen: client server and metrics export on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
