@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("THINKREC_PROGRESS", "0")
 
 from thinkrec import config as C  # noqa: E402
-from thinkrec.runtime import LOCAL_RUNTIME_ENV, size_local_shuffles  # noqa: E402
+from thinkrec.runtime import size_local_shuffles, start_local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            runtime_env=LOCAL_RUNTIME_ENV,
-        )
+        start_local_ray(2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     size_local_shuffles(2)
     yield ray

@@ -11,6 +11,26 @@ from typing import Any
 log = logging.getLogger("thinkrec")
 
 
+def start_local_ray(
+    num_cpus: int | None, *, object_store_mb: int | None = None, log_to_driver: bool = False
+) -> None:
+    """A new local Ray (the demo's, the tests' session, the benchmarks'), without its dashboard and
+    with ``LOCAL_RUNTIME_ENV``'s worker setup. address="local" always starts a new Ray: without it
+    ray.init joins whatever cluster a `ray start` on this machine left in /tmp/ray, which then
+    rejects num_cpus."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        configure_logging=False,
+        runtime_env=LOCAL_RUNTIME_ENV,
+    )
+
+
 def init_ray(cfg: Any) -> None:
     """Join the configured cluster, or start a local Ray sized by ``ray.num_cpus``."""
     import ray
@@ -20,18 +40,7 @@ def init_ray(cfg: Any) -> None:
     address = cfg.ray.address
     if address in (None, "", "local"):
         # A local Ray for the demo and tests. Ray Data's own progress bars show stage progress.
-        store = cfg.ray.object_store_mb
-        # address="local" always starts a new Ray: without it ray.init joins whatever cluster a
-        # `ray start` on this machine left in /tmp/ray, which then rejects num_cpus.
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=store * 2**20 if store else None,
-            include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
-            runtime_env=LOCAL_RUNTIME_ENV,
-        )
+        start_local_ray(cfg.ray.num_cpus, object_store_mb=cfg.ray.object_store_mb, log_to_driver=True)
     else:
         ray.init(address=address)
     ctx = ray.data.DataContext.get_current()

@@ -226,8 +226,8 @@ def score_shards(
 ) -> tuple[float, float]:
     """The pending shard ids over the scorer actors, one shard per actor at a time (and the next
     named in advance); each actor publishes its shards as it finishes them. The driver receives one
-    small record per shard and checks it against the staged count. Returns the scoring window's wall-clock bounds: the first
-    shard started, the last one published."""
+    small record per shard and checks it against the staged count. Returns the scoring window's
+    wall-clock bounds: the first shard started, the last one published."""
     import ray
     from tqdm.auto import tqdm
 

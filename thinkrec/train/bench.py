@@ -56,16 +56,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
-        from thinkrec.runtime import LOCAL_RUNTIME_ENV
+        from thinkrec.runtime import start_local_ray
 
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            runtime_env=LOCAL_RUNTIME_ENV,
-        )
+        start_local_ray(2)
         started = True
     root = tempfile.mkdtemp(prefix="thinkrec-bench-train-")
     try:
