@@ -378,13 +378,24 @@ def test_packed_mask_blocks_other_candidates():
     assert torch.equal(bm.to_dense().bool(), lay.mask())
 
 
-def test_scorer_start_up_imports_no_optional_packages():
+def test_scorer_start_up_imports_no_optional_packages(tiny_qwen):
     """A scorer process imports transformers' model and tokenizer machinery without scikit-learn or
     scipy (1.2 s of its start-up), and both import normally afterwards; the actor's module imports
-    no torch before it starts its prompt process."""
+    no torch before it starts its prompt process, and the prompt process's modules and tokenizer
+    import no transformers (about 3 s)."""
     import subprocess
     import sys
 
+    prompts = (
+        "import sys\n"
+        "import thinkrec.scoring.prompt_process, thinkrec.scoring.prompts\n"
+        "from thinkrec.model.base import load_prompt_tokenizer\n"
+        f"tok = load_prompt_tokenizer({tiny_qwen!r})\n"
+        "assert 'transformers' not in sys.modules and 'sklearn' not in sys.modules\n"
+        "print(tok('Yes', add_special_tokens=False).input_ids)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prompts], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().startswith("["), out.stderr[-2000:]
     code = (
         "import sys\n"
         "import thinkrec.scoring.stage\n"

@@ -174,6 +174,38 @@ def test_prompt_pieces_tokenize_as_the_tokenizer_does(request, model):
     assert enc.ids[len(pb.bos) :] == want and len(enc.cf_pos) == 3
 
 
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llama"])
+def test_file_tokenizer_builds_the_prompts_autotokenizer_builds(request, model, tmp_path):
+    """The scorer's prompt process reads the saved tokenizer.json with the tokenizers library alone
+    (no transformers import): the same special ids, BOS rule, answer ids and prompt ids as
+    AutoTokenizer; a tokenizer transformers would rewrite on load (here: add_bos_token set) or a
+    chat template falls back to AutoTokenizer."""
+    from thinkrec.model.base import FileTokenizer, load_prompt_tokenizer
+
+    path = request.getfixturevalue(model)
+    fast, auto = load_prompt_tokenizer(path), _tokenizer(path)
+    assert isinstance(fast, FileTokenizer)
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        assert getattr(fast, name) == getattr(auto, name), name
+    pf, pa_ = PromptBuilder(fast, cf_tokens=True), PromptBuilder(auto, cf_tokens=True)
+    assert (pf.yes_id, pf.no_id, pf.placeholder_id, pf.bos) == (
+        pa_.yes_id,
+        pa_.no_id,
+        pa_.placeholder_id,
+        pa_.bos,
+    )
+    assert pf.bos == ([auto.bos_token_id] if model == "tiny_llama" else [])
+    hist = [(1, ITEMS[1], 1), (2, ITEMS[2], 0)]
+    assert pf.encode_prefix(7, hist) == pa_.encode_prefix(7, hist)
+    assert pf.encode_candidate(3, ITEMS[3]) == pa_.encode_candidate(3, ITEMS[3])
+    assert not isinstance(load_prompt_tokenizer(path, chat_template=True), FileTokenizer)
+    edited = tmp_path / "tok"
+    shutil.copytree(path, edited)
+    cfg = json.loads((edited / "tokenizer_config.json").read_text())
+    (edited / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_bos_token": True}))
+    assert not isinstance(load_prompt_tokenizer(str(edited)), FileTokenizer)
+
+
 def test_examples_text_only_have_no_cf_slots(tiny_qwen):
     pb = PromptBuilder(_tokenizer(tiny_qwen), cf_tokens=False)
     (row,) = D.encode_rows(pb, [_sample(1)], ITEMS, history_len=10, max_answer_tokens=12)
@@ -340,6 +372,7 @@ def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
         "epochs": 1,
         "base_model": base,
         "yes_id": pb.yes_id,
+        "pad_id": pb.placeholder_id,
     }
     d, _ = fit_phase(cfg, spec, rows, rows[:8], f"ds-zero{zero_stage}")
     curves = json.loads(Path(os.path.join(d, "final", "curves.json")).read_text())

@@ -38,7 +38,7 @@ from thinkrec.data.ids import lookup
 from thinkrec.data.items import lookup_items
 from thinkrec.io.commit import REASON, read_rows
 from thinkrec.io.fs import Storage
-from thinkrec.model.base import load_tokenizer
+from thinkrec.model.base import load_prompt_tokenizer
 from thinkrec.model.fusion import gate
 from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
 from thinkrec.model.thinkrec import CFTable, load_fusion
@@ -149,7 +149,9 @@ class PromptStep:
         # Loaded here, not on the driver: with an s3:// root each node needs its own local copy.
         artifacts = artifacts or load_artifacts(c)
         self.storage = Storage.from_config(c)
-        tok = tokenizer or load_tokenizer(artifacts.base_model, c.model.trust_remote_code)
+        tok = tokenizer or load_prompt_tokenizer(
+            artifacts.base_model, c.model.trust_remote_code, c.model.use_chat_template
+        )
         self.pb = PromptBuilder(
             tok,
             cf_tokens=c.model.cf_tokens,

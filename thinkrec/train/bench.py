@@ -88,6 +88,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "epochs": 1,
                 "base_model": base,
                 "yes_id": pb.yes_id,
+                "pad_id": pb.placeholder_id,
             }
             d, _ = fit_phase(cfg, spec, rows, [], f"bench-{workers}w")
             import json

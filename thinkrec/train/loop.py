@@ -32,8 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from thinkrec import config as C
 from thinkrec.io.fs import Storage
-from thinkrec.model.base import load_model, load_tokenizer
-from thinkrec.model.prompt import PromptBuilder
+from thinkrec.model.base import load_model
 from thinkrec.model.thinkrec import CFProjector, CFTable
 from thinkrec.train.data import shard_rows
 from thinkrec.train.loss import ThinkRecLM, TrainBatch, loss_fn, make_batch, yes_logits
@@ -243,9 +242,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
 
-    tok = load_tokenizer(spec["base_model"], cfg.model.trust_remote_code)
-    pad_id = PromptBuilder(tok, cf_tokens=False).placeholder_id
-    yes_id = int(spec["yes_id"])
+    # The driver's tokenizer ids: a worker loads no tokenizer (1-2 s of every phase's start-up).
+    pad_id, yes_id = int(spec["pad_id"]), int(spec["yes_id"])
     rows = shard_rows(ray.train.get_dataset_shard("train"))
     valid = shard_rows(ray.train.get_dataset_shard("valid")) if spec["has_valid"] else []
     if not rows:

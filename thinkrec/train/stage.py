@@ -211,9 +211,9 @@ def run(cfg: Config) -> dict[str, Any]:
         storage.delete(out)  # made from another config or other inputs
     t = cfg.train
     base = ensure_base_model(cfg)
-    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.base import load_prompt_tokenizer
 
-    tok = load_tokenizer(base, cfg.model.trust_remote_code)
+    tok = load_prompt_tokenizer(base, cfg.model.trust_remote_code, cfg.model.use_chat_template)
     inputs = D.load_inputs(storage, with_traces=t.reasoning)
     samples = D.train_samples(inputs, cfg)
     vsamples = D.valid_samples(inputs, cfg)
@@ -238,6 +238,7 @@ def run(cfg: Config) -> dict[str, Any]:
     common = {
         "base_model": base,
         "yes_id": text_pb.yes_id,
+        "pad_id": text_pb.placeholder_id,
         "cf_dir": storage.uri(CF_MODEL_DIR),
         "cf_file": CF_EMBEDDINGS,
         "projector_dir": out,
