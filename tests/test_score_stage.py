@@ -230,6 +230,47 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
 
 
+def test_prompt_process_builds_ahead_into_the_next_shard(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    """The child builds shards named in advance while the actor has read nothing: the next
+    shard's read, lookups and prompts are done before the scorer reaches it. Shown by taking shard
+    1's staged files away once the child has gone idle: its slices still arrive, complete."""
+    import shutil
+    import time
+
+    import psutil
+
+    from thinkrec.scoring.candidates import _staged_dir, out_storage, output_uri, partition
+    from thinkrec.scoring.prompt_process import AHEAD, PromptProcess
+
+    cfg = scoring_root(
+        prepared, tiny_qwen, artifact_dirs, str(tmp_path), **{"score.block_rows": 64, "score.num_shards": 3}
+    )
+    storage = Storage.from_config(cfg)
+    out = output_uri(cfg, storage)
+    staged, mode = partition(cfg, storage, out, stage.stage_meta(cfg, storage))
+    ost = out_storage(storage, out)
+    pp = PromptProcess(cfg.to_dict(), load_artifacts(cfg), out, mode)
+    try:
+        pp.answer_ids()
+        pp.prefetch(0)
+        pp.prefetch(1)
+        # Wait until the child is idle (blocked with its frames built), at most 60 s.
+        proc, last, deadline = psutil.Process(pp._proc.pid), -1.0, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            cpu = sum(proc.cpu_times()[:2])
+            if cpu == last:
+                break
+            last = cpu
+        shutil.move(_staged_dir(ost.local_path(out), 1), str(tmp_path / "shard-1-away"))
+        n = [sum(t.num_rows for t in pp.slices(s)) for s in (0, 1)]
+        assert n == [staged[0], staged[1]] and pp.staged == staged[1]
+        assert staged[0] + staged[1] > 64 * 2  # several slices: more than the pipe's own buffer held
+        assert AHEAD >= 4
+    finally:
+        pp.stop()
+
+
 def test_prompt_process_builds_each_shards_slices_and_recovers(prepared, tiny_qwen, artifact_dirs, tmp_path):
     """The scorer actor's prompt process: a shard's slices equal PromptStep's on the staged shard,
     in order, and a shard named in advance follows; its error reaches the actor; a consumer that
