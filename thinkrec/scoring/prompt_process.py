@@ -1,5 +1,5 @@
 """The scorer actor's prompt process: a child process that reads staged shards and builds their
-prompts while the actor's model scores, one slice ahead.
+prompts while the actor's model scores, up to ``AHEAD`` slices ahead.
 
 Why a process and not a thread: the tiny models' forward is Python-heavy, and prompt building is all
 Python, so a prompt thread took the GIL from the forward (7-10% of the scorer's time on a 2-core

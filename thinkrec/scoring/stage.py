@@ -6,7 +6,7 @@
       -> ShardStep actors (Ray actors, one model each, HF or vLLM behind ``Scorer``; started while
          the table is partitioned), one shard at a time: the shard's candidates sorted by user, the
          lookups it needs (id maps, users, timelines, item texts: filtered reads, never whole
-         tables) and prompts, built by the actor's prompt process (prompt_process.py) a slice ahead
+         tables) and prompts, built by the actor's prompt process (prompt_process.py) slices ahead
          of the model and into the next shard; scores; the actor publishes the shard (quarantine,
          record, part) the moment it is done
       -> the driver: _manifest.json from the shards' records, then _SUCCESS; the staging goes.
@@ -129,7 +129,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
 class ShardStep:
     """The scorer actor's body: the model loaded once; per shard id, the shard's staged candidates ->
     lookups -> prompts -> scores -> the published shard and its record. The staged read, lookups and
-    prompts run in a child process (prompt_process.py), a slice ahead of the model and on into the
+    prompts run in a child process (prompt_process.py), slices ahead of the model and on into the
     next shard the driver has named, so they cost the scorer neither its GIL nor a wait per shard."""
 
     def __init__(self, cfg: dict[str, Any], out: str, schema: pa.Schema, mode: str) -> None:
