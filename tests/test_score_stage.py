@@ -230,6 +230,24 @@ def test_vllm_backend_through_the_stage(prepared, tiny_qwen, artifact_dirs, scor
     np.testing.assert_allclose(p[single], want.column(S.P_YES).to_numpy()[single], atol=1e-3)
 
 
+def _staged(prepared, tiny_qwen, artifact_dirs, tmp_path, block_rows):
+    """A scoring run's test split partitioned into 3 staged shards, as the stage stages it:
+    (config, output uri, output storage, staged row counts, shard mode)."""
+    from thinkrec.scoring.candidates import out_storage, output_uri, partition
+
+    cfg = scoring_root(
+        prepared,
+        tiny_qwen,
+        artifact_dirs,
+        str(tmp_path),
+        **{"score.block_rows": block_rows, "score.num_shards": 3},
+    )
+    storage = Storage.from_config(cfg)
+    out = output_uri(cfg, storage)
+    staged, mode = partition(cfg, storage, out, stage.stage_meta(cfg, storage))
+    return cfg, out, out_storage(storage, out), staged, mode
+
+
 def test_prompt_process_builds_ahead_into_the_next_shard(prepared, tiny_qwen, artifact_dirs, tmp_path):
     """The child builds shards named in advance while the actor has read nothing: the next
     shard's read, lookups and prompts are done before the scorer reaches it. Shown by taking shard
@@ -239,16 +257,10 @@ def test_prompt_process_builds_ahead_into_the_next_shard(prepared, tiny_qwen, ar
 
     import psutil
 
-    from thinkrec.scoring.candidates import _staged_dir, out_storage, output_uri, partition
+    from thinkrec.scoring.candidates import _staged_dir
     from thinkrec.scoring.prompt_process import AHEAD, PromptProcess
 
-    cfg = scoring_root(
-        prepared, tiny_qwen, artifact_dirs, str(tmp_path), **{"score.block_rows": 64, "score.num_shards": 3}
-    )
-    storage = Storage.from_config(cfg)
-    out = output_uri(cfg, storage)
-    staged, mode = partition(cfg, storage, out, stage.stage_meta(cfg, storage))
-    ost = out_storage(storage, out)
+    cfg, out, ost, staged, mode = _staged(prepared, tiny_qwen, artifact_dirs, tmp_path, block_rows=64)
     pp = PromptProcess(cfg.to_dict(), load_artifacts(cfg), out, mode)
     try:
         pp.answer_ids()
@@ -276,24 +288,11 @@ def test_prompt_process_builds_each_shards_slices_and_recovers(prepared, tiny_qw
     in order, and a shard named in advance follows; its error reaches the actor; a consumer that
     stops early (a failed shard) or asks for another shard first (a retry) gets a fresh child, never
     a stale stream; the child ends with the actor's pipe."""
-    from thinkrec.scoring.candidates import (
-        _staged_dir,
-        out_storage,
-        output_uri,
-        partition,
-        read_staged,
-        shard_column,
-    )
+    from thinkrec.scoring.candidates import _staged_dir, read_staged, shard_column
     from thinkrec.scoring.prompt_process import PromptProcess, user_chunks
     from thinkrec.scoring.prompts import PromptStep
 
-    cfg = scoring_root(
-        prepared, tiny_qwen, artifact_dirs, str(tmp_path), **{"score.block_rows": 16, "score.num_shards": 3}
-    )
-    storage = Storage.from_config(cfg)
-    out = output_uri(cfg, storage)
-    staged, mode = partition(cfg, storage, out, stage.stage_meta(cfg, storage))
-    ost = out_storage(storage, out)
+    cfg, out, ost, staged, mode = _staged(prepared, tiny_qwen, artifact_dirs, tmp_path, block_rows=16)
     step = PromptStep(cfg.to_dict())
     want = {}
     for s in range(len(staged)):

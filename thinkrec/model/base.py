@@ -188,18 +188,18 @@ class FileTokenizer:
     special tokens and calls the prompt builder uses, loaded in a fraction of a second and without
     importing transformers (about 3 s of a scorer actor's prompt process here, on the critical path of
     a job's first shard). Only for tokenizers transformers loads unchanged from the file (see
-    ``load_prompt_tokenizer``); tests/test_prompt.py checks equal ids against ``AutoTokenizer``."""
+    ``load_prompt_tokenizer``); tests/test_train.py checks equal ids against ``AutoTokenizer``."""
 
     # Classes that take tokenizer.json as saved; a model-specific class may rebuild its pieces.
     PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
     # Settings with which transformers rewrites the saved post-processor or normaliser.
     REWRITING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cfg: dict[str, Any]) -> None:
+        """``cfg``: the directory's ``tokenizer_config.json`` (``config``)."""
         from tokenizers import Tokenizer
 
         self.backend_tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        cfg = self.config(path) or {}
         self.chat_template = None  # never used through this class (``load_prompt_tokenizer``)
         self.eos_token_id = self._special(cfg.get("eos_token"))
         self.bos_token_id = self._special(cfg.get("bos_token"))
@@ -215,11 +215,9 @@ class FileTokenizer:
             return json.load(f)
 
     @classmethod
-    def usable(cls, path: str) -> bool:
-        cfg = cls.config(path)
+    def usable(cls, path: str, cfg: dict[str, Any]) -> bool:
         return (
-            cfg is not None
-            and os.path.exists(os.path.join(path, "tokenizer.json"))
+            os.path.exists(os.path.join(path, "tokenizer.json"))
             and cfg.get("tokenizer_class") in cls.PLAIN_CLASSES
             and not any(k in cfg for k in cls.REWRITING_KEYS)
         )
@@ -236,8 +234,10 @@ class FileTokenizer:
 def load_prompt_tokenizer(path: str, trust_remote_code: bool = False, chat_template: bool = False) -> Any:
     """The tokenizer for building prompts: a ``FileTokenizer`` where the saved file is the whole
     tokenizer (no chat template wanted, no remote code, a plain class), else ``load_tokenizer``."""
-    if not chat_template and not trust_remote_code and FileTokenizer.usable(path):
-        return FileTokenizer(path)
+    if not chat_template and not trust_remote_code:
+        cfg = FileTokenizer.config(path)
+        if cfg is not None and FileTokenizer.usable(path, cfg):
+            return FileTokenizer(path, cfg)
     return load_tokenizer(path, trust_remote_code)
 
 
