@@ -10,6 +10,7 @@ import torch
 from thinkrec.io.commit import mark_success
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_model
+from thinkrec.model.fusion import save_fusion
 from thinkrec.model.thinkrec import (
     ADAPTERS,
     FUSION,
@@ -18,7 +19,6 @@ from thinkrec.model.thinkrec import (
     CFProjector,
     CFTable,
     expert_name,
-    save_fusion,
 )
 from thinkrec.scoring.base import CF_EMBEDDINGS, CF_MODEL_DIR, TRAIN_DIR
 

@@ -165,8 +165,8 @@ def test_each_row_generated_with_its_own_gate(explained):
     """The gate fed to the generator is the fusion rule's for the row's user (global, an expert or
     a mixture): the recorded adapter label and the prompt hash (which covers the gate) both match
     an independent computation; users with different gates get different prompt hashes."""
-    from thinkrec.model.fusion import gate
-    from thinkrec.model.thinkrec import CFTable, load_fusion
+    from thinkrec.model.fusion import gate, load_fusion
+    from thinkrec.model.thinkrec import CFTable
     from thinkrec.scoring.base import load_artifacts
 
     cfg, storage, sample, _ = explained
@@ -187,7 +187,7 @@ def test_each_row_generated_with_its_own_gate(explained):
     needed = set(sample[S.ITEM_ID].tolist()) | {int(i) for h in sample[S.HISTORY_ITEMS] for i in h}
     actor = explain.ExplainActor(cfg.to_dict(), explain.item_infos(storage, needed))
     hashes = dict(zip(zip(out[S.USER_ID], out[S.ITEM_ID], strict=True), out[S.PROMPT_HASH], strict=True))
-    for r, g in zip(sample.to_dict("records"), w.numpy(), strict=True):
+    for r, g in zip(sample.to_dict("records"), w, strict=True):
         req = GenRequest("k", encoded=actor.encode(r), gate=g)
         assert actor.gen.key(req, actor.decoding) == hashes[(int(r[S.USER_ID]), int(r[S.ITEM_ID]))]
         other = GenRequest("k", encoded=actor.encode(r), gate=np.eye(len(g))[0 if g[0] < 1 else 1])

@@ -132,6 +132,25 @@ def test_gate_picks_global_expert_or_mixture(user, expect_label, expect_gate):
         assert labels[0] == "mix:" + ",".join(f"{x:.2f}" for x in g[0, 1:].tolist())
 
 
+def test_gate_weights_equal_torch_cosine_softmax():
+    """The gate in numpy (the prompt process imports no torch) equals torch's softmax over
+    cosine_similarity / tau, a zero (unknown) embedding included, to float64 rounding."""
+    from thinkrec.model.fusion import gate_weights
+
+    g = torch.Generator().manual_seed(0)
+    users = torch.cat([torch.randn(31, 16, generator=g), torch.zeros(1, 16)]).double()
+    protos = torch.randn(5, 16, generator=g).double()
+    want = torch.softmax(
+        torch.nn.functional.cosine_similarity(users[:, None], protos[None], dim=-1) / 0.2, -1
+    )
+    got = gate_weights(users.float().numpy(), protos.numpy(), 0.2)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-6)  # users rounded to float32 first
+    np.testing.assert_allclose(
+        gate_weights(users.numpy(), protos.numpy(), 0.2), want.numpy(), rtol=0, atol=1e-12
+    )
+    assert got.dtype == np.float64 and np.allclose(got.sum(-1), 1)
+
+
 def test_gates_are_required_and_checked(adapters):
     base, dirs = adapters
     model = load_model(base).eval()

@@ -248,6 +248,39 @@ def _staged(prepared, tiny_qwen, artifact_dirs, tmp_path, block_rows):
     return cfg, out, out_storage(storage, out), staged, mode
 
 
+def test_prompt_process_imports_neither_torch_nor_transformers(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    """The child's whole work on a real shard (set-up: tokenizer, CF users, fusion; then the shard's
+    read, lookups, gates and prompts) runs without torch or transformers: their imports would sit
+    on the scorer actor's start-up, on the same cores as the model's load."""
+    import json
+    import subprocess
+    import sys
+
+    cfg, out, _, staged, mode = _staged(prepared, tiny_qwen, artifact_dirs, tmp_path, block_rows=64)
+    setup = {
+        "cfg": cfg.to_dict(),
+        "artifacts": dataclasses.asdict(load_artifacts(cfg)),
+        "out": out,
+        "mode": mode,
+    }
+    lines = tmp_path / "child-input.jsonl"
+    lines.write_text(json.dumps(setup) + "\n" + json.dumps({"shard": 0}) + "\n")
+    code = (
+        "import io, sys\n"
+        "from thinkrec.scoring.prompt_process import _serve\n"
+        "out = io.BytesIO()\n"
+        f"_serve(open({str(lines)!r}, 'rb'), out)\n"
+        "frames = out.getvalue()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules]\n"
+        "print(len(frames), heavy)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    n, heavy = res.stdout.split(maxsplit=1)
+    assert staged[0] > 0 and int(n) > 1000, res.stdout  # the set-up's ids, the shard's slices and end
+    assert heavy.strip() == "[]", heavy
+
+
 def test_prompt_process_builds_ahead_into_the_next_shard(prepared, tiny_qwen, artifact_dirs, tmp_path):
     """The child builds shards named in advance while the actor has read nothing: the next
     shard's read, lookups and prompts are done before the scorer reaches it. Shown by taking shard

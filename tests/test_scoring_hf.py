@@ -12,9 +12,9 @@ import torch
 
 from thinkrec import config as C
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
-from thinkrec.model.fusion import gate
+from thinkrec.model.fusion import gate, load_fusion
 from thinkrec.model.prompt import ItemInfo, PromptBuilder
-from thinkrec.model.thinkrec import CFTable, load_fusion
+from thinkrec.model.thinkrec import CFTable
 from thinkrec.scoring.base import ScoreRow, load_artifacts
 
 N_USERS, N_ITEMS = 8, 40
@@ -61,7 +61,7 @@ def make_rows(
         prefix = pb.encode_prefix(u, hist)
         if gates == "fusion":
             g, labels = gate(cf.user[u : u + 1], fusion)
-            g, label = g[0].numpy(), labels[0]
+            g, label = g[0], labels[0]
         else:
             g = np.random.default_rng(seed * 100 + u).dirichlet(np.ones(len(artifacts.adapter_names)))
             label = "random"

@@ -145,7 +145,7 @@ class ExplainActor:
         self, config: dict[str, Any], items: dict[int, tuple[str, list[str]]], device: str | None = None
     ) -> None:
         from thinkrec.model.base import load_tokenizer
-        from thinkrec.model.thinkrec import CFTable, load_fusion
+        from thinkrec.model.fusion import load_fusion, user_embeddings
         from thinkrec.scoring.base import load_artifacts
 
         cfg = from_dict(config)
@@ -182,7 +182,7 @@ class ExplainActor:
             use_chat_template=cfg.model.use_chat_template,
             max_title_chars=cfg.model.max_title_chars,
         )
-        self.cf = CFTable.load(art.cf_embeddings) if art.cf_embeddings else None
+        self.cf_users = user_embeddings(art.cf_embeddings) if art.cf_embeddings else None
         self.fusion = load_fusion(art.fusion) if art.fusion else None
         self.n_adapters = len(art.adapter_names)
         self.items = {int(k): ItemInfo(t, tuple(kw)) for k, (t, kw) in items.items()}
@@ -203,15 +203,9 @@ class ExplainActor:
 
     def gate(self, user_id: int) -> tuple[np.ndarray, str]:
         """(1 + N,) weights over [global, expert-0, ...] and their label, by the score stage's rule."""
-        from thinkrec.model.fusion import gate
+        from thinkrec.model.fusion import user_gate
 
-        if user_id == 0 or self.fusion is None or self.cf is None or self.n_adapters == 1:
-            g = np.zeros(self.n_adapters)
-            g[0] = 1.0
-            return g, "global"
-        mode = "global" if self.cfg.fusion.mode == "global" else "thinkrec"
-        w, labels = gate(self.cf.user[user_id : user_id + 1], self.fusion, mode)
-        return w[0].numpy(), labels[0]
+        return user_gate(self.cf_users, self.fusion, self.n_adapters, user_id, self.cfg.fusion.mode)
 
     def requests(self, batch: pd.DataFrame) -> list[GenRequest]:
         out = []

@@ -14,39 +14,50 @@ LoRA layer computes for a whole batch at once (scoring/engine/fused_lora.py).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
-import torch
+import numpy as np
+
+# numpy, not torch: the scorer actor's prompt process computes the gates and imports no torch, so its
+# start-up (beside the model's load, on the same cores) stays short.
 
 
-def gate_weights(user_emb: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
-    """(B, d) user CF embeddings, (N, d) prototypes -> (B, N) softmax(cos / tau)."""
-    cos = torch.nn.functional.cosine_similarity(
-        user_emb[:, None, :].double(), prototypes[None].double(), dim=-1
-    )
-    return torch.softmax(cos / tau, dim=-1)
+def gate_weights(user_emb: Any, prototypes: Any, tau: float) -> np.ndarray:
+    """(B, d) user CF embeddings, (N, d) prototypes -> (B, N) softmax(cos / tau), float64."""
+    u = np.asarray(user_emb, dtype=np.float64)
+    p = np.asarray(prototypes, dtype=np.float64)
+    # torch's cosine_similarity: each norm clamped at 1e-8, so a zero embedding gives cos 0
+    un = np.maximum(np.linalg.norm(u, axis=-1, keepdims=True), 1e-8)
+    pn = np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-8)
+    cos = (u / un) @ (p / pn).T  # (B, N)
+    z = cos / tau
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
-def gate(
-    user_emb: torch.Tensor, fusion: dict[str, Any], mode: str = "thinkrec"
-) -> tuple[torch.Tensor, list[str]]:
-    """Per-row adapter weights (B, 1+N) and a label per row ("global", "expert-2", "mix:0.61,0.39").
+def gate(user_emb: Any, fusion: dict[str, Any], mode: str = "thinkrec") -> tuple[np.ndarray, list[str]]:
+    """Per-row adapter weights (B, 1+N) float64 and a label per row ("global", "expert-2",
+    "mix:0.61,0.39"). ``user_emb``: (B, d), a numpy array or a CPU tensor.
 
     mode "global" always picks the global adapter; "thinkrec" applies the paper's rule; "linear"
     uses the same rule but its mixtures are to be served by peft's linear merge (paper-compatible)."""
-    B = user_emb.shape[0]
-    protos = torch.tensor(fusion["prototypes"], dtype=torch.float64)
+    u = np.asarray(user_emb, dtype=np.float64)
+    B = u.shape[0]
+    protos = np.asarray(fusion["prototypes"], dtype=np.float64)
     N = protos.shape[0]
-    g = torch.zeros(B, 1 + N, dtype=torch.float64)
+    g = np.zeros((B, 1 + N))
     if mode == "global" or N == 0:
         g[:, 0] = 1
         return g, ["global"] * B
-    w = gate_weights(user_emb, protos, fusion["tau"])
-    wmax, arg = w.max(dim=-1)
-    entropy = -(w * w.clamp_min(1e-30).log()).sum(-1)
+    w = gate_weights(u, protos, fusion["tau"])
+    arg = w.argmax(axis=-1)
+    wmax = w.max(axis=-1)
+    entropy = -(w * np.log(np.maximum(w, 1e-30))).sum(-1)
     single = wmax > fusion["single_base"] + fusion["single_per_group"] / N
-    uniform = entropy >= fusion["entropy_frac"] * math.log(N) if N > 1 else torch.zeros(B, dtype=torch.bool)
+    uniform = entropy >= fusion["entropy_frac"] * math.log(N) if N > 1 else np.zeros(B, dtype=bool)
     labels = []
     for i in range(B):
         if single[i] or N == 1:
@@ -59,3 +70,55 @@ def gate(
             g[i, 1:] = w[i]
             labels.append("mix:" + ",".join(f"{x:.2f}" for x in w[i].tolist()))
     return g, labels
+
+
+def gate_mode(fusion_mode: str) -> str:
+    """The gate rule for ``fusion.mode``: "global" always picks the global adapter; "thinkrec" and
+    "linear" apply the paper's rule (linear serves its mixtures by a merge instead)."""
+    return "global" if fusion_mode == "global" else "thinkrec"
+
+
+def user_gate(
+    users: np.ndarray | None, fusion: dict[str, Any] | None, n_adapters: int, user_id: int, mode: str
+) -> tuple[np.ndarray, str]:
+    """One user's (n_adapters,) weights and label: the global adapter for an unknown user (id 0) or
+    a model without experts or CF table, else ``gate`` on the user's row of ``users``."""
+    if user_id == 0 or fusion is None or users is None or n_adapters == 1:
+        g = np.zeros(n_adapters)
+        g[0] = 1.0
+        return g, "global"
+    w, labels = gate(users[user_id : user_id + 1], fusion, gate_mode(mode))
+    return w[0], labels[0]
+
+
+def user_embeddings(path: str) -> np.ndarray:
+    """The CF table's user rows (row 0 = unknown) as the gate reads them, float32 like ``CFTable``,
+    loaded without torch."""
+    from safetensors.numpy import load_file
+
+    return load_file(path)["user"].astype(np.float32)
+
+
+def save_fusion(
+    path: str, prototypes: Any, fusion_cfg: Any, groups: list[str], extra: dict[str, Any]
+) -> None:
+    """fusion.json: the gate's settings, the expert names and their (N, d) prototypes."""
+    doc = {
+        "tau": fusion_cfg.tau,
+        "single_base": fusion_cfg.single_base,
+        "single_per_group": fusion_cfg.single_per_group,
+        "entropy_frac": fusion_cfg.entropy_frac,
+        "experts": groups,
+        "prototypes": np.asarray(prototypes, dtype=np.float64).tolist(),
+        **extra,
+    }
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+
+
+def load_fusion(path: str) -> dict[str, Any] | None:
+    """fusion.json as written by the train stage, or None where the model has no experts."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -8,8 +8,6 @@ embeddings right after the embedding layer.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,26 +146,3 @@ def yes_no_scores(logits: torch.Tensor, yes_id: int, no_id: int) -> tuple[torch.
     """(score = Yes logit, P(Yes) over {Yes, No}) from answer-position logits (n, V)."""
     yes, no = logits[:, yes_id].float(), logits[:, no_id].float()
     return yes, torch.sigmoid(yes - no)
-
-
-def save_fusion(
-    path: str, prototypes: torch.Tensor, fusion_cfg: Any, groups: list[str], extra: dict[str, Any]
-) -> None:
-    doc = {
-        "tau": fusion_cfg.tau,
-        "single_base": fusion_cfg.single_base,
-        "single_per_group": fusion_cfg.single_per_group,
-        "entropy_frac": fusion_cfg.entropy_frac,
-        "experts": groups,
-        "prototypes": prototypes.tolist(),
-        **extra,
-    }
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
-
-
-def load_fusion(path: str) -> dict[str, Any] | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)

@@ -52,7 +52,7 @@ import torch
 
 from thinkrec import config as C
 from thinkrec.model.base import build_tiny_model, load_model, load_tokenizer
-from thinkrec.model.fusion import gate
+from thinkrec.model.fusion import gate, load_fusion, save_fusion
 from thinkrec.model.prompt import ItemInfo, PromptBuilder
 from thinkrec.model.thinkrec import (
     ADAPTERS,
@@ -64,8 +64,6 @@ from thinkrec.model.thinkrec import (
     collate,
     expert_name,
     input_embeddings,
-    load_fusion,
-    save_fusion,
 )
 from thinkrec.scoring.base import Artifacts, ScoreRow
 
@@ -155,7 +153,7 @@ def make_rows(pb: PromptBuilder, art: Artifacts, users: int, per_user: int, n_it
         ]
         prefix = pb.encode_prefix(u, hist)
         g, labels = gate(cf.user[u : u + 1], fusion or {"prototypes": []})
-        w = g[0].numpy()
+        w = g[0]
         for i in rng.choice(n_items, per_user, replace=False) + 1:
             rows.append(ScoreRow(u, int(i), prefix, pb.encode_candidate(int(i), items[int(i)]), w, labels[0]))
     return rows

@@ -39,9 +39,8 @@ from thinkrec.data.items import lookup_items
 from thinkrec.io.commit import REASON, read_rows
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_prompt_tokenizer
-from thinkrec.model.fusion import gate
+from thinkrec.model.fusion import load_fusion, user_embeddings, user_gate
 from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
-from thinkrec.model.thinkrec import CFTable, load_fusion
 from thinkrec.scoring.base import Artifacts, ScoreRow, load_artifacts
 from thinkrec.scoring.candidates import shard_key
 
@@ -64,10 +63,6 @@ FIELDS = ("ids", "cf_pos", "cf_kind", "cf_id")
 
 def enc_col(part: str, name: str) -> str:
     return f"_{part}_{name}"
-
-
-def gate_mode(cfg: Config) -> str:
-    return "global" if cfg.fusion.mode == "global" else "thinkrec"
 
 
 class Lookups:
@@ -161,7 +156,7 @@ class PromptStep:
         hist = c.score.history
         self.use_ts = hist == "before_timestamp" or (hist == "auto")
         self.need_ts = hist == "before_timestamp" and bool(c.score.candidates)
-        self.cf = CFTable.load(artifacts.cf_embeddings) if artifacts.cf_embeddings else None
+        self.cf_users = user_embeddings(artifacts.cf_embeddings) if artifacts.cf_embeddings else None
         self.fusion = load_fusion(artifacts.fusion) if artifacts.fusion else None
         self.n_adapters = len(artifacts.adapter_names)
         self._gates: dict[int, tuple[np.ndarray, str]] = {}
@@ -181,13 +176,7 @@ class PromptStep:
     def _gate(self, user_id: int) -> tuple[np.ndarray, str]:
         hit = self._gates.get(user_id)
         if hit is None:
-            if user_id == 0 or self.fusion is None or self.cf is None or self.n_adapters == 1:
-                g = np.zeros(self.n_adapters)
-                g[0] = 1.0
-                hit = (g, "global")
-            else:
-                w, labels = gate(self.cf.user[user_id : user_id + 1], self.fusion, gate_mode(self.cfg))
-                hit = (w[0].numpy(), labels[0])
+            hit = user_gate(self.cf_users, self.fusion, self.n_adapters, user_id, self.cfg.fusion.mode)
             self._gates[user_id] = hit
         return hit
 

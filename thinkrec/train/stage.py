@@ -38,8 +38,9 @@ from thinkrec.config import Config
 from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
+from thinkrec.model.fusion import save_fusion
 from thinkrec.model.prompt import PromptBuilder
-from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name, save_fusion
+from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name
 from thinkrec.runtime import fit
 from thinkrec.scoring.base import (
     BASE_MODEL_DIR,
@@ -362,10 +363,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 publish_adapter(name),
             )
         with tempfile.TemporaryDirectory() as d:
-            import torch
-
             local = os.path.join(d, FUSION)
-            save_fusion(local, torch.tensor(protos), cfg.fusion, names, {"group_sizes": report["sizes"]})
+            save_fusion(local, protos, cfg.fusion, names, {"group_sizes": report["sizes"]})
             _publish_file(storage, local, f"{out}/{FUSION}")
 
     storage.write_json(f"{out}/{CURVES}", curves)

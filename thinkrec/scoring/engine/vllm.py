@@ -45,8 +45,9 @@ from torch import nn
 
 from thinkrec.model.base import load_tokenizer
 from thinkrec.model.fusion import gate as fusion_gate
+from thinkrec.model.fusion import load_fusion
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, load_fusion
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.engine.merge import (
     LoraAdapter,
@@ -220,7 +221,7 @@ class VLLMScorer:
                 f"fusion.json names experts {self.fusion.get('experts')} but the adapters are {self.names}"
             )
         g, _ = fusion_gate(self.cf.user[1:], self.fusion, self.cfg.fusion.mode)  # (U, 1+N)
-        W = [w for w in g.numpy() if self._single(w) is None]
+        W = [w for w in g if self._single(w) is None]
         if W:
             report = self._assign(np.stack(W))[1]
             log.info("vllm scorer: %d mixtures merged from %d mixture users", len(self.mixtures), report.rows)
