@@ -72,22 +72,17 @@ def gate(user_emb: Any, fusion: dict[str, Any], mode: str = "thinkrec") -> tuple
     return g, labels
 
 
-def gate_mode(fusion_mode: str) -> str:
-    """The gate rule for ``fusion.mode``: "global" always picks the global adapter; "thinkrec" and
-    "linear" apply the paper's rule (linear serves its mixtures by a merge instead)."""
-    return "global" if fusion_mode == "global" else "thinkrec"
-
-
 def user_gate(
     users: np.ndarray | None, fusion: dict[str, Any] | None, n_adapters: int, user_id: int, mode: str
 ) -> tuple[np.ndarray, str]:
     """One user's (n_adapters,) weights and label: the global adapter for an unknown user (id 0) or
-    a model without experts or CF table, else ``gate`` on the user's row of ``users``."""
+    a model without experts or CF table, else ``gate`` on the user's row of ``users`` (``mode``:
+    ``fusion.mode``)."""
     if user_id == 0 or fusion is None or users is None or n_adapters == 1:
         g = np.zeros(n_adapters)
         g[0] = 1.0
         return g, "global"
-    w, labels = gate(users[user_id : user_id + 1], fusion, gate_mode(mode))
+    w, labels = gate(users[user_id : user_id + 1], fusion, mode)
     return w[0], labels[0]
 
 
