@@ -308,6 +308,8 @@ def test_model_loss_matches_full_forward(tiny_qwen):
 
 # -- Ray Train: sharding, DeepSpeed ---------------------------------------------------------------------
 def test_data_sharding_gives_workers_distinct_samples(ray_local, tmp_path):
+    """Every phase's rows in one dataset: each worker gets the same number of each phase's rows
+    (DDP needs equal steps per phase), and no row goes to two workers."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -318,22 +320,28 @@ def test_data_sharding_gives_workers_distinct_samples(ray_local, tmp_path):
 
         rows = D.shard_rows(ray.train.get_dataset_shard("train"))
         rank = ray.train.get_context().get_world_rank()
-        Path(config["out"], f"rank{rank}.json").write_text(json.dumps([int(r["idx"]) for r in rows]))
+        keys = [[r["phase"], int(r["idx"])] for r in rows]
+        Path(config["out"], f"rank{rank}.json").write_text(json.dumps(keys))
         ray.train.report({"n": len(rows)})
 
-    rows = [{"idx": k, "user_id": k % 5, "prompt_ids": [1, 2, k]} for k in range(21)]
+    rows = {
+        "global": [{"idx": k, "user_id": k % 5, "prompt_ids": [1, 2, k]} for k in range(21)],
+        "expert-0": [{"idx": k, "user_id": k % 3, "prompt_ids": [3, k]} for k in range(9)],
+    }
     TorchTrainer(
         shard_loop,
         train_loop_config={"out": out},
         scaling_config=ScalingConfig(num_workers=2),
         run_config=RunConfig(name="shard", storage_path=out),
-        datasets={"train": D.to_dataset(rows, 2)},
+        datasets={"train": D.phases_dataset(rows, 2, trim=True)},
     ).fit()
-    a = json.loads(Path(out, "rank0.json").read_text())
-    b = json.loads(Path(out, "rank1.json").read_text())
-    assert len(a) == len(b) == 10  # 21 rows trimmed to a multiple of 2 workers
+    a = [tuple(k) for k in json.loads(Path(out, "rank0.json").read_text())]
+    b = [tuple(k) for k in json.loads(Path(out, "rank1.json").read_text())]
+    for shard in (a, b):  # 21 and 9 rows trimmed to multiples of 2 workers, then halved
+        assert sum(p == "global" for p, _ in shard) == 10
+        assert sum(p == "expert-0" for p, _ in shard) == 4
     assert not set(a) & set(b)
-    assert sorted(a + b) == list(range(20))
+    assert sorted(a + b) == sorted([("global", k) for k in range(20)] + [("expert-0", k) for k in range(8)])
 
 
 def _lora_b_nonzero(adapter_dir: str) -> bool:
@@ -374,13 +382,73 @@ def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
         "yes_id": pb.yes_id,
         "pad_id": pb.placeholder_id,
     }
-    d, _ = fit_phase(cfg, spec, rows, rows[:8], f"ds-zero{zero_stage}")
-    curves = json.loads(Path(os.path.join(d, "final", "curves.json")).read_text())
+    d, curves = fit_phase(cfg, spec, rows, rows[:8], f"ds-zero{zero_stage}")
+    assert json.loads(Path(os.path.join(d, "curves.json")).read_text()) == curves
     # 16 rows / 2 workers / batch 4 = 2 micro-batches per worker = 1 optimizer step (grad_accum 2).
     assert len(curves["loss"]) == 1 and math.isfinite(curves["loss"][0])
     assert len(curves["valid"]) == 1
-    assert _lora_b_nonzero(os.path.join(d, "final", "adapter"))
-    shutil.rmtree(d)
+    assert _lora_b_nonzero(os.path.join(d, "adapter"))
+
+
+def test_phases_share_one_run_and_a_rerun_skips_published_phases(ray_local, tmp_path):
+    """Two phases (global, then an expert starting from the global adapter) in one TorchTrainer run.
+    Rerun under the same name after the expert's result is removed: the global phase is skipped (its
+    published files untouched) and the expert is trained again from it, to the same weights."""
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.train.bench import synthetic_samples
+    from thinkrec.train.stage import PHASES_DIR, TRAIN_DIR, Phase, ensure_base_model, fit_phases
+
+    cfg = train_config(str(tmp_path), **{"train.expert_last_layers": 1})
+    storage = Storage.from_config(cfg)
+    base = ensure_base_model(cfg)
+    pb = PromptBuilder(load_tokenizer(base), cf_tokens=False)
+    samples, items = synthetic_samples(16)
+    rows = D.encode_rows(pb, samples, items, history_len=4, max_answer_tokens=4)
+
+    def out(name):
+        return storage.uri(TRAIN_DIR, PHASES_DIR, name)
+
+    common = {"meta": {"run": "t"}, "base_model": base, "yes_id": pb.yes_id, "pad_id": pb.placeholder_id}
+    common |= {"cf_tokens": False, "lr": 1e-2, "epochs": 1}
+    phases = [
+        Phase({**common, "name": "global", "out": out("global"), "phase": "global"}, rows, rows[:8]),
+        Phase(
+            {
+                **common,
+                "name": "expert-0",
+                "out": out("expert-0"),
+                "phase": "expert",
+                "init_adapter": f"{out('global')}/adapter",
+            },
+            rows[:8],
+            [],
+        ),
+    ]
+    curves = fit_phases(cfg, phases, "two-phases")
+    assert list(curves) == ["global", "expert-0"]
+    assert len(curves["global"]["valid"]) == 1 and "valid" in curves["expert-0"]
+    runs = os.listdir(os.path.join(str(tmp_path), "train", "_ray"))
+    assert runs == ["two-phases"]  # one Ray Train run for both phases
+    g_file = os.path.join(out("global"), "adapter", "adapter_model.safetensors")
+    e_file = os.path.join(out("expert-0"), "adapter", "adapter_model.safetensors")
+    g_before, e_before = os.stat(g_file).st_mtime_ns, load_file(e_file)
+    # Only the last layer's LoRA trains in an expert: its other weights are the global adapter's.
+    g = load_file(g_file)
+    assert any(not torch.equal(e_before[k], g[k]) for k in g) and any(
+        torch.equal(e_before[k], g[k]) for k in g
+    )
+
+    shutil.rmtree(out("expert-0"))
+    os.remove(f"{out('expert-0')}.json")
+    again = fit_phases(cfg, phases, "two-phases")
+    assert os.stat(g_file).st_mtime_ns == g_before
+    assert again["global"] == curves["global"]
+    for k, v in load_file(e_file).items():
+        torch.testing.assert_close(v, e_before[k], atol=1e-6, rtol=0)
+    # A marker from another run (other meta) is not this run's result: the phase trains again.
+    other = [Phase({**p.spec, "meta": {"run": "u"}}, p.train_rows, p.valid_rows) for p in phases]
+    fit_phases(cfg, other, "two-phases-u")
+    assert os.stat(g_file).st_mtime_ns != g_before
 
 
 # -- the stage end to end -------------------------------------------------------------------------------

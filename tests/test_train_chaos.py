@@ -76,7 +76,7 @@ def test_killed_worker_resumes_from_checkpoint(prepared, tmp_path, reference):
 def _has_registered_checkpoint(root: str) -> bool:
     """True once the run's checkpoint manager has recorded a checkpoint in storage (what a
     resubmitted run restores from), not merely once a checkpoint directory exists."""
-    for snap in glob.glob(os.path.join(root, "train/_ray/*-global/checkpoint_manager_snapshot.json")):
+    for snap in glob.glob(os.path.join(root, "train/_ray/*-phases/checkpoint_manager_snapshot.json")):
         try:
             doc = json.loads(Path(snap).read_text())
         except (OSError, ValueError):

@@ -38,10 +38,13 @@ class Storage:
         fs, path = self.fs(uri)
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
-    def read_json(self, uri: str) -> Any:
+    def read_bytes(self, uri: str) -> bytes:
         fs, path = self.fs(uri)
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            return f.read()
+
+    def read_json(self, uri: str) -> Any:
+        return json.loads(self.read_bytes(uri).decode())
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Publish a small object atomically: tmp + rename locally, one PUT on S3."""

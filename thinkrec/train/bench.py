@@ -90,12 +90,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "yes_id": pb.yes_id,
                 "pad_id": pb.placeholder_id,
             }
-            d, _ = fit_phase(cfg, spec, rows, [], f"bench-{workers}w")
-            import json
-
-            with open(os.path.join(d, "final", "curves.json")) as f:
-                tp = json.load(f)["throughput"]
-            shutil.rmtree(d, ignore_errors=True)
+            _, curves = fit_phase(cfg, spec, rows, [], f"bench-{workers}w")
+            tp = curves["throughput"]
             results[workers] = {
                 "samples_per_s": tp["samples"] / tp["seconds"],
                 "tokens_per_s": tp["tokens"] / tp["seconds"],

@@ -216,17 +216,25 @@ def encode_rows(
     return rows
 
 
-def to_dataset(rows: list[dict[str, Any]], num_workers: int) -> Any:
-    """A Ray Dataset over the rows, trimmed to a multiple of ``num_workers`` so every worker gets the
-    same number of samples (DDP needs the same number of steps on every rank)."""
+def phases_dataset(rows: dict[str, list[dict[str, Any]]], num_workers: int, *, trim: bool) -> Any:
+    """One Ray Dataset over every phase's rows, each tagged with its ``phase``, in ``num_workers``
+    blocks. Block k holds the k-th contiguous part of every phase's rows, so whichever worker a
+    block goes to, each phase's rows are spread evenly. With ``trim`` each phase is cut to a
+    multiple of ``num_workers`` (DDP needs the same number of steps on every rank)."""
     import ray.data
 
-    n = len(rows) - len(rows) % num_workers
-    if n == 0:
-        raise ValueError(f"train: {len(rows)} examples cannot be split over {num_workers} workers")
-    # One block per worker: the split hands out whole blocks, which keeps each shard's content
-    # the same from run to run (resume after a failure sees the same samples).
-    return ray.data.from_items(rows[:n], override_num_blocks=num_workers)
+    parts: list[list[dict[str, Any]]] = [[] for _ in range(num_workers)]
+    for name, rs in rows.items():
+        n = len(rs) - len(rs) % num_workers if trim else len(rs)
+        if trim and n == 0:
+            raise ValueError(
+                f"train phase {name!r}: {len(rs)} examples cannot be split over {num_workers} workers"
+            )
+        for k, chunk in enumerate(np.array_split(np.arange(n), num_workers)):
+            parts[k] += [{**rs[i], "phase": name} for i in chunk]
+    # One block per worker (equal sizes when trimmed): the split hands out whole blocks, which keeps
+    # each shard's content the same from run to run (resume after a failure sees the same samples).
+    return ray.data.from_items([r for p in parts for r in p], override_num_blocks=num_workers)
 
 
 def shard_rows(shard: Any) -> list[dict[str, Any]]:

@@ -1,14 +1,19 @@
 """The Ray Train loop shared by every training phase (global LoRA, projector, expert LoRAs).
 
-One ``TorchTrainer`` run per phase. Each worker reads its own shard of the examples
-(``ray.train.get_dataset_shard``), builds the model (base + peft LoRA + CF projector), marks the
-phase's parameters trainable, and trains with AdamW, linear warm-up then cosine decay, and gradient
-accumulation, under DDP (gloo on CPU) or DeepSpeed ZeRO-2/3 (bf16 on GPU, fp32 + torch Adam on CPU).
+One ``TorchTrainer`` run for all phases, in order: Ray Train's actors (controller, workers, data
+split coordinators) start once per stage rather than once per phase, about 13 s each on 2 cores.
+Each worker reads its own shard of every phase's examples (``ray.train.get_dataset_shard``, rows
+tagged with their phase), and per phase builds the model (base + peft LoRA + CF projector), marks
+the phase's parameters trainable, and trains with AdamW, linear warm-up then cosine decay, and
+gradient accumulation, under DDP (gloo on CPU) or DeepSpeed ZeRO-2/3 (bf16 on GPU, fp32 + torch
+Adam on CPU). Rank 0 publishes each finished phase's result (adapter, projector, curves) to the
+run's storage, then a marker; the next phase starts from what was published.
 
 Fault tolerance: every ``train.checkpoint_every`` optimizer steps and at each epoch's end, rank 0
-reports a checkpoint (trainable weights, best weights, optimizer, scheduler, step, RNG, curves) via
-``ray.train.report``; a restarted worker group (``FailureConfig``) or a resubmitted job (same run
-name and storage path) resumes from ``ray.train.get_checkpoint()``. Randomness (batch order, LoRA
+reports a checkpoint of the current phase (trainable weights, best weights, optimizer, scheduler,
+step, RNG, curves) via ``ray.train.report``; a restarted worker group (``FailureConfig``) or a
+resubmitted job (same run name and storage path) skips the phases with a marker and resumes the
+phase named in ``ray.train.get_checkpoint()``. Randomness (batch order, LoRA
 dropout) is derived from (seed, epoch, step, data shard), so a resumed run replays exactly what an
 uninterrupted one would have done. Weights are safetensors; optimizer state is ``torch.save`` of
 tensors and numbers, read back with ``weights_only=True``.
@@ -16,6 +21,8 @@ tensors and numbers, read back with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -40,7 +47,6 @@ from thinkrec.train.loss import ThinkRecLM, TrainBatch, loss_fn, make_batch, yes
 log = logging.getLogger(__name__)
 
 PHASES = ("global", "projector", "expert")
-FINAL = "final"  # checkpoint sub-directory holding the phase's result
 ADAPTER = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
 CURVES = "curves.json"
@@ -224,30 +230,95 @@ def _save_rng() -> dict[str, torch.Tensor]:
     return {"torch": torch.get_rng_state()}
 
 
+def phase_result(storage: Storage, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The curves of a phase that has already published its result for exactly this run
+    (``spec["meta"]``), else None. The marker ``<out>.json`` is written after the result itself."""
+    uri = f"{spec['out']}.json"
+    if not storage.exists(uri):
+        return None
+    doc = storage.read_json(uri)
+    return doc["curves"] if doc.get("meta") == spec["meta"] else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point of every Ray Train worker. ``config`` = {"cfg": Config.to_dict(), "spec": phase spec}."""
+    """Entry point of every Ray Train worker. ``config`` = {"cfg": Config.to_dict(), "phases": [spec]}.
+
+    The phases run in order in one worker group (one Ray Train run: its actors start once, not once
+    per phase). Each phase's result is published by rank 0 under ``spec["out"]`` with a marker; a
+    restarted group skips the phases with a marker and resumes the one its checkpoint belongs to."""
     import ray.train
 
     cfg = C.from_dict(config["cfg"])
-    spec = config["spec"]
-    t = cfg.train
-    phase = spec["phase"]
+    specs = config["phases"]
+    storage = Storage.from_config(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_ds = t.backend == "deepspeed"
-    device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
-    if t.use_gpu:
+    device = torch.device("cpu")
+    if cfg.train.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
+    train_all = shard_rows(ray.train.get_dataset_shard("train"))
+    valid_all = shard_rows(ray.train.get_dataset_shard("valid")) if any(s["has_valid"] for s in specs) else []
+    ckpt = ray.train.get_checkpoint()
+    ckpt_dir: str | None = None
+    ckpt_phase = None
+    if ckpt is not None:
+        # A private local copy per worker (the storage may be remote, and ranks on one node must
+        # not share a copy that the first to finish removes).
+        ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix=f"thinkrec-restore-{rank}-"))
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            ckpt_phase = json.load(f).get("name")
+    try:
+        for spec in specs:
+            if phase_result(storage, spec) is not None:
+                log.info("train %s: already published, skipped", spec["name"])
+                continue
+            rows = _equal_shards([r for r in train_all if r["phase"] == spec["name"]], spec["name"])
+            valid = [r for r in valid_all if r["phase"] == spec["name"]]
+            restore = ckpt_dir if ckpt_phase == spec["name"] else None
+            _train_phase(cfg, spec, rows, valid, restore, rank, world, device, storage)
+            gc.collect()  # the phase's model, optimizer and DDP/DeepSpeed engine
+            dist = _dist()
+            if dist is not None:
+                dist.barrier()  # the next phase may start from this one's published result
+    finally:
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+
+def _equal_shards(rows: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """This phase's rows of the shard, cut to the smallest rank's count: DDP needs the same number
+    of steps on every rank. ``phases_dataset`` already lays the rows out so that they are equal."""
+    counts = _all_gather(len(rows))
+    if min(counts) == 0:
+        raise ValueError(f"train phase {name!r}: a worker got no training samples (counts {counts})")
+    if len(set(counts)) > 1:
+        log.warning("train %s: unequal shards %s, each cut to %d rows", name, counts, min(counts))
+    return rows[: min(counts)]
+
+
+def _train_phase(
+    cfg: C.Config,
+    spec: dict[str, Any],
+    rows: list[dict[str, Any]],
+    valid: list[dict[str, Any]],
+    ckpt_dir: str | None,
+    rank: int,
+    world: int,
+    device: torch.device,
+    storage: Storage,
+) -> None:
+    """One phase: build its model, restore from ``ckpt_dir`` when the checkpoint is this phase's,
+    train with checkpoints, and publish the best (or last) weights under ``spec["out"]``."""
+    import ray.train
+
+    t = cfg.train
+    phase, name = spec["phase"], spec["name"]
+    use_ds = t.backend == "deepspeed"
     # The driver's tokenizer ids: a worker loads no tokenizer (1-2 s of every phase's start-up).
     pad_id, yes_id = int(spec["pad_id"]), int(spec["yes_id"])
-    rows = shard_rows(ray.train.get_dataset_shard("train"))
-    valid = shard_rows(ray.train.get_dataset_shard("valid")) if spec["has_valid"] else []
-    if not rows:
-        raise ValueError(f"train phase {phase!r}: worker {rank} got no training samples")
     data_key = int(rows[0]["idx"])  # identifies the shard, whichever rank holds it
     bs = min(t.batch_size, len(rows))
     n_micro_all = len(rows) // bs
@@ -263,8 +334,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
 
     # -- restore (weights before the optimizer exists: ZeRO builds its fp32 partitions from them)
-    ckpt = ray.train.get_checkpoint()
     state: dict[str, Any] = {
+        "name": name,
         "step": 0,
         "epoch": 0,
         "micro": 0,
@@ -272,14 +343,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "valid": [],
         "best_score": None,
         "bad_epochs": 0,
-        "done": False,
     }
     best: dict[str, torch.Tensor] | None = None
-    ckpt_dir: str | None = None
-    if ckpt is not None:
-        # A private local copy per worker (the storage may be remote, and ranks on one node must
-        # not share a copy that the first to finish removes).
-        ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix=f"thinkrec-restore-{rank}-"))
+    if ckpt_dir is not None:
         with open(os.path.join(ckpt_dir, "state.json")) as f:
             state = json.load(f)
         _load_state(model, load_file(os.path.join(ckpt_dir, "trainable.safetensors")))
@@ -287,14 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             best = load_file(os.path.join(ckpt_dir, "best.safetensors"))
         torch.set_rng_state(load_file(os.path.join(ckpt_dir, "rng.safetensors"))["torch"])
         state.setdefault("resumed_at", []).append(state["step"])
-        log.info(
-            "train %s: rank %d resumed at step %d (epoch %d)", phase, rank, state["step"], state["epoch"]
-        )
-
-    if state["done"]:
-        # A resubmitted run that had already finished: hand back its result again.
-        _report_final(rank, ckpt_dir, state)
-        return
+        log.info("train %s: rank %d resumed at step %d (epoch %d)", name, rank, state["step"], state["epoch"])
 
     model.to(device)
     lr = float(spec["lr"])
@@ -320,7 +379,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         inner_opt.load_state_dict(torch.load(opt_file, weights_only=True))
         with open(os.path.join(ckpt_dir, "scheduler.json")) as f:
             scheduler.load_state_dict(json.load(f))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
 
     def checkpoint(metrics: dict[str, Any]) -> None:
         cur = _gathered_state(model, trainable, zero3)  # collective under ZeRO-3
@@ -343,7 +401,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             has_files = bool(os.listdir(d))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
 
-    resumed = ckpt is not None
+    resumed = ckpt_dir is not None
     n_tokens = n_samples = 0
     t_start = time.perf_counter()
     engine.train()
@@ -397,10 +455,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 os._exit(1)
             last_in_epoch = m + 1 == n_micro
             if state["step"] % t.checkpoint_every == 0 and not last_in_epoch:
-                checkpoint({"phase": phase, "step": state["step"], "loss": state["loss"][-1]})
+                checkpoint({"phase": name, "step": state["step"], "loss": state["loss"][-1]})
         # -- end of epoch: validate, keep the best, maybe stop early
         state["epoch"], state["micro"] = epoch + 1, 0
-        metrics: dict[str, Any] = {"phase": phase, "step": state["step"], "epoch": epoch + 1}
+        metrics: dict[str, Any] = {"phase": name, "step": state["step"], "epoch": epoch + 1}
         if valid:
             auc, uauc = _validate(engine, valid, pad_id, max(bs, 16))
             score = selection_score(auc, uauc, t.selection)
@@ -432,11 +490,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     final_state = _gathered_state(model, names, zero3)
     if best is not None:
         final_state.update(best)
-    state["done"] = True
-    with tempfile.TemporaryDirectory(prefix="thinkrec-final-") as d:
-        if rank == 0:
-            _write_final(d, model, final_state, state)
-        _report_final(rank, d if rank == 0 else None, state)
+    if rank == 0:
+        _publish(storage, spec, model, final_state, state)
 
 
 class _null:
@@ -464,36 +519,34 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_final(
-    d: str, model: ThinkRecLM, final_state: dict[str, torch.Tensor], state: dict[str, Any]
+def _publish(
+    storage: Storage,
+    spec: dict[str, Any],
+    model: ThinkRecLM,
+    final_state: dict[str, torch.Tensor],
+    state: dict[str, Any],
 ) -> None:
-    """The phase's result: the peft adapter directory, the projector, the curves, the state."""
-    final = os.path.join(d, FINAL)
-    os.makedirs(final)
-    # From the gathered copies: under ZeRO-3 the module's own parameters are partitions.
-    llm_state = {n[len("llm.") :]: v for n, v in final_state.items() if n.startswith("llm.")}
-    model.llm.save_pretrained(os.path.join(final, ADAPTER), safe_serialization=True, state_dict=llm_state)
-    if model.projector is not None:
-        proj = CFProjector(model.projector.cf_dim, model.projector.hidden_size)
-        proj.load_state_dict(
-            {n[len("projector.") :]: v for n, v in final_state.items() if n.startswith("projector.")}
-        )
-        proj.save(os.path.join(final, PROJECTOR_FILE))
-    with open(os.path.join(final, CURVES), "w") as f:
-        json.dump({k: state.get(k) for k in ("loss", "valid", "resumed_at", "throughput")}, f)
-    with open(os.path.join(d, "state.json"), "w") as f:
-        json.dump(state, f)
-
-
-def _report_final(rank: int, d: str | None, state: dict[str, Any]) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
-    metrics = {"done": 1, "step": state["step"]}
-    if rank == 0 and d is not None:
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics, checkpoint=None)
+    """The phase's result under ``spec["out"]``: the peft adapter directory, the projector, the
+    curves; then the marker ``<out>.json`` (meta and curves) that says the phase is finished."""
+    curves = {k: state.get(k) for k in ("loss", "valid", "resumed_at", "throughput")}
+    with tempfile.TemporaryDirectory(prefix="thinkrec-final-") as d:
+        # From the gathered copies: under ZeRO-3 the module's own parameters are partitions.
+        llm_state = {n[len("llm.") :]: v for n, v in final_state.items() if n.startswith("llm.")}
+        model.llm.save_pretrained(os.path.join(d, ADAPTER), safe_serialization=True, state_dict=llm_state)
+        # peft's generated model card is boilerplate; the adapter is its config and weights.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(d, ADAPTER, "README.md"))
+        if model.projector is not None:
+            proj = CFProjector(model.projector.cf_dim, model.projector.hidden_size)
+            proj.load_state_dict(
+                {n[len("projector.") :]: v for n, v in final_state.items() if n.startswith("projector.")}
+            )
+            proj.save(os.path.join(d, PROJECTOR_FILE))
+        with open(os.path.join(d, CURVES), "w") as f:
+            json.dump(curves, f)
+        storage.delete(spec["out"])  # what an interrupted attempt left
+        storage.copy_tree(d, spec["out"])
+    storage.write_json(f"{spec['out']}.json", {"meta": spec["meta"], "curves": curves})
 
 
 def _deepspeed(

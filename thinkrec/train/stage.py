@@ -12,10 +12,12 @@
 
 Outputs under <output_root>/train/: adapters/global/, adapters/expert-<g>/ (peft, safetensors),
 projector.safetensors, fusion.json, groups.json (sizes, separation, each train user's group),
-curves.json, committed with mark_success. Each
-phase is one TorchTrainer run with a stable name under train/_ray, so a resubmitted job resumes the
-phase it was in from its last checkpoint; finished phases are recorded in train/_phases and not rerun.
-Both helper folders are removed before the commit.
+curves.json, committed with mark_success. The groups come from the CF embeddings alone, so every
+phase is known before training starts, and all phases run in order in one TorchTrainer run with a
+stable name under train/_ray (Ray Train's actors start once per stage). Each finished phase publishes
+its result under train/_phases/<phase>/ with a marker; a resubmitted job skips the published phases
+and resumes the one it was in from its last checkpoint. The driver then copies the results to their
+places; both helper folders are removed before the commit.
 
 Variants from config: TALLRec-style (model.cf_tokens=false, train.reasoning=false,
 train.experts=false), CoLLM-style (cf tokens, no reasoning, no experts), ThinkRec without experts,
@@ -58,7 +60,6 @@ GROUPS = "groups.json"
 CURVES = "curves.json"
 RAY_DIR = "_ray"
 PHASES_DIR = "_phases"
-STAGE1_ADAPTER = "global-adapter"  # stage 1's LoRA under _phases (stage 2 may replace adapters/global)
 # Fields that steer fault tolerance only; they never change what is trained.
 _NOT_FINGERPRINTED = (
     "fail_at_step",
@@ -134,24 +135,62 @@ def _publish_file(storage: Storage, local: str, uri: str) -> None:
         storage.write_bytes(uri, f.read())
 
 
-class _Phases:
-    """Finished phases of this exact run (same fingerprint): their curves, under train/_phases."""
+@dataclasses.dataclass
+class Phase:
+    """One training phase: its spec for the loop (``name`` and ``out`` included) and its rows."""
 
-    def __init__(self, storage: Storage, out: str, meta: dict[str, str]) -> None:
-        self.storage, self.out, self.meta = storage, out, meta
+    spec: dict[str, Any]
+    train_rows: list[dict[str, Any]]
+    valid_rows: list[dict[str, Any]]
 
-    def _uri(self, name: str) -> str:
-        return f"{self.out}/{PHASES_DIR}/{name}.json"
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        uri = self._uri(name)
-        if not self.storage.exists(uri):
-            return None
-        doc = self.storage.read_json(uri)
-        return doc["curves"] if doc.get("meta") == self.meta else None
+def fit_phases(cfg: Config, phases: list[Phase], run_name: str) -> dict[str, dict[str, Any]]:
+    """One TorchTrainer run over the phases, in order (thinkrec/train/loop.py). Each phase publishes
+    its result under ``spec["out"]``; phases already published for this ``spec["meta"]`` are
+    skipped. Returns every phase's curves by name."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    def put(self, name: str, curves: dict[str, Any]) -> None:
-        self.storage.write_json(self._uri(name), {"meta": self.meta, "curves": curves})
+    t = cfg.train
+    storage = Storage.from_config(cfg)
+    specs = [{**p.spec, "has_valid": bool(p.valid_rows)} for p in phases]
+    todo = [p for p in phases if L.phase_result(storage, p.spec) is None]
+    names = {p.spec["name"] for p in todo}
+    if todo:
+        fs, path = storage.fs(storage.uri(TRAIN_DIR, RAY_DIR))
+        datasets = {
+            "train": D.phases_dataset({p.spec["name"]: p.train_rows for p in todo}, t.num_workers, trim=True)
+        }
+        if any(p.valid_rows for p in todo):
+            datasets["valid"] = D.phases_dataset(
+                {p.spec["name"]: p.valid_rows for p in todo}, t.num_workers, trim=False
+            )
+        import pyarrow.fs as pafs
+
+        local = isinstance(fs, pafs.LocalFileSystem)
+        trainer = TorchTrainer(
+            L.train_loop_per_worker,
+            # Only the phases left: the rows and "valid" dataset above are theirs alone.
+            train_loop_config={"cfg": cfg.to_dict(), "phases": [s for s in specs if s["name"] in names]},
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=path,
+                storage_filesystem=None if local else fs,
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+            ),
+            datasets=datasets,
+        )
+        fit(trainer)
+    curves = {}
+    for spec in specs:
+        c = L.phase_result(storage, spec)
+        if c is None:
+            raise RuntimeError(f"train phase {spec['name']}: the run {run_name} ended without its result")
+        curves[spec["name"]] = c
+    return curves
 
 
 def fit_phase(
@@ -160,45 +199,15 @@ def fit_phase(
     train_rows: list[dict[str, Any]],
     valid_rows: list[dict[str, Any]],
     run_name: str,
-) -> tuple[str, Any]:
-    """One TorchTrainer run. Returns (local directory of the phase's result, the Ray Train result);
-    the directory lives until the caller removes it."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+) -> tuple[str, dict[str, Any]]:
+    """One phase in its own run, its result under train/_phases/<run_name>. Returns (a local
+    directory with the result: adapter/, curves.json and the projector if any, its curves)."""
+    from thinkrec.scoring.base import localize
 
-    t = cfg.train
     storage = Storage.from_config(cfg)
-    fs, path = storage.fs(storage.uri(TRAIN_DIR, RAY_DIR))
-    datasets = {"train": D.to_dataset(train_rows, t.num_workers)}
-    spec = {**spec, "has_valid": bool(valid_rows)}
-    if valid_rows:
-        import ray.data
-
-        datasets["valid"] = ray.data.from_items(valid_rows, override_num_blocks=t.num_workers)
-    import pyarrow.fs as pafs
-
-    local = isinstance(fs, pafs.LocalFileSystem)
-    trainer = TorchTrainer(
-        L.train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "spec": spec},
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=None if local else fs,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets=datasets,
-    )
-    result = fit(trainer)
-    if result.checkpoint is None:
-        raise RuntimeError(f"train phase {spec['phase']}: the run {run_name} reported no result")
-    d = result.checkpoint.to_directory(tempfile.mkdtemp(prefix="thinkrec-phase-"))
-    if not os.path.isdir(os.path.join(d, L.FINAL)):
-        raise RuntimeError(f"train phase {spec['phase']}: the last checkpoint of {run_name} is not final")
-    return d, result
+    spec = {"name": run_name, "out": storage.uri(TRAIN_DIR, PHASES_DIR, run_name), "meta": run_name, **spec}
+    curves = fit_phases(cfg, [Phase(spec, train_rows, valid_rows)], run_name)
+    return localize(storage, spec["out"]), curves[run_name]
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -233,98 +242,56 @@ def run(cfg: Config) -> dict[str, Any]:
         )
 
     text_pb = builder(False)
-    phases = _Phases(storage, out, meta)
     prefix = f"{meta['config_hash']}-{meta['input_hash']}"
-    curves: dict[str, Any] = {}
+
+    def result(name: str) -> str:
+        return storage.uri(TRAIN_DIR, PHASES_DIR, name)
+
     common = {
+        "meta": meta,
         "base_model": base,
         "yes_id": text_pb.yes_id,
         "pad_id": text_pb.placeholder_id,
         "cf_dir": storage.uri(CF_MODEL_DIR),
         "cf_file": CF_EMBEDDINGS,
-        "projector_dir": out,
-        "projector_file": PROJECTOR,
-        "init_adapter": storage.uri(TRAIN_DIR, ADAPTERS, GLOBAL),
     }
 
-    def phase(
-        name: str,
-        spec: dict[str, Any],
-        train_rows: list[dict[str, Any]],
-        valid_rows: list[dict[str, Any]],
-        publish: Any,
-    ) -> None:
-        done = phases.get(name)
-        if done is not None:
-            log.info("train: phase %s already finished, reused", name)
-            curves[name] = done
-            return
-        log.info("train: phase %s on %d samples (%d valid)", name, len(train_rows), len(valid_rows))
-        d, _ = fit_phase(cfg, {**common, **spec}, train_rows, valid_rows, f"{prefix}-{name}")
-        try:
-            final = os.path.join(d, L.FINAL)
-            publish(final)
-            with open(os.path.join(final, L.CURVES)) as f:
-                curves[name] = json.load(f)
-        finally:
-            shutil.rmtree(d, ignore_errors=True)
-        phases.put(name, curves[name])
-
-    def publish_adapter(adapter: str) -> Any:
-        def publish(final: str) -> None:
-            src = os.path.join(final, L.ADAPTER)
-            # peft's generated model card is boilerplate; the adapter is its config and weights.
-            if os.path.exists(os.path.join(src, "README.md")):
-                os.remove(os.path.join(src, "README.md"))
-            dst = storage.uri(TRAIN_DIR, ADAPTERS, adapter)
-            storage.delete(dst)  # replace what an earlier attempt left
-            storage.copy_tree(src, dst)
-
-        return publish
-
-    def publish_global(final: str) -> None:
-        publish_adapter(GLOBAL)(final)
-        src = storage.uri(TRAIN_DIR, ADAPTERS, GLOBAL)
-        dst = storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER)
-        storage.delete(dst)
-        storage.copy_tree(src, dst)
+    def spec(name: str, **kw: Any) -> dict[str, Any]:
+        return {**common, "name": name, "out": result(name), **kw}
 
     # 1. global LoRA, text-only prompts
-    phase(
-        GLOBAL,
-        {"phase": "global", "cf_tokens": False, "lr": t.lr, "epochs": t.epochs},
-        rows(text_pb, samples),
-        rows(text_pb, vsamples),
-        publish_global,
-    )
-    # 2. projector (LoRA frozen)
+    phases = [
+        Phase(
+            spec(GLOBAL, phase="global", cf_tokens=False, lr=t.lr, epochs=t.epochs),
+            rows(text_pb, samples),
+            rows(text_pb, vsamples),
+        )
+    ]
+    global_from = GLOBAL  # the phase whose adapter is the global one
+    # 2. projector (LoRA frozen, or trained too with train.projector_lora)
     pb = text_pb
     if cfg.model.cf_tokens:
         pb = builder(True)
-
-        def publish_projector(final: str) -> None:
-            _publish_file(storage, os.path.join(final, L.PROJECTOR_FILE), f"{out}/{PROJECTOR}")
-            if t.projector_lora:  # stage 2's LoRA replaces stage 1's as the global adapter
-                publish_adapter(GLOBAL)(final)
-
-        phase(
-            "projector",
-            {
-                "phase": "projector",
-                "cf_tokens": True,
-                "lr": t.projector_lr,
-                "lora_lr": t.lr if t.projector_lora else None,
-                "epochs": t.projector_epochs,
-                # Stage 1's adapter, kept apart: a rerun of this phase must start from it, not from
-                # the adapter this phase publishes over adapters/global.
-                "init_adapter": storage.uri(TRAIN_DIR, PHASES_DIR, STAGE1_ADAPTER),
-            },
-            rows(pb, samples),
-            rows(pb, vsamples),
-            publish_projector,
+        phases.append(
+            Phase(
+                spec(
+                    "projector",
+                    phase="projector",
+                    cf_tokens=True,
+                    lr=t.projector_lr,
+                    lora_lr=t.lr if t.projector_lora else None,
+                    epochs=t.projector_epochs,
+                    init_adapter=f"{result(GLOBAL)}/{L.ADAPTER}",
+                ),
+                rows(pb, samples),
+                rows(pb, vsamples),
+            )
         )
-    # 3. groups and 4. experts
+        if t.projector_lora:  # stage 2's LoRA replaces stage 1's as the global adapter
+            global_from = "projector"
+    # 3. groups (from the CF embeddings alone, so known before any training) and 4. experts
     report: dict[str, Any] = {}
+    names: list[str] = []
     if t.experts:
         from thinkrec.cf.grouping import group_train_users
         from thinkrec.scoring.base import localize
@@ -338,8 +305,6 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         # Which group each train user is in, beside the sizes and separation (user id -> group).
         report["assignments"] = {str(int(u)): int(groups[u]) for u in train_users}
-        storage.write_json(f"{out}/{GROUPS}", report)
-        names = []
         for g in range(protos.shape[0]):
             name = expert_name(g)
             names.append(name)
@@ -350,18 +315,45 @@ def run(cfg: Config) -> dict[str, Any]:
                     f"train: group {g} has {len(gs)} training samples, fewer than train.num_workers="
                     f"{t.num_workers}; raise train.max_train_samples or lower train.n_groups"
                 )
-            phase(
-                name,
-                {
-                    "phase": "expert",
-                    "cf_tokens": cfg.model.cf_tokens,
-                    "lr": t.expert_lr,
-                    "epochs": t.expert_epochs,
-                },
-                rows(pb, gs),
-                rows(pb, gv),
-                publish_adapter(name),
+            extra: dict[str, Any] = {}
+            if cfg.model.cf_tokens:
+                extra = {"projector_dir": result("projector"), "projector_file": L.PROJECTOR_FILE}
+            phases.append(
+                Phase(
+                    spec(
+                        name,
+                        phase="expert",
+                        cf_tokens=cfg.model.cf_tokens,
+                        lr=t.expert_lr,
+                        epochs=t.expert_epochs,
+                        init_adapter=f"{result(global_from)}/{L.ADAPTER}",
+                        **extra,
+                    ),
+                    rows(pb, gs),
+                    rows(pb, gv),
+                )
             )
+    for p in phases:
+        log.info(
+            "train: phase %s on %d samples (%d valid)", p.spec["name"], len(p.train_rows), len(p.valid_rows)
+        )
+    curves = fit_phases(cfg, phases, f"{prefix}-phases")
+
+    # -- publish: the adapters, the projector, the groups and the fusion config
+    def publish_adapter(src: str, adapter: str) -> None:
+        dst = storage.uri(TRAIN_DIR, ADAPTERS, adapter)
+        storage.delete(dst)  # replace what an earlier attempt left
+        storage.copy_tree(f"{result(src)}/{L.ADAPTER}", dst)
+
+    publish_adapter(global_from, GLOBAL)
+    if cfg.model.cf_tokens:
+        storage.write_bytes(
+            f"{out}/{PROJECTOR}", storage.read_bytes(f"{result('projector')}/{L.PROJECTOR_FILE}")
+        )
+    if t.experts:
+        for name in names:
+            publish_adapter(name, name)
+        storage.write_json(f"{out}/{GROUPS}", report)
         with tempfile.TemporaryDirectory() as d:
             local = os.path.join(d, FUSION)
             save_fusion(local, protos, cfg.fusion, names, {"group_sizes": report["sizes"]})
