@@ -351,3 +351,60 @@ def test_score_job_on_s3_equals_local_and_resubmits_as_a_no_op(
     before = _objects(client, bucket, "run/score/")
     submit()
     assert _objects(client, bucket, "run/score/") == before
+
+
+def test_train_phases_publish_to_s3(s3, tmp_path):
+    """Training phases on an S3 run root, in a job driver with its own local Ray whose workers get
+    the AWS chain from the environment: the tiny base model is committed to the bucket, each phase's
+    worker publishes its result and marker there, and the expert starts from the global adapter it
+    read back from the bucket."""
+    if s3["server"] != "moto":
+        pytest.skip("the training job runs once, against moto")
+    from safetensors.torch import load as load_safetensors
+
+    from tests.test_train import expert_started_from_global
+
+    storage, client, bucket = s3["storage"], s3["client"], s3["bucket"]
+    script = textwrap.dedent(
+        f"""
+        import json
+        from thinkrec.runtime import start_local_ray
+        from tests.test_train import train_config, two_phases
+        from thinkrec.train.stage import fit_phases
+
+        start_local_ray(2)
+        cfg = train_config({storage.root!r}, **{{"storage.s3_endpoint": {storage.s3_endpoint!r},
+                                                 "train.expert_last_layers": 1}})
+        curves = fit_phases(cfg, two_phases(cfg), "two-phases")
+        print("STEPS=" + json.dumps({{k: len(v["loss"]) for k, v in curves.items()}}))
+        """
+    )
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "THINKREC_PROGRESS": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    steps = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("STEPS="))[len("STEPS=") :])
+    assert steps == {"global": 2, "expert-0": 1}  # 16 and 8 rows over 2 workers, batch 4
+    objects = _objects(client, bucket, "run/")
+    assert "base_model/_SUCCESS" in objects
+    for name in ("global", "expert-0"):
+        assert {
+            f"train/_phases/{name}.json",
+            f"train/_phases/{name}/adapter/adapter_model.safetensors",
+        } <= set(objects)
+
+    def adapter(name):
+        body = client.get_object(
+            Bucket=bucket, Key=f"run/train/_phases/{name}/adapter/adapter_model.safetensors"
+        )
+        return load_safetensors(body["Body"].read())
+
+    assert expert_started_from_global(adapter("global"), adapter("expert-0"))

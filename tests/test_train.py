@@ -390,15 +390,13 @@ def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
     assert _lora_b_nonzero(os.path.join(d, "adapter"))
 
 
-def test_phases_share_one_run_and_a_rerun_skips_published_phases(ray_local, tmp_path):
-    """Two phases (global, then an expert starting from the global adapter) in one TorchTrainer run.
-    Rerun under the same name after the expert's result is removed: the global phase is skipped (its
-    published files untouched) and the expert is trained again from it, to the same weights."""
+def two_phases(cfg, meta="t"):
+    """A global phase and an expert starting from its published adapter, on synthetic rows, with
+    their results under the run root's train/_phases."""
     from thinkrec.model.base import load_tokenizer
     from thinkrec.train.bench import synthetic_samples
-    from thinkrec.train.stage import PHASES_DIR, TRAIN_DIR, Phase, ensure_base_model, fit_phases
+    from thinkrec.train.stage import PHASES_DIR, TRAIN_DIR, Phase, ensure_base_model
 
-    cfg = train_config(str(tmp_path), **{"train.expert_last_layers": 1})
     storage = Storage.from_config(cfg)
     base = ensure_base_model(cfg)
     pb = PromptBuilder(load_tokenizer(base), cf_tokens=False)
@@ -408,22 +406,34 @@ def test_phases_share_one_run_and_a_rerun_skips_published_phases(ray_local, tmp_
     def out(name):
         return storage.uri(TRAIN_DIR, PHASES_DIR, name)
 
-    common = {"meta": {"run": "t"}, "base_model": base, "yes_id": pb.yes_id, "pad_id": pb.placeholder_id}
+    common = {"meta": {"run": meta}, "base_model": base, "yes_id": pb.yes_id, "pad_id": pb.placeholder_id}
     common |= {"cf_tokens": False, "lr": 1e-2, "epochs": 1}
-    phases = [
+    expert = {
+        "name": "expert-0",
+        "out": out("expert-0"),
+        "phase": "expert",
+        "init_adapter": f"{out('global')}/adapter",
+    }
+    return [
         Phase({**common, "name": "global", "out": out("global"), "phase": "global"}, rows, rows[:8]),
-        Phase(
-            {
-                **common,
-                "name": "expert-0",
-                "out": out("expert-0"),
-                "phase": "expert",
-                "init_adapter": f"{out('global')}/adapter",
-            },
-            rows[:8],
-            [],
-        ),
+        Phase({**common, **expert}, rows[:8], []),
     ]
+
+
+def expert_started_from_global(g: dict, e: dict) -> bool:
+    """Only the last layer's LoRA trains in an expert: its other weights are the global adapter's."""
+    return any(not torch.equal(e[k], g[k]) for k in g) and any(torch.equal(e[k], g[k]) for k in g)
+
+
+def test_phases_share_one_run_and_a_rerun_skips_published_phases(ray_local, tmp_path):
+    """Two phases (global, then an expert starting from the global adapter) in one TorchTrainer run.
+    Rerun under the same name after the expert's result is removed: the global phase is skipped (its
+    published files untouched) and the expert is trained again from it, to the same weights."""
+    from thinkrec.train.stage import Phase, fit_phases
+
+    cfg = train_config(str(tmp_path), **{"train.expert_last_layers": 1})
+    phases = two_phases(cfg)
+    out = {p.spec["name"]: p.spec["out"] for p in phases}
     curves = fit_phases(cfg, phases, "two-phases")
     assert list(curves) == ["global", "expert-0"]
     assert len(curves["global"]["valid"]) == 1 and "valid" in curves["expert-0"]

@@ -73,6 +73,16 @@ def _localize(storage: Storage, uri: str) -> str:
     return localize(storage, uri)
 
 
+def _base_model(cfg: C.Config, path: str) -> str:
+    """The driver's base model path, or, for the tiny model built under the run root, this node's
+    own copy of it when the driver's local directory is not on this node (a worker elsewhere)."""
+    if cfg.model.base or os.path.isdir(path):
+        return path
+    from thinkrec.scoring.base import base_model_path
+
+    return base_model_path(cfg)
+
+
 def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
     """Base model + LoRA + projector for one phase, with exactly that phase's parameters trainable:
     global -> every LoRA weight; projector -> the projector (and every LoRA weight when the spec
@@ -83,7 +93,7 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
     storage = Storage.from_config(cfg)
     phase = spec["phase"]
     torch.manual_seed(cfg.seed)  # same LoRA/projector init on every rank and every restart
-    base = load_model(spec["base_model"], cfg.model.dtype, cfg.model.trust_remote_code)
+    base = load_model(_base_model(cfg, spec["base_model"]), cfg.model.dtype, cfg.model.trust_remote_code)
     if phase == "global":
         t = cfg.train
         llm = get_peft_model(
