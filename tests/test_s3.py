@@ -142,6 +142,21 @@ def _objects(client, bucket: str, prefix: str) -> dict[str, dict]:
     return out
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _job_env() -> dict[str, str]:
+    """A job driver's environment: the AWS chain the fixture set, its own local Ray (no address)."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "THINKREC_PROGRESS": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
 def _sorted_rows(table: pa.Table) -> list[tuple]:
     return sorted(zip(*(table.column(c).to_pylist() for c in SCHEMA.names), strict=True))
 
@@ -323,19 +338,11 @@ def test_score_job_on_s3_equals_local_and_resubmits_as_a_no_op(
     cfg = local.replace(**{"storage.output_root": storage.root, "storage.s3_endpoint": s3["endpoint"]})
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "THINKREC_PROGRESS": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def submit() -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "jobs.score", "--config", str(cfg_file)],
-            cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+            cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
@@ -379,16 +386,8 @@ def test_train_phases_publish_to_s3(s3, tmp_path):
         print("STEPS=" + json.dumps({{k: len(v["loss"]) for k, v in curves.items()}}))
         """
     )
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "THINKREC_PROGRESS": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], cwd=REPO, env=_job_env(), capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     steps = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("STEPS="))[len("STEPS=") :])
