@@ -153,9 +153,7 @@ def fit_phases(cfg: Config, phases: list[Phase], run_name: str) -> dict[str, dic
 
     t = cfg.train
     storage = Storage.from_config(cfg)
-    specs = [{**p.spec, "has_valid": bool(p.valid_rows)} for p in phases]
     todo = [p for p in phases if L.phase_result(storage, p.spec) is None]
-    names = {p.spec["name"] for p in todo}
     if todo:
         fs, path = storage.fs(storage.uri(TRAIN_DIR, RAY_DIR))
         datasets = {
@@ -171,7 +169,10 @@ def fit_phases(cfg: Config, phases: list[Phase], run_name: str) -> dict[str, dic
         trainer = TorchTrainer(
             L.train_loop_per_worker,
             # Only the phases left: the rows and "valid" dataset above are theirs alone.
-            train_loop_config={"cfg": cfg.to_dict(), "phases": [s for s in specs if s["name"] in names]},
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "phases": [{**p.spec, "has_valid": bool(p.valid_rows)} for p in todo],
+            },
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
             run_config=RunConfig(
@@ -185,11 +186,11 @@ def fit_phases(cfg: Config, phases: list[Phase], run_name: str) -> dict[str, dic
         )
         fit(trainer)
     curves = {}
-    for spec in specs:
-        c = L.phase_result(storage, spec)
+    for p in phases:
+        c = L.phase_result(storage, p.spec)
         if c is None:
-            raise RuntimeError(f"train phase {spec['name']}: the run {run_name} ended without its result")
-        curves[spec["name"]] = c
+            raise RuntimeError(f"train phase {p.spec['name']}: the run {run_name} ended without its result")
+        curves[p.spec["name"]] = c
     return curves
 
 
