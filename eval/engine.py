@@ -267,3 +267,58 @@ def evaluate_models(
             entry["vs_reference"] = diffs
         out[name] = entry
     return out
+
+
+def _ranks_within(uidx: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Each row's rank among its user's rows (0-based; tied scores share their average rank)."""
+    order = np.lexsort((s, uidx))
+    us, ss = uidx[order], s[order]
+    n = len(s)
+    new_user = np.r_[True, us[1:] != us[:-1]]
+    new_tie = new_user | np.r_[True, ss[1:] != ss[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    tie_start = np.flatnonzero(new_tie)
+    tie_end = np.r_[tie_start[1:], n] - 1
+    tie_of = np.cumsum(new_tie) - 1
+    avg = (tie_start[tie_of] + tie_end[tie_of]) / 2.0 - user_start
+    out = np.empty(n)
+    out[order] = avg
+    return out
+
+
+def _pearson_by_user(x: np.ndarray, y: np.ndarray, uidx: np.ndarray, n_users: int) -> np.ndarray:
+    """Pearson correlation of x and y within each user (NaN where either is constant)."""
+    cnt = np.bincount(uidx, minlength=n_users).astype(np.float64)
+    sx, sy = np.bincount(uidx, x, n_users), np.bincount(uidx, y, n_users)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = np.bincount(uidx, x * y, n_users) - sx * sy / cnt
+        vx = np.bincount(uidx, x * x, n_users) - sx * sx / cnt
+        vy = np.bincount(uidx, y * y, n_users) - sy * sy / cnt
+        ok = (vx > 1e-12 * np.maximum(cnt, 1) ** 3) & (vy > 1e-12 * np.maximum(cnt, 1) ** 3)
+        return np.where(ok, cov / np.sqrt(vx * vy), np.nan)
+
+
+def score_agreement(
+    rows: Rows, reference: np.ndarray, models: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, float | int | None]]:
+    """Which signals the reference score follows: per model, the Spearman rank correlation of its
+    score with the reference's over all rows, and the mean within-user Spearman over the users
+    whose rows vary in both scores (None where none do: a score constant within each user ranks no
+    user's candidates). Vectorised like the metrics above;
+    ``scipy.stats.spearmanr`` gives the same over-all value (tests/test_eval.py)."""
+    from scipy.stats import rankdata
+
+    ref = np.asarray(reference, np.float64)
+    ref_all, ref_user = rankdata(ref), _ranks_within(rows.uidx, ref)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name, score in models.items():
+        s = np.asarray(score, np.float64)
+        overall = np.corrcoef(ref_all, rankdata(s))[0, 1] if np.ptp(s) > 0 and np.ptp(ref) > 0 else np.nan
+        per_user = _pearson_by_user(ref_user, _ranks_within(rows.uidx, s), rows.uidx, rows.n_users)
+        fin = per_user[np.isfinite(per_user)]
+        out[name] = {
+            "spearman": float(overall) if np.isfinite(overall) else None,
+            "spearman_within_user": float(fin.mean()) if len(fin) else None,
+            "users": int(len(fin)),
+        }
+    return out

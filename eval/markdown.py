@@ -131,6 +131,23 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
         + diff_table(allm)
         + [""]
     )
+    agree = doc.get("score_agreement") or {}
+    if agree:
+        md += [
+            "### What ThinkRec's score follows",
+            "",
+            "Spearman rank correlation of ThinkRec's score with each model's: over all rows, and the mean "
+            "within users (how alike they rank a user's own candidates; none for a score constant within "
+            "each user).",
+            "",
+            "| model | over all rows | within users (mean) | users |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {m} | {fmt(a['spearman'])} | {fmt(a['spearman_within_user'])} | {a['users']} |"
+            for m, a in agree.items()
+        ]
+        md.append("")
     md += img(pngs, "roc_pr.png", "ROC and precision-recall", "ROC needs both classes.")
     md += img(pngs, "reliability.png", "Reliability diagram", "Reliability needs both classes.")
     md += img(pngs, "score_hist.png", "Score histograms by label", "Histograms need both classes.")

@@ -322,6 +322,13 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
     baselines = [b for b in BASELINES if b in models] + list(inp["cf_models"])
     strongest = max(baselines, key=lambda b: headline[b]["metrics"]["auc"]["value"] or -1, default=None)
     margin = headline[strongest].get("vs_reference", {}).get("auc") if strongest else None
+    # What ThinkRec's score follows: its rank agreement with each other model, over all rows and
+    # within users (how alike the two rank a user's own candidates).
+    agreement = (
+        E.score_agreement(rows, vals[REFERENCE][0], {m: s for m, (s, _) in vals.items() if m != REFERENCE})
+        if REFERENCE in vals
+        else {}
+    )
 
     gate_names = inp["gate_names"]
     g_all = base["gate"][np.isfinite(base["gate"])].astype(np.int64)
@@ -380,6 +387,7 @@ def evaluate(cfg: Any, storage: Storage) -> tuple[dict[str, Any], dict[str, byte
         "baselines": inp["baseline_info"],
         "metrics": {"all": headline},
         "strongest_baseline": {"model": strongest, "by": "auc", "thinkrec_margin": margin},
+        "score_agreement": agreement,
         "slices": slices,
         "gates": {
             "counts": gate_counts,

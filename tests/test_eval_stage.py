@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.stats import spearmanr
 from sklearn.metrics import log_loss, ndcg_score, roc_auc_score
 
 from eval import engine as E
@@ -50,6 +51,33 @@ def test_engine_equals_reference_metrics(seed, ties):
     b = np.minimum((p * 10).astype(int), 9)
     ece = sum(abs(y[b == i].sum() - p[b == i].sum()) for i in range(10)) / n
     assert v["ece"] == pytest.approx(ece, abs=1e-9)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_score_agreement_equals_scipy_spearman(ties):
+    """What the report says ThinkRec's score follows: Spearman over all rows and the mean within-user
+    Spearman, vectorised, equal to scipy's per user; a score constant within users has none."""
+    rng = np.random.default_rng(3)
+    n = 1500
+    u, y = rng.integers(0, 80, n), rng.integers(0, 2, n)
+    ref = rng.normal(size=n)
+    near = ref + rng.normal(scale=0.7, size=n)
+    if ties:
+        ref, near = np.round(ref, 1), np.round(near)  # ties inside users in both scores
+    per_user = rng.random(80)[u]  # like history_rate: one value per user
+    rows = E.Rows.build(u, y)
+    got = E.score_agreement(rows, ref, {"near": near, "per_user": per_user, "same": ref, "flipped": -ref})
+    assert got["near"]["spearman"] == pytest.approx(spearmanr(ref, near)[0], abs=1e-9)
+    want = [spearmanr(ref[u == k], near[u == k])[0] for k in np.unique(u)]
+    want = [w for w in want if np.isfinite(w)]
+    assert got["near"]["spearman_within_user"] == pytest.approx(np.mean(want), abs=1e-9)
+    assert got["near"]["users"] == len(want)
+    assert got["per_user"]["spearman"] == pytest.approx(spearmanr(ref, per_user)[0], abs=1e-9)
+    assert got["per_user"]["spearman_within_user"] is None and got["per_user"]["users"] == 0
+    assert got["same"]["spearman"] == pytest.approx(1.0) and got["same"][
+        "spearman_within_user"
+    ] == pytest.approx(1.0)
+    assert got["flipped"]["spearman_within_user"] == pytest.approx(-1.0)
 
 
 def test_bootstrap_is_seeded_and_paired():
@@ -272,6 +300,13 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
         allm["thinkrec"]["metrics"]["auc"]["value"] - aucs[best["model"]]
     )
     assert saved["baselines"]["logistic"]["fitted_on_valid_rows"] == 30
+    # What ThinkRec's score follows, beside every other model.
+    agree = saved["score_agreement"]
+    assert set(agree) == set(allm) - {"thinkrec"}
+    assert agree["cf_mf"]["spearman"] == pytest.approx(spearmanr(t["thinkrec"], t["cf_mf"])[0], abs=1e-6)
+    for a in agree.values():
+        assert -1 <= a["spearman"] <= 1 and 0 <= a["users"] <= len(np.unique(t["users"]))
+    assert "What ThinkRec's score follows" in (out / "report.md").read_text()
     sl = saved["slices"]
     assert sl["warm (not_cold)"]["rows"] == int(t["not_cold"].sum())
     assert sl["cold"]["rows"] == int((~t["not_cold"]).sum())
