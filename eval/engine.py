@@ -54,6 +54,24 @@ def metric_names(k_values: Sequence[int], probability: bool = True) -> list[str]
     return names + [f"{m}@{k}" for m in ("hr", "ndcg", "map") for k in k_values]
 
 
+def midranks_within(uidx: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Each row's 1-based rank of ``s`` among its user's rows, tied scores sharing their mean rank
+    (midranks), in row order: per-user AUC and the within-user Spearman both rank this way."""
+    order = np.lexsort((s, uidx))  # (n,) by user, then score
+    us, ss = uidx[order], s[order]
+    n = len(s)
+    new_user = np.r_[True, us[1:] != us[:-1]]
+    new_tie = new_user | np.r_[True, ss[1:] != ss[:-1]]
+    del ss
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    tie_start = np.flatnonzero(new_tie)
+    tie_end = np.r_[tie_start[1:], n] - 1
+    tie_of = np.cumsum(new_tie) - 1
+    out = np.empty(n)
+    out[order] = (tie_start[tie_of] + tie_end[tie_of]) / 2.0 - user_start + 1
+    return out
+
+
 class ModelStats:
     """Per-user sufficient statistics of one model's scores on ``Rows``; ``value(weights)`` gives every
     metric for user weights (all ones: the point estimate)."""
@@ -80,21 +98,11 @@ class ModelStats:
         del order
 
         # Per-user AUC (Mann-Whitney within each user): midranks of the score within the user.
-        o2 = np.lexsort((s, u))  # (n,) by user, then score
-        us, s2 = u[o2], s[o2]
-        new_group = np.r_[True, (us[1:] != us[:-1]) | (s2[1:] != s2[:-1])]
-        del s2
-        gstart = np.flatnonzero(new_group)
-        gid = np.cumsum(new_group) - 1
-        del new_group
-        gsize = np.diff(np.r_[gstart, n])
+        midrank = midranks_within(u, s)  # (n,)
+        midrank *= y
+        rsum = np.bincount(u, weights=midrank, minlength=U)
+        del midrank
         ustart = np.r_[0, np.cumsum(self.cnt)][:-1].astype(np.int64)  # (U,) first sorted row of each user
-        first_rank = gstart - ustart[us[gstart]] + 1  # 1-based rank of the group's first row
-        midrank = (first_rank + (gsize - 1) / 2.0)[gid]  # (n,) in o2 order
-        del gid, gstart, gsize, first_rank
-        midrank *= y[o2]
-        rsum = np.bincount(us, weights=midrank, minlength=U)
-        del midrank, us, o2
         both = (self.pos > 0) & (self.neg > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.user_auc = np.where(
@@ -269,23 +277,6 @@ def evaluate_models(
     return out
 
 
-def _ranks_within(uidx: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Each row's rank among its user's rows (0-based; tied scores share their average rank)."""
-    order = np.lexsort((s, uidx))
-    us, ss = uidx[order], s[order]
-    n = len(s)
-    new_user = np.r_[True, us[1:] != us[:-1]]
-    new_tie = new_user | np.r_[True, ss[1:] != ss[:-1]]
-    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
-    tie_start = np.flatnonzero(new_tie)
-    tie_end = np.r_[tie_start[1:], n] - 1
-    tie_of = np.cumsum(new_tie) - 1
-    avg = (tie_start[tie_of] + tie_end[tie_of]) / 2.0 - user_start
-    out = np.empty(n)
-    out[order] = avg
-    return out
-
-
 def _pearson_by_user(x: np.ndarray, y: np.ndarray, uidx: np.ndarray, n_users: int) -> np.ndarray:
     """Pearson correlation of x and y within each user (NaN where either is constant)."""
     cnt = np.bincount(uidx, minlength=n_users).astype(np.float64)
@@ -304,17 +295,17 @@ def score_agreement(
     """Which signals the reference score follows: per model, the Spearman rank correlation of its
     score with the reference's over all rows, and the mean within-user Spearman over the users
     whose rows vary in both scores (None where none do: a score constant within each user ranks no
-    user's candidates). Vectorised like the metrics above;
-    ``scipy.stats.spearmanr`` gives the same over-all value (tests/test_eval.py)."""
+    user's candidates). Vectorised like the metrics above; equal to ``scipy.stats.spearmanr`` over
+    all rows and per user (tests/test_eval_stage.py)."""
     from scipy.stats import rankdata
 
     ref = np.asarray(reference, np.float64)
-    ref_all, ref_user = rankdata(ref), _ranks_within(rows.uidx, ref)
+    ref_all, ref_user = rankdata(ref), midranks_within(rows.uidx, ref)
     out: dict[str, dict[str, float | int | None]] = {}
     for name, score in models.items():
         s = np.asarray(score, np.float64)
         overall = np.corrcoef(ref_all, rankdata(s))[0, 1] if np.ptp(s) > 0 and np.ptp(ref) > 0 else np.nan
-        per_user = _pearson_by_user(ref_user, _ranks_within(rows.uidx, s), rows.uidx, rows.n_users)
+        per_user = _pearson_by_user(ref_user, midranks_within(rows.uidx, s), rows.uidx, rows.n_users)
         fin = per_user[np.isfinite(per_user)]
         out[name] = {
             "spearman": float(overall) if np.isfinite(overall) else None,
