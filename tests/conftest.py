@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("THINKREC_PROGRESS", "0")
+# Set before anything starts: every process the session starts (Ray's raylet and workers, servers,
+# subprocess jobs) inherits it, so pytest_sessionfinish finds what outlived the session.
+SESSION_MARK = "THINKREC_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 from thinkrec import config as C  # noqa: E402
 from thinkrec.runtime import size_local_shuffles, start_local_ray  # noqa: E402
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures and the local Ray are torn down
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No process the session started outlives it (the session fixtures are torn down by now, the
+    local Ray shut down): survivors are listed, killed, and fail the run."""
+    from tests.processes import describe, survivors
+
+    left = survivors(SESSION_MARK, os.environ[SESSION_MARK])
+    if not left:
+        return
+    text = describe(left)
+    for p in left:
+        with contextlib.suppress(Exception):
+            p.kill()
+    session.config.get_terminal_writer().line(
+        f"\nprocesses started by this test session outlived it (killed now):\n{text}", red=True
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 """No process outlives its job: a stage run on a local Ray in a subprocess leaves nothing behind, and
-Ray Train's controller ends with its fit().
-
-The processes of one run are found by a marker in their environment (Ray's raylet passes the
-driver's environment down to every worker it starts), never by a global scan of Ray processes,
-which on a shared machine would see other users' clusters."""
+Ray Train's controller ends with its fit(). (The whole test session is checked the same way at its
+end: conftest.py's ``pytest_sessionfinish``.)"""
 
 from __future__ import annotations
 
@@ -12,47 +9,16 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
+from tests.processes import describe, survivors
 from thinkrec.io.fs import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "THINKREC_TEST_RUN_MARK"
-
-
-def _processes(mark: str) -> list[psutil.Process]:
-    """Live processes whose environment carries ``mark`` (only this user's are readable)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (psutil.Error, OSError):
-            continue
-    return out
-
-
-def _describe(procs: list[psutil.Process]) -> str:
-    rows = []
-    for p in procs:
-        try:
-            rows.append(f"pid {p.pid} ppid {p.ppid()} {p.name()} {' '.join(p.cmdline())[:100]}")
-        except psutil.Error:
-            continue
-    return "\n".join(rows)
-
-
-def _survivors(mark: str, timeout: float = 30.0) -> list[psutil.Process]:
-    """The run's processes still alive after ``timeout`` s (Ray's workers exit a moment after it)."""
-    deadline = time.monotonic() + timeout
-    while (procs := _processes(mark)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return procs
 
 
 def _start_cf(prepared, tmp_path) -> tuple[subprocess.Popen, str]:
@@ -85,8 +51,8 @@ def test_stage_leaves_no_process(prepared, tmp_path):
     proc, mark = _start_cf(prepared, tmp_path)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    left = _survivors(mark)
-    assert not left, "processes of the finished cf stage still alive:\n" + _describe(left)
+    left = survivors(MARK, mark)
+    assert not left, "processes of the finished cf stage still alive:\n" + describe(left)
 
 
 DRIVER = textwrap.dedent(
@@ -140,5 +106,5 @@ def test_train_controller_ends_with_fit(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("after fit:"))
     assert "TrainController" not in line, line
-    left = _survivors(mark)
-    assert not left, "processes of the finished driver still alive:\n" + _describe(left)
+    left = survivors(MARK, mark)
+    assert not left, "processes of the finished driver still alive:\n" + describe(left)
