@@ -20,7 +20,7 @@ from tests.conftest import small_config
 from thinkrec.data import schema as S
 from thinkrec.io.commit import TableWriter, mark_success, read_table
 from thinkrec.io.fs import Storage
-from thinkrec.model.prompt import CF_ITEM, CF_USER, ItemInfo, PromptBuilder
+from thinkrec.model.prompt import CF_DISLIKED, CF_ITEM, CF_LIKED, CF_USER, ItemInfo, PromptBuilder
 from thinkrec.model.thinkrec import CFTable
 from thinkrec.train import data as D
 from thinkrec.train.loss import ThinkRecLM, answer_positions, combine, loss_fn, make_batch
@@ -143,8 +143,9 @@ def test_examples_bos_template_and_answer(request, model, chat, bos_count, label
     assert ans[0] == (pb.yes_id if label else pb.no_id)
     assert ans[-1] == tok.eos_token_id and len(ans) <= 12
     assert row["kind"] == D.KIND_REASONING
-    # CF slots: user first, then the 2 history items, then the target, all on placeholder tokens.
-    assert row["cf_kind"] == [CF_USER, CF_ITEM, CF_ITEM, CF_ITEM] and row["cf_id"] == [7, 1, 2, 3]
+    # CF slots: the 2 history items (liked, disliked), then the user (the prefix's end), then the
+    # target, all on placeholder tokens.
+    assert row["cf_kind"] == [CF_LIKED, CF_DISLIKED, CF_USER, CF_ITEM] and row["cf_id"] == [1, 2, 7, 3]
     assert all(ids[p] == pb.placeholder_id for p in row["cf_pos"])
 
 
@@ -553,3 +554,42 @@ def test_gpu_training_bench_tiny_cpu_smoke(capsys):
     assert result["flops_per_token"] == 4 * result["params_matmul"]
     assert result["tokens_per_s"] > 0 and result["mfu_vs_measured_ceiling"] > 0
     assert result["lora_params"] == 2 * 2 * 8 * (64 + 64)  # 2 layers x (q, v) x r (in + out)
+
+
+def test_history_summary_by_hand(tmp_path):
+    """The user slot's [label, rate, taste] columns against a hand computation, per batch row; the
+    prefix embeds the same alone as with a candidate; the projector file keeps ``history``."""
+    from thinkrec.model.prompt import Encoded
+    from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, with_history
+
+    item = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [9.0, 9.0]])
+    cf = CFTable(torch.tensor([[0.0, 0.0], [7.0, 8.0], [-7.0, 6.0]]), item)
+    # Row 0: user 1, history 1 (liked), 2 (disliked), 3 (liked), target 4. Row 1: user 2, no history.
+    p0 = Encoded([5] * 6, [0, 1, 2, 3], [CF_USER, CF_LIKED, CF_DISLIKED, CF_LIKED], [1, 1, 2, 3])
+    p1 = Encoded([5] * 2, [0], [CF_USER], [2])
+    cand = Encoded([6] * 3, [1], [CF_ITEM], [4])
+    batch = collate([p0 + cand, p1 + cand], pad_id=0)
+    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
+    taste = ((item[1] - item[2] + item[3]) / 3).tolist()  # label-signed mean: [-0.5, 1.1667]
+    rate = 2 * (2 + 1) / (3 + 2) - 1  # 2 likes of 3, smoothed: 0.2
+    expect = [
+        [7.0, 8.0, 0.0, rate, *taste],
+        [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
+        [3.0, -1.0, -1.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 1.0, 0.0, 0.0, 0.0],
+        [9.0, 9.0, 0.0, 0.0, 0.0, 0.0],  # the target: its vector only
+        [-7.0, 6.0, 0.0, 0.0, 0.0, 0.0],  # no history: rate 0 (= 1/2 smoothed), taste 0
+        [9.0, 9.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+    assert torch.allclose(out, torch.tensor(expect), atol=1e-6)
+
+    proj = CFProjector(2, 8, history=True)
+    proj.save(str(tmp_path / "p.safetensors"))
+    proj = CFProjector.load(str(tmp_path / "p.safetensors"))
+    assert proj.history and proj.net[0].in_features == 6
+    embed = torch.nn.Embedding(10, 8)
+    model = type("M", (), {"get_input_embeddings": lambda self: embed})()
+    with torch.no_grad():
+        full = input_embeddings(model, batch, cf, proj)  # (2, 9, 8)
+        alone = input_embeddings(model, collate([p0, p1], pad_id=0), cf, proj)
+    assert torch.equal(full[0, :6], alone[0, :6]) and torch.equal(full[1, :2], alone[1, :2])

@@ -185,6 +185,11 @@ class ModelConfig:
     """Wrap prompts in the tokenizer's chat template (instruction-tuned bases such as Llama-3-Instruct)."""
     cf_tokens: bool = True
     """Write projected CF embeddings over placeholder tokens (CoLLM/ThinkRec). False: text only (TALLRec)."""
+    cf_history: bool = True
+    """With CF tokens: the user's CF token also carries a summary of the prompt's history (its smoothed
+    like-rate and the label-signed mean of its items' CF vectors), which a CF model's user vector, fixed
+    at train time, does not know on a time split (thinkrec/model/thinkrec.py). False: the CF model's
+    vectors alone, as in CoLLM."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
     warmup_steps: int = Field(0, ge=0)

@@ -3,11 +3,14 @@
 Layout: everything user-specific first (instruction, history, the user's CF token), the candidate
 item last, so all of a user's candidates share one token prefix:
 
-    [template head] instruction / user <cf> / history lines ... | question, target line [template tail]
+    [template head] instruction / history lines ... / user <cf> | question, target line [template tail]
     \\_______________________ prefix (per user) ______________/   \\________ candidate (per pair) _______/
 
 The target line comes last, right before the answer position, so the tokens that decide the answer
-(the target's title, keywords and CF token) are the nearest ones to it, apart from the history.
+(the target's title, keywords and CF token) are the nearest ones to it; the user's CF token, which
+carries the history's summary (``model.cf_history``), ends the prefix, a few tokens before them. With
+the user's token before the history instead (300 tokens from the answer), the tiny random base read
+it barely: the demo's ThinkRec AUC was 0.686 against 0.697 (seed 0, bench/results/demo-tuning-cpu.md).
 
 The prefix and the candidate part are tokenized separately (and always so), which makes
 ``prefix_ids + cand_ids`` the exact token sequence in every code path, and lets the HF scorer reuse
@@ -27,6 +30,10 @@ from typing import Any
 
 CF_USER = 0
 CF_ITEM = 1
+# A history item's slot also says whether the user liked it: the item's CF vector either way, and the
+# label for the user token's history summary (``thinkrec.model.thinkrec.with_history``).
+CF_LIKED = 2
+CF_DISLIKED = 3
 _SLOT = "\x00"  # marks a CF slot in the text before tokenization
 _SPLIT = "\x01"  # marks the prefix/candidate boundary inside a chat template
 
@@ -43,7 +50,7 @@ class Encoded:
 
     ids: list[int]
     cf_pos: list[int] = field(default_factory=list)
-    cf_kind: list[int] = field(default_factory=list)  # CF_USER or CF_ITEM
+    cf_kind: list[int] = field(default_factory=list)  # CF_USER, CF_ITEM, CF_LIKED or CF_DISLIKED
     cf_id: list[int] = field(default_factory=list)  # user_id or item_id
 
     def __add__(self, other: Encoded) -> Encoded:
@@ -114,11 +121,11 @@ class PromptBuilder:
         lines = [
             f"Given a user's history of {self.noun}s, each marked with whether the user liked it, decide "
             f"whether the user will like the target {self.noun}. Answer Yes or No, then explain briefly.\n",
-            user,
             "History:\n" if history else "History: none\n",
         ]
         for item, label in history:
             lines.append(f"- {self._item_text(item)}: {'Yes' if label else 'No'}\n")
+        lines.append(user)
         return self.head + "".join(lines)
 
     def candidate_text(self, item: ItemInfo) -> str:
@@ -157,9 +164,10 @@ class PromptBuilder:
 
     def encode_prefix(self, user_id: int, history: Sequence[tuple[int, ItemInfo, int]]) -> Encoded:
         """history: (item_id, info, label) oldest first."""
-        ents = [(CF_USER, user_id)] if self.cf_tokens else []
+        ents = []
         if self.cf_tokens:
-            ents += [(CF_ITEM, item_id) for item_id, _, _ in history]
+            ents = [(CF_LIKED if label else CF_DISLIKED, item_id) for item_id, _, label in history]
+            ents.append((CF_USER, user_id))
         enc = self._encode(self.prefix_text([(info, label) for _, info, label in history]), ents)
         return Encoded(self.bos + enc.ids, [p + len(self.bos) for p in enc.cf_pos], enc.cf_kind, enc.cf_id)
 

@@ -4,6 +4,15 @@ batching of encoded prompts, and the forward pass that reads only the positions 
 CF tokens (CoLLM lineage): frozen CF embeddings of the user, the target item and each history item
 are mapped by Linear(d, 10d) -> ReLU -> Linear(10d, hidden) and written over the placeholder token
 embeddings right after the embedding layer.
+
+History summary (``model.cf_history``, a projector saved with ``history``): a CF model's user vector
+is fixed when it is trained, so on a time split it knows nothing of what the user did since, while the
+prompt's history does. The projector then reads, for every slot, ``[v, label, rate, taste]`` (width
+2d + 2): ``v`` the slot's CF vector; ``label`` +1 / -1 on a liked / disliked history item's slot, else
+0; and on the user's slot only, the history's smoothed like-rate as ``rate = 2 (likes + 1) / (n + 2) - 1``
+and ``taste``, the label-signed mean of the history items' vectors (a fold-in of the user's recent
+feedback in CF space; zeros elsewhere). Both are functions of the prompt's own history slots, so a
+user's prefix embeds the same alone or with a candidate, and users the CF model never saw get them too.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from torch import nn
 
 from thinkrec.model.base import decoder_and_head
 from thinkrec.model.layout import ADAPTERS, FUSION, GLOBAL, PROJECTOR  # noqa: F401 (re-exported)
-from thinkrec.model.prompt import CF_ITEM, CF_USER, Encoded
+from thinkrec.model.prompt import CF_DISLIKED, CF_LIKED, CF_USER, Encoded
 
 
 def expert_name(group: int) -> str:
@@ -26,19 +35,26 @@ def expert_name(group: int) -> str:
 
 
 class CFProjector(nn.Module):
-    def __init__(self, cf_dim: int, hidden_size: int) -> None:
+    """CF vectors (d = the table's width) -> token embeddings; with ``history`` it reads the table's
+    vectors with the history summary (width 2d + 2, module docstring)."""
+
+    def __init__(self, cf_dim: int, hidden_size: int, history: bool = False) -> None:
         super().__init__()
-        self.cf_dim, self.hidden_size = cf_dim, hidden_size
-        self.net = nn.Sequential(
-            nn.Linear(cf_dim, 10 * cf_dim), nn.ReLU(), nn.Linear(10 * cf_dim, hidden_size)
-        )
+        self.cf_dim, self.hidden_size, self.history = cf_dim, hidden_size, history
+        d = 2 * cf_dim + 2 if history else cf_dim
+        self.net = nn.Sequential(nn.Linear(d, 10 * d), nn.ReLU(), nn.Linear(10 * d, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (n, H)
         return self.net(x)
 
     def save(self, path: str) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={"cf_dim": str(self.cf_dim), "hidden_size": str(self.hidden_size)})
+        meta = {
+            "cf_dim": str(self.cf_dim),
+            "hidden_size": str(self.hidden_size),
+            "history": str(int(self.history)),
+        }
+        save_file(tensors, path, metadata=meta)
 
     @classmethod
     def load(cls, path: str) -> CFProjector:
@@ -46,7 +62,7 @@ class CFProjector(nn.Module):
 
         with safe_open(path, "pt") as f:
             meta = f.metadata()
-        proj = cls(int(meta["cf_dim"]), int(meta["hidden_size"]))
+        proj = cls(int(meta["cf_dim"]), int(meta["hidden_size"]), meta.get("history") == "1")
         proj.load_state_dict(load_file(path))
         return proj
 
@@ -73,8 +89,7 @@ class CFTable:
     def lookup(self, kinds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(n,) kinds and ids -> (n, d). Ids beyond the table (unknown) read the zero row."""
         out = torch.zeros(len(ids), self.dim, dtype=self.user.dtype)
-        for kind, table in ((CF_USER, self.user), (CF_ITEM, self.item)):
-            m = kinds == kind
+        for table, m in ((self.user, kinds == CF_USER), (self.item, kinds != CF_USER)):
             if m.any():
                 idx = ids[m].clamp(min=0)
                 idx = torch.where(idx < len(table), idx, torch.zeros_like(idx))
@@ -112,6 +127,21 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, lengths, as_long(rows), as_long(cols), as_long(kinds), as_long(cids))
 
 
+def with_history(vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
+    """(n, d) slot vectors -> (n, 2d + 2) ``[v, label, rate, taste]`` (module docstring), the history
+    summary taken over each batch row's own liked / disliked slots. rows, kinds: (n,)."""
+    n, d = vec.shape
+    label = (kinds == CF_LIKED).to(vec.dtype) - (kinds == CF_DISLIKED).to(vec.dtype)  # (n,)
+    n_rows = int(rows.max()) + 1 if n else 0
+    count = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, label.abs())  # (B,) history length
+    likes = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, (label > 0).to(vec.dtype))
+    taste = torch.zeros(n_rows, d, dtype=vec.dtype).index_add_(0, rows, label[:, None] * vec)  # (B, d)
+    taste = taste / count.clamp(min=1)[:, None]
+    rate = 2 * (likes + 1) / (count + 2) - 1  # (B,) 0 for an empty history
+    user = (kinds == CF_USER).to(vec.dtype)[:, None]  # the summary rides on the user's slot only
+    return torch.cat([vec, label[:, None], user * rate[rows, None], user * taste[rows]], dim=1)
+
+
 def input_embeddings(
     model: Any, batch: Batch, cf: CFTable | None = None, projector: CFProjector | None = None
 ) -> torch.Tensor:
@@ -120,9 +150,10 @@ def input_embeddings(
     ids = batch.input_ids.clamp(max=embed.num_embeddings - 1).to(embed.weight.device)
     x = embed(ids)  # (B, T, H)
     if projector is not None and cf is not None and len(batch.cf_row):
-        vec = cf.lookup(batch.cf_kind, batch.cf_id).to(
-            device=x.device, dtype=next(projector.parameters()).dtype
-        )
+        vec = cf.lookup(batch.cf_kind, batch.cf_id)
+        if projector.history:
+            vec = with_history(vec, batch.cf_row, batch.cf_kind)
+        vec = vec.to(device=x.device, dtype=next(projector.parameters()).dtype)
         proj = projector(vec).to(x.dtype)  # (n, H)
         x = x.index_put((batch.cf_row.to(x.device), batch.cf_col.to(x.device)), proj)
     return x
