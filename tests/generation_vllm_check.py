@@ -1,7 +1,7 @@
 """Runs the vLLM offline generation backend in its own process (vLLM needs a __main__ guard) and
 writes its results to JSON for tests/test_generation_vllm.py. One engine start serves every check:
-one-hot gates, exact mixtures (merged once per distinct gate), CF tokens as prompt embeddings, and a
-gate of the wrong width (quarantined, the batch goes on).
+one-hot gates, exact mixtures (merged once per distinct gate), CF tokens as prompt embeddings, a gate
+of the wrong width (quarantined, the batch goes on), and the explain stage's answer-first decoding.
 
     python tests/generation_vllm_check.py --base <tiny model dir> --root <root with artifacts> --out out.json
 """
@@ -20,6 +20,17 @@ GATES = {"global": [1, 0, 0], "e0": [0, 1, 0], "e1": [0, 0, 1], "mix": [0, 0.5, 
 CF_ROWS = [(1, 3, "global"), (2, 5, "mix3"), (3, 7, "mix")]  # (user, candidate item, gate)
 BAD_GATE = "bad|gate"
 DECODING = {"max_new_tokens": 6}
+# The explain stage's answer-first decoding (first token among Yes/No, then ".", no early end), greedy.
+ANSWER_FIRST = {"max_new_tokens": 6, "min_new_tokens": 6}
+
+
+def answer_first(base: str):
+    from thinkrec.generation.base import Decoding
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.prompt import PromptBuilder
+
+    pb = PromptBuilder(load_tokenizer(base))
+    return Decoding(**ANSWER_FIRST, first_token_ids=(pb.yes_id, pb.no_id), after_first_ids=pb.separator_ids)
 
 
 def text_requests():
@@ -73,11 +84,13 @@ def main() -> None:
     cf = gen.generate(cf_requests(args.base), d)
     mixtures_after_first = len(gen.mixtures)
     again = gen.generate(text_requests(), d)  # the same mixtures again: no new merge
+    first = gen.generate([*text_requests()[:2], *cf_requests(args.base)], answer_first(args.base))
     result = {
         "start_s": start_s,
         "text": [r.__dict__ for r in text],
         "cf": [r.__dict__ for r in cf],
         "again": [r.__dict__ for r in again],
+        "answer_first": [r.__dict__ for r in first],
         "mixtures": [mixtures_after_first, len(gen.mixtures)],
         "embeds": gen.embedder is not None,
     }

@@ -124,6 +124,8 @@ def test_seeds_give_mean_and_spread_and_the_ordering(tmp_path):
     cfg = Config().replace(**{"storage.output_root": str(tmp_path), "ablation.seeds": [3, 4]})
     v = ablation.variant_config(cfg, "collm", 4)
     assert v.seed == 4 and v.storage.output_root.endswith("ablation/seed-4/collm")
+    # CoLLM-style reads the CF vectors alone; the ThinkRec variants add the history summary.
+    assert v.model.cf_history is False and ablation.variant_config(cfg, "thinkrec").model.cf_history
     assert ablation.variant_config(cfg, "collm").storage.output_root.endswith("ablation/collm")
     runs = {
         "thinkrec": [_seed_run(0.72, 0.61, 0.70, 0.69), _seed_run(0.74, 0.63, 0.70, 0.69)],

@@ -17,6 +17,8 @@ from thinkrec.explain import stage as explain
 from thinkrec.generation.base import GenRequest
 from thinkrec.io.commit import SUCCESS, TableWriter, part_name, read_table
 from thinkrec.io.fs import Storage
+from thinkrec.model.base import load_tokenizer
+from thinkrec.model.prompt import PromptBuilder
 
 N_SAMPLES = 6
 NUM_SHARDS = 4
@@ -90,7 +92,12 @@ def test_explanations_table(explained):
     assert all(isinstance(t, str) and t.strip() for t in out[S.EXPLANATION])
     # provenance: what generated each row
     assert set(out[S.BACKEND]) == {"hf"} and set(out[S.GEN_MODEL]) == {cfg.model.base}
-    assert set(out[S.DECODING_HASH]) == {explain.decoding(cfg).hash()}
+    pb = PromptBuilder(load_tokenizer(cfg.model.base))
+    assert set(out[S.DECODING_HASH]) == {
+        explain.decoding(cfg, (pb.yes_id, pb.no_id), pb.separator_ids).hash()
+    }
+    # Every explanation states an answer first (explain.answer_first), then the rationale's ".".
+    assert all(t.startswith(("Yes.", "No.")) for t in out[S.EXPLANATION]), out[S.EXPLANATION].tolist()
     assert out[S.PROMPT_HASH].nunique() == N_SAMPLES
     assert manifest["rows_generated"] == N_SAMPLES and manifest["rows_cached"] == 0
     labels = dict(zip(zip(sample[S.USER_ID], sample[S.ITEM_ID], strict=True), sample[S.LABEL], strict=True))

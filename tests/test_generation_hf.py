@@ -8,6 +8,7 @@ from conftest import small_config
 
 from thinkrec.generation.base import Decoding, GenRequest
 from thinkrec.generation.hf import HFGenerator
+from thinkrec.model.prompt import ItemInfo
 
 PROMPTS = [
     "User 1 liked Toy Story.",
@@ -69,6 +70,46 @@ def test_sampling_follows_the_seed(setup):
     reqs = [GenRequest("a", PROMPTS[0])]
     d1 = Decoding(max_new_tokens=6, temperature=1.0, seed=1)
     assert texts(gen, reqs, d1) == texts(gen, reqs, d1)
+
+
+def test_first_token_among_the_answer_tokens_and_min_new_tokens(setup):
+    """Decoding.first_token_ids: the first new token is one of them, in text and CF-token prompts;
+    after_first_ids follow it; min_new_tokens: no end of text before."""
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.prompt import PromptBuilder
+
+    cfg, art = setup
+    pb = PromptBuilder(load_tokenizer(cfg.model.base))
+    gen = HFGenerator(cfg, art)
+    reqs = [GenRequest(str(i), p) for i, p in enumerate(PROMPTS)]
+    reqs.append(GenRequest("cf", encoded=pb.encode_prefix(1, []) + pb.encode_candidate(2, ItemInfo("Heat"))))
+    free = gen.generate(reqs, Decoding(max_new_tokens=6, temperature=1.0, seed=3))
+    d = Decoding(max_new_tokens=6, temperature=1.0, seed=3, first_token_ids=(pb.yes_id, pb.no_id),
+                 after_first_ids=pb.separator_ids, min_new_tokens=6)  # fmt: skip
+    got = gen.generate(reqs, d)
+    assert not any(r.text.startswith((" Yes", " No")) for r in free)  # else the check says nothing
+    assert all(r.text.startswith((" Yes.", " No.")) for r in got), [r.text for r in got]
+    assert all(r.new_tokens == 6 for r in got)
+    assert d.hash() != Decoding(max_new_tokens=6, temperature=1.0, seed=3).hash()
+
+
+def test_no_repeat_ngrams_count_the_new_tokens_only():
+    """A text prompt's own bigrams may be repeated (a rationale quotes its prompt); the new text's
+    may not. hf's processor alone, over the whole sequence, bans the prompt's."""
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from thinkrec.generation.hf import _NewTokensOnly
+
+    rule = NoRepeatNGramLogitsProcessor(2)
+    prompt = [5, 6, 7]
+
+    def banned(ids: list[int], p) -> list[int]:
+        return torch.isinf(p(torch.tensor([ids]), torch.zeros(1, 10)))[0].nonzero().flatten().tolist()
+
+    assert banned(prompt + [5], rule) == [6]  # hf over prompt + new: the prompt's (5, 6) banned
+    assert banned(prompt + [5], _NewTokensOnly(rule, len(prompt))) == []
+    assert banned(prompt + [5, 6, 5], _NewTokensOnly(rule, len(prompt))) == [6]  # the new text's own
 
 
 def test_prompt_cache_serves_repeats_and_reruns(setup, tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from conftest import small_config
-from generation_vllm_check import BAD_GATE, CF_ROWS, DECODING, cf_requests, text_requests
+from generation_vllm_check import BAD_GATE, CF_ROWS, DECODING, answer_first, cf_requests, text_requests
 
 from thinkrec.generation.base import Decoding
 from thinkrec.generation.hf import HFGenerator
@@ -44,6 +44,10 @@ def both(tiny_qwen, tmp_path_factory, one_torch_thread):
     d = Decoding(**DECODING)
     want = {r.key: r.text for r in hf.generate(text_requests(), d)}
     want.update({r.key: r.text for r in hf.generate(cf_requests(tiny_qwen), d)})
+    first = [
+        hf.generate(reqs, answer_first(tiny_qwen)) for reqs in (text_requests()[:2], cf_requests(tiny_qwen))
+    ]
+    result["answer_first_hf"] = {r.key: r.text for part in first for r in part}
     got = {r["key"]: r for part in ("text", "cf") for r in result[part]}
     return got, want, result
 
@@ -78,3 +82,15 @@ def test_gates_matter_mixtures_merged_once_bad_gate_quarantined(both):
     assert {r["key"]: r["text"] for r in result["again"]} == {r.key: want[r.key] for r in text_requests()}
     bad = got[BAD_GATE]
     assert bad["text"] is None and bad["error"].startswith(f"bad_request: row {BAD_GATE}: gate over 2")
+
+
+@pytest.mark.integration
+def test_answer_first_equals_hf(both):
+    """Decoding.first_token_ids and after_first_ids on vLLM (a one-token pass among the first, then
+    the rest after the forced ones) write hf's texts, greedy, for text and CF-token prompts: each
+    starts with the answer token and its "."."""
+    _, _, result = both
+    got = {r["key"]: r["text"] for r in result["answer_first"]}
+    assert got == result["answer_first_hf"]
+    assert all(t.startswith((" Yes.", " No.")) for t in got.values()), got
+    assert all(r["new_tokens"] == 6 for r in result["answer_first"])

@@ -124,39 +124,37 @@ def test_corpus_reads_the_train_split_only(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_warmed_model_writes_rationales(prepared, tmp_path, one_torch_thread):
-    """After the warm-up, sampled answers to trace prompts (the explain stage's decoding settings)
-    are "Yes. ..." / "No. ..." rationales, not degenerate, with distinct-2 >= 0.3."""
-    import torch
-
-    from thinkrec.model.base import load_model, load_tokenizer
+    """After the warm-up, sampled answers to trace prompts (the explain stage's generator and
+    decoding settings) are "Yes. ..." / "No. ..." rationales, not degenerate, with distinct-2 >= 0.3."""
+    from thinkrec.explain import stage as explain_stage
+    from thinkrec.generation.base import GenRequest
+    from thinkrec.generation.hf import HFGenerator
+    from thinkrec.model.base import load_tokenizer
     from thinkrec.model.prompt import PromptBuilder
     from thinkrec.train import data as D
     from thinkrec.train.stage import ensure_base_model
 
     root = str(tmp_path)
     storage = _with_traces(prepared, root)
-    cfg = small_config(root, **{**TINY, "model.warmup_steps": 300})
+    # The demo's explanation length (small_config's 8 tokens leave room for the first clause only).
+    cfg = small_config(root, **{**TINY, "model.warmup_steps": 300, "explain.max_new_tokens": 48})
     path = ensure_base_model(cfg)
-    tok = load_tokenizer(path)
-    model = load_model(path).eval()
-    pb = PromptBuilder(tok, cf_tokens=False)
+    pb = PromptBuilder(load_tokenizer(path), cf_tokens=False)
     inputs = D.load_inputs(storage, with_traces=False)
-    test = D._samples(inputs.split("test"))[:8]
-    texts = []
-    torch.manual_seed(0)
-    for s in test:
-        prompt, _ = D.encode(pb, s, inputs.items, history_len=10, max_answer_tokens=8)
-        e = cfg.explain
-        out = model.generate(
-            torch.tensor([prompt.ids]),
-            max_new_tokens=e.max_new_tokens,
-            do_sample=True,
-            temperature=e.temperature,
-            repetition_penalty=e.repetition_penalty,
-            no_repeat_ngram_size=e.no_repeat_ngram_size,
-            pad_token_id=tok.pad_token_id,
-        )
-        texts.append(tok.decode(out[0, len(prompt.ids) :], skip_special_tokens=True))
+    # One test row of each of 8 users, as the explain stage samples rows across users (the first 8
+    # rows would be one user's, with nearly one history).
+    first = {}
+    for s in D._samples(inputs.split("test")):
+        first.setdefault(s.user_id, s)
+    test = list(first.values())[:8]
+    assert len(test) == 8
+    requests = [
+        GenRequest(str(k), encoded=D.encode(pb, s, inputs.items, history_len=10, max_answer_tokens=8)[0])
+        for k, s in enumerate(test)
+    ]
+    gen = HFGenerator(cfg.replace(**{"model.base": path}), device="cpu")
+    d = explain_stage.decoding(cfg, (pb.yes_id, pb.no_id), pb.separator_ids)
+    texts = [r.text for r in gen.generate(requests, d)]
     assert sum(stated_answer(t) is not None for t in texts) >= 7, texts
     assert sum(degenerate(t) for t in texts) <= 1, texts
     assert distinct_n(texts, 2) >= 0.3, texts

@@ -28,12 +28,19 @@ log = logging.getLogger("thinkrec.ablation")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "tallrec": {"model.cf_tokens": False, "train.reasoning": False, "train.experts": False},
-    "collm": {"model.cf_tokens": True, "train.reasoning": False, "train.experts": False},
+    # CoLLM's input is the CF model's vectors alone: no history summary in the user's token.
+    "collm": {
+        "model.cf_tokens": True,
+        "model.cf_history": False,
+        "train.reasoning": False,
+        "train.experts": False,
+    },
     "thinkrec-no-experts": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": False},
     "thinkrec": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": True},
 }
-"""TALLRec-style: text only. CoLLM-style: CF tokens, no reasoning, no experts. Then ThinkRec without
-and with experts."""
+"""TALLRec-style: text only. CoLLM-style: CF tokens (the CF model's vectors alone), no reasoning, no
+experts. Then ThinkRec without and with experts, whose user token also carries the history summary
+(``model.cf_history``, the default)."""
 
 
 def _fmt(x: Any) -> str:

@@ -560,7 +560,16 @@ class ExplainConfig:
     repetition_penalty: float = Field(1.2, gt=0)
     """The reference setting is 1.2."""
     no_repeat_ngram_size: int = Field(2, ge=0)
-    """No n-gram of this size twice in one text (hf; 0: off); the reference setting is 2."""
+    """No n-gram of this size twice in one explanation, the prompt not counted (hf; 0: off); the
+    reference setting is 2."""
+    answer_first: bool = True
+    """The first token is drawn among the answer tokens (" Yes"/" No") from their logits, so every
+    explanation states the model's answer first, read where the score reads it. The Yes logit is
+    trained by a binary loss, not against the whole vocabulary, so a small model's free first token
+    was often another word. False: the first token is free."""
+    min_new_tokens: int = Field(4, ge=0)
+    """No end of text before this many tokens: a bare "No" is an answer, not an explanation (label-only
+    training samples end right after it)."""
     shards_per_wave: int = Field(4, ge=1)
     """Output shards generated and committed per wave: the resume granularity (a resubmitted run
     skips the shards already published)."""

@@ -118,10 +118,16 @@ def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int],
     }
 
 
-def decoding(cfg: Config) -> Decoding:
-    """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``)."""
+def decoding(cfg: Config, answer_ids: tuple[int, ...] = (), separator_ids: tuple[int, ...] = ()) -> Decoding:
+    """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``).
+    ``answer_ids``: the prompt builder's Yes and No tokens, the first token's choices when
+    ``explain.answer_first``; ``separator_ids``: the tokens between the answer and the rationale
+    (PromptBuilder.answer_ids' "."), forced after it."""
     e = cfg.explain
     return Decoding(
+        first_token_ids=tuple(answer_ids) if e.answer_first else (),
+        after_first_ids=tuple(separator_ids) if e.answer_first else (),
+        min_new_tokens=e.min_new_tokens,
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,
         top_p=e.top_p,
@@ -173,8 +179,6 @@ class ExplainActor:
             model_key=f"{self.gen.model}@{art.version}",
             enabled=cfg.generation.cache,
         )
-        self.decoding = decoding(cfg)
-        self.dhash = self.decoding.hash()
         tok = load_tokenizer(art.base_model, cfg.model.trust_remote_code)
         self.builder = PromptBuilder(
             tok,
@@ -182,6 +186,9 @@ class ExplainActor:
             use_chat_template=cfg.model.use_chat_template,
             max_title_chars=cfg.model.max_title_chars,
         )
+        b = self.builder
+        self.decoding = decoding(cfg, (b.yes_id, b.no_id), b.separator_ids)
+        self.dhash = self.decoding.hash()
         self.cf_users = user_embeddings(art.cf_embeddings) if art.cf_embeddings else None
         self.fusion = load_fusion(art.fusion) if art.fusion else None
         self.n_adapters = len(art.adapter_names)
@@ -258,7 +265,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "explain": {k: v for k, v in d["explain"].items() if k != "shards_per_wave"},
         "generation": {k: d["generation"][k] for k in ("backend", "model")},
         "teacher": {k: d["reason"][k] for k in ("teacher", "model")},
-        "stage": "explain/v3",
+        "stage": "explain/v4",
     }
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, TRACES, TRAIN, CF_MODEL, SCORES)]
     inputs += keywords_inputs(storage)

@@ -32,11 +32,26 @@ class Decoding:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # hf only; servers without it ignore it (recorded in the hash)
     num_beams: int = 1  # hf only
+    # The first new token is one of these (the explain stage's Yes/No: an explanation states the
+    # model's answer first, drawn from the answer tokens' logits as the score reads them). Empty: any.
+    first_token_ids: tuple[int, ...] = ()
+    # Tokens forced right after the first one (the explain stage's "." after the answer: only the
+    # rationale samples' answers go on with it; the label-only ones end after the answer).
+    after_first_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0  # no end of text before this many new tokens
     seed: int = 0
 
     def hash(self) -> str:
         """Short content hash of the settings, recorded on every output row and in the cache key."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        d = dataclasses.asdict(self)
+        for k in (
+            "first_token_ids",
+            "after_first_ids",
+            "min_new_tokens",
+        ):  # later settings: off, the hash is as before
+            if not d[k]:
+                del d[k]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -57,6 +72,7 @@ class GenResult:
     tries: int = 1  # requests sent for this row (0: served from the prompt cache)
     new_tokens: int = 0
     cached: bool = False  # served from the prompt-hash cache (generation/cache.py), no generation
+    token_ids: list[int] | None = None  # the new tokens, where the backend has them (vllm)
 
 
 @dataclass(frozen=True)

@@ -58,15 +58,22 @@ class HFGenerator:
             out.extend(self._batch(requests[s : s + self.batch_size], decoding))
         return out
 
-    def _kwargs(self, d: Decoding) -> dict[str, Any]:
+    def _kwargs(self, d: Decoding, width: int) -> dict[str, Any]:
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+
+        processors: list[Any] = []
+        if d.first_token_ids:
+            processors.append(_FirstTokenAmong(d.first_token_ids, width, d.after_first_ids))
+        if d.no_repeat_ngram_size:
+            processors.append(_NewTokensOnly(NoRepeatNGramLogitsProcessor(d.no_repeat_ngram_size), width))
         kw: dict[str, Any] = dict(
             max_new_tokens=d.max_new_tokens,
+            min_new_tokens=d.min_new_tokens or None,
             num_beams=d.num_beams,
             repetition_penalty=d.repetition_penalty,
+            logits_processor=LogitsProcessorList(processors),
             pad_token_id=self.pad_id,
         )
-        if d.no_repeat_ngram_size:
-            kw["no_repeat_ngram_size"] = d.no_repeat_ngram_size
         if d.temperature > 0:
             kw.update(do_sample=True, temperature=d.temperature, top_p=d.top_p)
         else:
@@ -103,9 +110,9 @@ class HFGenerator:
                 gates = torch.as_tensor(np.stack([self._gate(r) for r in reqs]))  # (B, K)
                 # generate() expands rows to B * num_beams, beams of one row adjacent.
                 with self.fused.gates(gates.repeat_interleave(d.num_beams, dim=0)):
-                    ids = self.lm.generate(**inputs, **self._kwargs(d))
+                    ids = self.lm.generate(**inputs, **self._kwargs(d, width))
             else:
-                ids = self.lm.generate(**inputs, **self._kwargs(d))
+                ids = self.lm.generate(**inputs, **self._kwargs(d, width))
         new = ids[:, width:]  # (B, new)
         out = []
         for r, row in zip(reqs, new.tolist(), strict=True):
@@ -122,3 +129,36 @@ class HFGenerator:
         if len(r.gate) != self.fused.k:
             raise ValueError(f"row {r.key}: gate over {len(r.gate)} adapters; the model has {self.fused.k}")
         return np.asarray(r.gate, dtype=np.float64)
+
+
+class _NewTokensOnly:
+    """A logits processor applied to the generated tokens alone, never the prompt's.
+
+    generate() hands its processors the whole sequence when the prompt goes in as token ids, and only
+    the new tokens when it goes in as embeddings (every prompt with CF slots). ``no_repeat_ngram_size``
+    is meant per text ("no n-gram twice in one explanation"): over a text prompt, a rationale that
+    quoted the prompt ("the user liked", a keyword list) was banned outright. vLLM has no such setting;
+    its repetition penalty counts the prompt's tokens as hf's does, so that one is left as it is."""
+
+    def __init__(self, processor: Any, width: int) -> None:
+        self.processor, self.width = processor, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(input_ids[:, self.width :], scores)
+
+
+class _FirstTokenAmong:
+    """The first new token is drawn among ``ids`` only, and ``then`` follows it
+    (``Decoding.first_token_ids``, ``Decoding.after_first_ids``)."""
+
+    def __init__(self, ids: tuple[int, ...], width: int, then: tuple[int, ...] = ()) -> None:
+        self.ids, self.width, self.then = list(ids), width, list(then)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.width
+        if step > len(self.then):
+            return scores
+        allowed = self.ids if step == 0 else [self.then[step - 1]]
+        out = torch.full_like(scores, float("-inf"))
+        out[:, allowed] = scores[:, allowed]
+        return out

@@ -22,6 +22,7 @@ vLLM starts worker processes: a script that builds this generator must do so und
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from thinkrec.generation.base import Decoding, GenRequest, GenResult
+from thinkrec.model.prompt import Encoded
 from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
 from thinkrec.scoring.base import Artifacts
 from thinkrec.scoring.engine.merge import LoraAdapter, load_adapter, merge_exact, save_adapter
@@ -107,16 +109,20 @@ class VLLMGenerator:
         kw.update(engine_kwargs or {})
         self.llm = LLM(**kw)
 
-    def _params(self, d: Decoding) -> Any:
+    def _params(self, d: Decoding, **overrides: Any) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(
+        kw = dict(
             max_tokens=d.max_new_tokens,
+            min_tokens=d.min_new_tokens,
             temperature=d.temperature,
             top_p=d.top_p if d.temperature > 0 else 1.0,
             repetition_penalty=d.repetition_penalty,
             seed=d.seed,
         )
+        kw |= overrides
+        kw["min_tokens"] = min(kw["min_tokens"], kw["max_tokens"])  # vLLM rejects more
+        return SamplingParams(**kw)
 
     # -- adapters --------------------------------------------------------------------------------
     def _lora(self, r: GenRequest) -> Any:
@@ -160,6 +166,46 @@ class VLLMGenerator:
         return {"prompt_embeds": input_embeddings(self.embedder, batch, self.cf, self.projector)[0]}  # (T, H)
 
     def generate(self, requests: list[GenRequest], decoding: Decoding) -> list[GenResult]:
+        if not decoding.first_token_ids:
+            return self._generate(requests, self._params(decoding))
+        # vLLM's allowed_token_ids hold for every step: the first token is drawn among them in a
+        # one-token pass, then the text goes on after it (and after_first_ids) in a second pass.
+        d = decoding
+        first = self._generate(requests, self._params(d, max_tokens=1, min_tokens=0,
+                                                      allowed_token_ids=list(d.first_token_ids)))  # fmt: skip
+        tok = self.llm.get_tokenizer()
+        by_key = {r.key: r for r in first}
+        cont, out = [], []
+        for q in requests:
+            r = by_key[q.key]
+            if r.error is not None or not r.token_ids:
+                out.append(r)
+                continue
+            # A text prompt as the ids vLLM made of it in the first pass (its special tokens too).
+            prompt = q.encoded or Encoded(tok(q.prompt).input_ids)
+            lead = list(r.token_ids) + list(d.after_first_ids)[: d.max_new_tokens - 1]
+            cont.append(dataclasses.replace(q, prompt="", encoded=prompt + Encoded(lead)))
+            by_key[q.key] = dataclasses.replace(r, token_ids=lead)
+        rest = {}
+        n_lead = 1 + min(len(d.after_first_ids), d.max_new_tokens - 1)
+        if d.max_new_tokens > n_lead and cont:
+            params = self._params(
+                d, max_tokens=d.max_new_tokens - n_lead, min_tokens=max(0, d.min_new_tokens - n_lead)
+            )
+            rest = {r.key: r for r in self._generate(cont, params)}
+        for q in cont:
+            r1, r2 = by_key[q.key], rest.get(q.key)
+            if r2 is not None and r2.error is not None:
+                out.append(r2)
+                continue
+            ids = list(r1.token_ids) + (list(r2.token_ids) if r2 is not None else [])
+            out.append(
+                GenResult(q.key, tok.decode(ids, skip_special_tokens=True), None, 1, len(ids), token_ids=ids)
+            )
+        order = {q.key: n for n, q in enumerate(requests)}
+        return sorted(out, key=lambda r: order[r.key])
+
+    def _generate(self, requests: list[GenRequest], params: Any) -> list[GenResult]:
         out: list[GenResult | None] = [None] * len(requests)
         prompts, loras, idx = [], [], []
         for n, r in enumerate(requests):
@@ -173,10 +219,11 @@ class VLLMGenerator:
             idx.append(n)
         if prompts:
             lora_arg = loras if any(x is not None for x in loras) else None
-            res = self.llm.generate(prompts, self._params(decoding), lora_request=lora_arg, use_tqdm=False)
+            res = self.llm.generate(prompts, params, lora_request=lora_arg, use_tqdm=False)
             for n, o in zip(idx, res, strict=True):
                 c = o.outputs[0]
-                out[n] = GenResult(requests[n].key, c.text, None, 1, len(c.token_ids))
+                ids = list(c.token_ids)
+                out[n] = GenResult(requests[n].key, c.text, None, 1, len(ids), token_ids=ids)
         return [o for o in out if o is not None]
 
     def close(self) -> None:

@@ -104,6 +104,8 @@ class PromptBuilder:
         )
         self.yes_id = self._single_token(self.answer_lead + "Yes")
         self.no_id = self._single_token(self.answer_lead + "No")
+        # What comes between the answer token and a rationale in answer_ids (". " + reasoning).
+        self.separator_ids = tuple(self.tok(". x", add_special_tokens=False).input_ids[:-1])
 
     def _single_token(self, text: str) -> int:
         ids = self.tok(text, add_special_tokens=False).input_ids
