@@ -93,9 +93,7 @@ def test_explanations_table(explained):
     # provenance: what generated each row
     assert set(out[S.BACKEND]) == {"hf"} and set(out[S.GEN_MODEL]) == {cfg.model.base}
     pb = PromptBuilder(load_tokenizer(cfg.model.base))
-    assert set(out[S.DECODING_HASH]) == {
-        explain.decoding(cfg, (pb.yes_id, pb.no_id), pb.separator_ids).hash()
-    }
+    assert set(out[S.DECODING_HASH]) == {explain.decoding(cfg, pb).hash()}
     # Every explanation states an answer first (explain.answer_first), then the rationale's ".".
     assert all(t.startswith(("Yes.", "No.")) for t in out[S.EXPLANATION]), out[S.EXPLANATION].tolist()
     assert out[S.PROMPT_HASH].nunique() == N_SAMPLES

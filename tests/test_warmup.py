@@ -153,7 +153,7 @@ def test_warmed_model_writes_rationales(prepared, tmp_path, one_torch_thread):
         for k, s in enumerate(test)
     ]
     gen = HFGenerator(cfg.replace(**{"model.base": path}), device="cpu")
-    d = explain_stage.decoding(cfg, (pb.yes_id, pb.no_id), pb.separator_ids)
+    d = explain_stage.decoding(cfg, pb)
     texts = [r.text for r in gen.generate(requests, d)]
     assert sum(stated_answer(t) is not None for t in texts) >= 7, texts
     assert sum(degenerate(t) for t in texts) <= 1, texts

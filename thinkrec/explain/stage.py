@@ -118,15 +118,15 @@ def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int],
     }
 
 
-def decoding(cfg: Config, answer_ids: tuple[int, ...] = (), separator_ids: tuple[int, ...] = ()) -> Decoding:
-    """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``).
-    ``answer_ids``: the prompt builder's Yes and No tokens, the first token's choices when
-    ``explain.answer_first``; ``separator_ids``: the tokens between the answer and the rationale
-    (PromptBuilder.answer_ids' "."), forced after it."""
+def decoding(cfg: Config, builder: PromptBuilder | None = None) -> Decoding:
+    """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``). With
+    ``explain.answer_first``, ``builder``'s Yes and No tokens are the first token's choices and its
+    ``separator_ids`` (the "." before a rationale) are forced after it."""
     e = cfg.explain
+    first = e.answer_first and builder is not None
     return Decoding(
-        first_token_ids=tuple(answer_ids) if e.answer_first else (),
-        after_first_ids=tuple(separator_ids) if e.answer_first else (),
+        first_token_ids=(builder.yes_id, builder.no_id) if first else (),
+        after_first_ids=builder.separator_ids if first else (),
         min_new_tokens=e.min_new_tokens,
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,
@@ -186,8 +186,7 @@ class ExplainActor:
             use_chat_template=cfg.model.use_chat_template,
             max_title_chars=cfg.model.max_title_chars,
         )
-        b = self.builder
-        self.decoding = decoding(cfg, (b.yes_id, b.no_id), b.separator_ids)
+        self.decoding = decoding(cfg, self.builder)
         self.dhash = self.decoding.hash()
         self.cf_users = user_embeddings(art.cf_embeddings) if art.cf_embeddings else None
         self.fusion = load_fusion(art.fusion) if art.fusion else None

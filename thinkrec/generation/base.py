@@ -21,6 +21,9 @@ import numpy as np
 
 from thinkrec.model.prompt import Encoded
 
+_LATER_SETTINGS = ("first_token_ids", "after_first_ids", "min_new_tokens")
+"""Decoding settings added after hashes were stored: left out of the hash while off, so it is as before."""
+
 
 @dataclass(frozen=True)
 class Decoding:
@@ -44,11 +47,7 @@ class Decoding:
     def hash(self) -> str:
         """Short content hash of the settings, recorded on every output row and in the cache key."""
         d = dataclasses.asdict(self)
-        for k in (
-            "first_token_ids",
-            "after_first_ids",
-            "min_new_tokens",
-        ):  # later settings: off, the hash is as before
+        for k in _LATER_SETTINGS:
             if not d[k]:
                 del d[k]
         blob = json.dumps(d, sort_keys=True).encode()

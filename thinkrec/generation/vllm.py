@@ -166,46 +166,42 @@ class VLLMGenerator:
         return {"prompt_embeds": input_embeddings(self.embedder, batch, self.cf, self.projector)[0]}  # (T, H)
 
     def generate(self, requests: list[GenRequest], decoding: Decoding) -> list[GenResult]:
-        if not decoding.first_token_ids:
-            return self._generate(requests, self._params(decoding))
+        d = decoding
+        if not d.first_token_ids:
+            return self._generate(requests, self._params(d))
         # vLLM's allowed_token_ids hold for every step: the first token is drawn among them in a
         # one-token pass, then the text goes on after it (and after_first_ids) in a second pass.
-        d = decoding
-        first = self._generate(requests, self._params(d, max_tokens=1, min_tokens=0,
-                                                      allowed_token_ids=list(d.first_token_ids)))  # fmt: skip
+        out = self._generate(requests, self._params(d, max_tokens=1, min_tokens=0,
+                                                    allowed_token_ids=list(d.first_token_ids)))  # fmt: skip
         tok = self.llm.get_tokenizer()
-        by_key = {r.key: r for r in first}
-        cont, out = [], []
-        for q in requests:
-            r = by_key[q.key]
+        n_lead = 1 + min(len(d.after_first_ids), d.max_new_tokens - 1)
+        rows, leads, cont = [], [], []
+        for n, (q, r) in enumerate(zip(requests, out, strict=True)):
             if r.error is not None or not r.token_ids:
-                out.append(r)
-                continue
+                continue  # quarantined in the first pass: kept as it is
+            lead = r.token_ids + list(d.after_first_ids)[: n_lead - 1]
             # A text prompt as the ids vLLM made of it in the first pass (its special tokens too).
             prompt = q.encoded or Encoded(tok(q.prompt).input_ids)
-            lead = list(r.token_ids) + list(d.after_first_ids)[: d.max_new_tokens - 1]
+            rows.append(n)
+            leads.append(lead)
             cont.append(dataclasses.replace(q, prompt="", encoded=prompt + Encoded(lead)))
-            by_key[q.key] = dataclasses.replace(r, token_ids=lead)
-        rest = {}
-        n_lead = 1 + min(len(d.after_first_ids), d.max_new_tokens - 1)
-        if d.max_new_tokens > n_lead and cont:
+        rest: list[GenResult | None] = [None] * len(cont)
+        if cont and d.max_new_tokens > n_lead:
             params = self._params(
                 d, max_tokens=d.max_new_tokens - n_lead, min_tokens=max(0, d.min_new_tokens - n_lead)
             )
-            rest = {r.key: r for r in self._generate(cont, params)}
-        for q in cont:
-            r1, r2 = by_key[q.key], rest.get(q.key)
-            if r2 is not None and r2.error is not None:
-                out.append(r2)
+            rest = list(self._generate(cont, params))
+        for n, lead, r in zip(rows, leads, rest, strict=True):
+            if r is not None and r.error is not None:
+                out[n] = r
                 continue
-            ids = list(r1.token_ids) + (list(r2.token_ids) if r2 is not None else [])
-            out.append(
-                GenResult(q.key, tok.decode(ids, skip_special_tokens=True), None, 1, len(ids), token_ids=ids)
-            )
-        order = {q.key: n for n, q in enumerate(requests)}
-        return sorted(out, key=lambda r: order[r.key])
+            ids = lead + ((r.token_ids or []) if r is not None else [])
+            text = tok.decode(ids, skip_special_tokens=True)
+            out[n] = GenResult(requests[n].key, text, None, 1, len(ids), token_ids=ids)
+        return out
 
     def _generate(self, requests: list[GenRequest], params: Any) -> list[GenResult]:
+        """One result per request, in order (a bad request's is its quarantine reason)."""
         out: list[GenResult | None] = [None] * len(requests)
         prompts, loras, idx = [], [], []
         for n, r in enumerate(requests):
