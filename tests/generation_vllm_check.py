@@ -24,13 +24,15 @@ DECODING = {"max_new_tokens": 6}
 ANSWER_FIRST = {"max_new_tokens": 6, "min_new_tokens": 6}
 
 
-def answer_first(base: str):
+def answer_first(base: str, binary: bool = False):
+    """binary: the answer from the raw Yes logit alone (the explain stage's); else between the two."""
     from thinkrec.generation.base import Decoding
     from thinkrec.model.base import load_tokenizer
     from thinkrec.model.prompt import PromptBuilder
 
     pb = PromptBuilder(load_tokenizer(base))
-    return Decoding(**ANSWER_FIRST, first_token_ids=(pb.yes_id, pb.no_id), after_first_ids=pb.separator_ids)
+    return Decoding(**ANSWER_FIRST, first_token_ids=(pb.yes_id, pb.no_id), after_first_ids=pb.separator_ids,
+                    first_token_binary=binary)  # fmt: skip
 
 
 def text_requests():
@@ -85,12 +87,14 @@ def main() -> None:
     mixtures_after_first = len(gen.mixtures)
     again = gen.generate(text_requests(), d)  # the same mixtures again: no new merge
     first = gen.generate([*text_requests()[:2], *cf_requests(args.base)], answer_first(args.base))
+    binary = gen.generate([*text_requests()[:2], *cf_requests(args.base)], answer_first(args.base, True))
     result = {
         "start_s": start_s,
         "text": [r.__dict__ for r in text],
         "cf": [r.__dict__ for r in cf],
         "again": [r.__dict__ for r in again],
         "answer_first": [r.__dict__ for r in first],
+        "answer_first_binary": [r.__dict__ for r in binary],
         "mixtures": [mixtures_after_first, len(gen.mixtures)],
         "embeds": gen.embedder is not None,
     }

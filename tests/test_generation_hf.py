@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import small_config
@@ -91,6 +93,48 @@ def test_first_token_among_the_answer_tokens_and_min_new_tokens(setup):
     assert all(r.text.startswith((" Yes.", " No.")) for r in got), [r.text for r in got]
     assert all(r.new_tokens == 6 for r in got)
     assert d.hash() != Decoding(max_new_tokens=6, temperature=1.0, seed=3).hash()
+
+
+def test_binary_answer_follows_the_yes_logit_alone(setup):
+    """Decoding.first_token_binary: the answer is Yes with probability sigmoid(Yes logit / T), the No
+    logit read as 0; greedy, Yes iff the raw Yes logit is > 0, whatever the No logit says. The head's
+    No row is set to twice the Yes row, so a draw between the two logits answers the opposite; with
+    the Yes row then negated every answer flips, so both answers are seen."""
+    import torch
+
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.prompt import PromptBuilder
+
+    cfg, _ = setup
+    pb = PromptBuilder(load_tokenizer(cfg.model.base))
+    gen = HFGenerator(cfg)  # the base model: its raw logits are one forward pass away
+    reqs = [GenRequest(str(i), p) for i, p in enumerate(PROMPTS)]
+    d = Decoding(max_new_tokens=3, repetition_penalty=1.3, first_token_ids=(pb.yes_id, pb.no_id),
+                 after_first_ids=pb.separator_ids, first_token_binary=True)  # fmt: skip
+
+    def raw() -> np.ndarray:  # (prompts, 2): the Yes and No logits at the answer position
+        with torch.inference_mode():
+            rows = [gen.lm(gen.tok(p, return_tensors="pt", add_special_tokens=False).input_ids).logits[0, -1]
+                    for p in PROMPTS]  # fmt: skip
+        return torch.stack(rows)[:, [pb.yes_id, pb.no_id]].float().numpy()
+
+    head = gen.lm.get_output_embeddings().weight
+    seen = []
+    for _ in range(2):
+        with torch.no_grad():
+            head[pb.no_id] = 2 * head[pb.yes_id]
+        logits = raw()
+        answers = [t.startswith(" Yes.") for t in texts(gen, reqs, d)]
+        assert answers == (logits[:, 0] > 0).tolist(), (answers, logits)
+        between = [
+            t.startswith(" Yes.") for t in texts(gen, reqs, dataclasses.replace(d, first_token_binary=False))
+        ]
+        assert between == [not a for a in answers]  # else the check says nothing
+        seen += answers
+        with torch.no_grad():
+            head[pb.yes_id] *= -1
+    assert set(seen) == {True, False}
+    assert d.hash() != dataclasses.replace(d, first_token_binary=False).hash()
 
 
 def test_no_repeat_ngrams_count_the_new_tokens_only():

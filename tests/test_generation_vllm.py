@@ -44,10 +44,10 @@ def both(tiny_qwen, tmp_path_factory, one_torch_thread):
     d = Decoding(**DECODING)
     want = {r.key: r.text for r in hf.generate(text_requests(), d)}
     want.update({r.key: r.text for r in hf.generate(cf_requests(tiny_qwen), d)})
-    first = [
-        hf.generate(reqs, answer_first(tiny_qwen)) for reqs in (text_requests()[:2], cf_requests(tiny_qwen))
-    ]
-    result["answer_first_hf"] = {r.key: r.text for part in first for r in part}
+    for binary, name in ((False, "answer_first_hf"), (True, "answer_first_binary_hf")):
+        d = answer_first(tiny_qwen, binary)
+        result[name] = {r.key: r.text for reqs in (text_requests()[:2], cf_requests(tiny_qwen))
+                        for r in hf.generate(reqs, d)}  # fmt: skip
     got = {r["key"]: r for part in ("text", "cf") for r in result[part]}
     return got, want, result
 
@@ -88,9 +88,11 @@ def test_gates_matter_mixtures_merged_once_bad_gate_quarantined(both):
 def test_answer_first_equals_hf(both):
     """Decoding.first_token_ids and after_first_ids on vLLM (a one-token pass among the first, then
     the rest after the forced ones) write hf's texts, greedy, for text and CF-token prompts: each
-    starts with the answer token and its "."."""
+    starts with the answer token and its ".". Likewise with first_token_binary (the answer from the
+    raw Yes logit alone, read in vLLM's first pass)."""
     _, _, result = both
-    got = {r["key"]: r["text"] for r in result["answer_first"]}
-    assert got == result["answer_first_hf"]
-    assert all(t.startswith((" Yes.", " No.")) for t in got.values()), got
-    assert all(r["new_tokens"] == 6 for r in result["answer_first"])
+    for name in ("answer_first", "answer_first_binary"):
+        got = {r["key"]: r["text"] for r in result[name]}
+        assert got == result[f"{name}_hf"], name
+        assert all(t.startswith((" Yes.", " No.")) for t in got.values()), got
+        assert all(r["new_tokens"] == 6 for r in result[name])

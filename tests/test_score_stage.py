@@ -45,6 +45,10 @@ def test_scores_every_test_row(scored):
     assert np.isfinite(table.column(S.SCORE).to_numpy()).all()
     p = table.column(S.P_YES).to_numpy()
     assert ((p > 0) & (p < 1)).all()
+    # p_yes is the probability the BCE on the Yes logit trains, not softmax over {Yes, No}.
+    np.testing.assert_allclose(
+        p, 1 / (1 + np.exp(-table.column(S.SCORE).to_numpy().astype(np.float64))), atol=1e-6
+    )
     art = load_artifacts(cfg)
     assert set(table.column(S.VERSION).to_pylist()) == {art.version} and man["version"] == art.version
     assert set(table.column(S.GATE).to_pylist()) <= {"global", "expert-0", "expert-1", "expert-2"} | {

@@ -194,13 +194,14 @@ def test_compiled_full_prompts_build_no_causal_mask(scoring_setup, monkeypatch):
 
 def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
     """Fused mixtures per row == an explicitly merged float64 model (W + sum_n w_n s_n B_n A_n), with the
-    full vocabulary head: the scorer's Yes logit within atol 1e-4 and P(Yes) = softmax over {Yes, No}."""
+    full vocabulary head: the scorer's Yes and No logits within atol 1e-4 and p_yes = sigmoid(Yes)."""
     from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings
     from thinkrec.scoring.engine.fused_lora import merge_into
 
     cfg, art = scoring_setup
     rows = make_rows(cfg, art, users=3, per_user=2, seed=2, gates="random")
-    s, p = scorer_for(cfg, art, prefix_sharing=True).score(rows)
+    scorer = scorer_for(cfg, art, prefix_sharing=True)
+    s, p = scorer.score(rows)
     proj = CFProjector.load(art.projector).double()
     cf = CFTable.load(art.cf_embeddings)
     pb = PromptBuilder(tokenizer(art.base_model))
@@ -214,7 +215,8 @@ def test_yes_no_projection_equals_full_head_in_float64(scoring_setup):
             logits = ref(inputs_embeds=emb, attention_mask=batch.attention_mask).logits[0, -1]  # (V,)
         yes, no = logits[pb.yes_id].item(), logits[pb.no_id].item()
         assert abs(s[i] - yes) < 1e-4, (i, s[i], yes)
-        assert abs(p[i] - 1 / (1 + np.exp(no - yes))) < 1e-5
+        assert abs(scorer.last_no_logits[i] - no) < 1e-4, (i, scorer.last_no_logits[i], no)
+        assert abs(p[i] - 1 / (1 + np.exp(-yes))) < 1e-5
 
 
 def test_prefix_cache_equals_gather_and_concatenation():

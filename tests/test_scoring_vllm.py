@@ -300,14 +300,15 @@ def reference(setup, vllm_result):
 @pytest.mark.integration
 @pytest.mark.parametrize("row_set", [name for name, *_ in ROW_SETS])
 def test_vllm_equals_hf_reference(vllm_result, reference, row_set) -> None:
-    """score = the raw Yes logit and p_yes = sigmoid(Yes - No), equal to the reference with the
-    adapter vLLM served (a single adapter, or the pre-merged mixture's grid weights)."""
+    """score = the raw Yes logit, p_yes = sigmoid(score) and the No logit, equal to the reference with
+    the adapter vLLM served (a single adapter, or the pre-merged mixture's grid weights)."""
     idx = [i for i, n in enumerate(reference["names"]) if n == row_set]
     ref = reference["served"][idx]  # (n, 2)
     score = np.array(vllm_result["score"])[idx]
     p_yes = np.array(vllm_result["p_yes"])[idx]
     np.testing.assert_allclose(score, ref[:, 0], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(p_yes, 1 / (1 + np.exp(-(ref[:, 0] - ref[:, 1]))), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(p_yes, 1 / (1 + np.exp(-ref[:, 0])), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.array(vllm_result["no_logit"])[idx], ref[:, 1], atol=ATOL, rtol=0)
 
 
 @pytest.mark.integration

@@ -128,6 +128,7 @@ def main() -> None:
     t1 = time.perf_counter()
     score, p_yes = scorer.score(rows)
     first_s = time.perf_counter() - t1
+    no_logit = scorer.last_no_logits
     first_cached = scorer.last_cached_tokens
     # The same rows again, shuffled: results must follow the caller's order and hit the prefix cache.
     perm = np.random.default_rng(0).permutation(len(rows))
@@ -137,6 +138,7 @@ def main() -> None:
         "first_call_s": first_s,
         "score": score.tolist(),
         "p_yes": p_yes.tolist(),
+        "no_logit": no_logit.tolist(),
         "perm": perm.tolist(),
         "score_perm": score2.tolist(),
         "p_yes_perm": p2.tolist(),

@@ -563,10 +563,12 @@ class ExplainConfig:
     """No n-gram of this size twice in one explanation, the prompt not counted (hf; 0: off); the
     reference setting is 2."""
     answer_first: bool = True
-    """The first token is drawn among the answer tokens (" Yes"/" No") from their logits, so every
-    explanation states the model's answer first, read where the score reads it. The Yes logit is
-    trained by a binary loss, not against the whole vocabulary, so a small model's free first token
-    was often another word. False: the first token is free."""
+    """The first token is " Yes" with probability sigmoid(Yes logit / temperature), else " No": every
+    explanation states the model's answer first, drawn from the raw Yes logit where the score reads it,
+    with the probability the recommendation loss trains (p_yes). The Yes logit is trained by a binary
+    loss, not against the whole vocabulary, so a small model's free first token was often another word,
+    and a draw between the Yes and No logits said "No" on every row (the LM term lifts the No logit far
+    above the Yes logit). False: the first token is free."""
     min_new_tokens: int = Field(4, ge=0)
     """No end of text before this many tokens: a bare "No" is an answer, not an explanation (label-only
     training samples end right after it)."""

@@ -147,7 +147,7 @@ SCORES = pa.schema(
         (VERSION, pa.string()),
     ]
 )
-"""score/scores: the Yes logit, P(Yes) over {Yes, No}, the adapter or mixture used, model version.
+"""score/scores: the Yes logit, p_yes = sigmoid(Yes logit), the adapter or mixture used, model version.
 ``label`` is null when the candidate table has none."""
 
 EXPLANATIONS = pa.schema(

@@ -120,13 +120,16 @@ def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int],
 
 def decoding(cfg: Config, builder: PromptBuilder | None = None) -> Decoding:
     """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``). With
-    ``explain.answer_first``, ``builder``'s Yes and No tokens are the first token's choices and its
-    ``separator_ids`` (the "." before a rationale) are forced after it."""
+    ``explain.answer_first``, ``builder``'s Yes and No tokens are the first token's choices, Yes drawn
+    with probability sigmoid(Yes logit / temperature), the p_yes the score stage reports
+    (``Decoding.first_token_binary``), and its ``separator_ids`` (the "." before a rationale) are
+    forced after it."""
     e = cfg.explain
     first = e.answer_first and builder is not None
     return Decoding(
         first_token_ids=(builder.yes_id, builder.no_id) if first else (),
         after_first_ids=builder.separator_ids if first else (),
+        first_token_binary=first,
         min_new_tokens=e.min_new_tokens,
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,
@@ -264,7 +267,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
         "explain": {k: v for k, v in d["explain"].items() if k != "shards_per_wave"},
         "generation": {k: d["generation"][k] for k in ("backend", "model")},
         "teacher": {k: d["reason"][k] for k in ("teacher", "model")},
-        "stage": "explain/v4",
+        "stage": "explain/v5",
     }
     inputs = [storage.uri(t) for t in (INTERACTIONS, ITEMS, TRACES, TRAIN, CF_MODEL, SCORES)]
     inputs += keywords_inputs(storage)

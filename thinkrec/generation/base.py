@@ -21,7 +21,7 @@ import numpy as np
 
 from thinkrec.model.prompt import Encoded
 
-_LATER_SETTINGS = ("first_token_ids", "after_first_ids", "min_new_tokens")
+_LATER_SETTINGS = ("first_token_ids", "after_first_ids", "min_new_tokens", "first_token_binary")
 """Decoding settings added after hashes were stored: left out of the hash while off, so it is as before."""
 
 
@@ -42,6 +42,11 @@ class Decoding:
     # rationale samples' answers go on with it; the label-only ones end after the answer).
     after_first_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0  # no end of text before this many new tokens
+    # With two first_token_ids (Yes, No): the first is drawn with probability sigmoid(logit / T) of
+    # its own raw logit, the second's read as 0. The recommendation loss trains the Yes logit alone
+    # (BCE), so this is the probability p_yes reports; the No logit, trained only by the LM term,
+    # dwarfs it, and a draw between the two logits said "No" on every row.
+    first_token_binary: bool = False
     seed: int = 0
 
     def hash(self) -> str:

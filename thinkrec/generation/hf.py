@@ -59,18 +59,30 @@ class HFGenerator:
         return out
 
     def _kwargs(self, d: Decoding, width: int) -> dict[str, Any]:
-        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor
+        from transformers import (
+            LogitsProcessorList,
+            NoRepeatNGramLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+        )
 
         processors: list[Any] = []
+        penalty = d.repetition_penalty
+        if d.first_token_binary and penalty != 1.0:
+            # The answer is drawn from the raw logits, as the score reads them: generate() applies its
+            # own penalty before any processor of ours, so it is applied here, from the second token.
+            processors.append(_AfterFirst(RepetitionPenaltyLogitsProcessor(penalty), width))
+            penalty = 1.0
         if d.first_token_ids:
-            processors.append(_FirstTokenAmong(d.first_token_ids, width, d.after_first_ids))
+            processors.append(
+                _FirstTokenAmong(d.first_token_ids, width, d.after_first_ids, d.first_token_binary)
+            )
         if d.no_repeat_ngram_size:
             processors.append(_NewTokensOnly(NoRepeatNGramLogitsProcessor(d.no_repeat_ngram_size), width))
         kw: dict[str, Any] = dict(
             max_new_tokens=d.max_new_tokens,
             min_new_tokens=d.min_new_tokens or None,
             num_beams=d.num_beams,
-            repetition_penalty=d.repetition_penalty,
+            repetition_penalty=penalty,
             logits_processor=LogitsProcessorList(processors),
             pad_token_id=self.pad_id,
         )
@@ -147,12 +159,28 @@ class _NewTokensOnly:
         return self.processor(input_ids[:, self.width :], scores)
 
 
+class _AfterFirst:
+    """A logits processor left out at the first new token (``Decoding.first_token_binary``)."""
+
+    def __init__(self, processor: Any, width: int) -> None:
+        self.processor, self.width = processor, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores if input_ids.shape[1] == self.width else self.processor(input_ids, scores)
+
+
 class _FirstTokenAmong:
     """The first new token is drawn among ``ids`` only, and ``then`` follows it
-    (``Decoding.first_token_ids``, ``Decoding.after_first_ids``)."""
+    (``Decoding.first_token_ids``, ``Decoding.after_first_ids``); with ``binary``, between the two ids
+    with the second's logit read as 0, so P(first) = sigmoid(its logit / T) (temperature is applied
+    after this processor; ``Decoding.first_token_binary``)."""
 
-    def __init__(self, ids: tuple[int, ...], width: int, then: tuple[int, ...] = ()) -> None:
-        self.ids, self.width, self.then = list(ids), width, list(then)
+    def __init__(
+        self, ids: tuple[int, ...], width: int, then: tuple[int, ...] = (), binary: bool = False
+    ) -> None:
+        if binary and len(ids) != 2:
+            raise ValueError(f"first_token_binary needs two first_token_ids, got {list(ids)}")
+        self.ids, self.width, self.then, self.binary = list(ids), width, list(then), binary
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.width
@@ -161,4 +189,6 @@ class _FirstTokenAmong:
         allowed = self.ids if step == 0 else [self.then[step - 1]]
         out = torch.full_like(scores, float("-inf"))
         out[:, allowed] = scores[:, allowed]
+        if step == 0 and self.binary:
+            out[:, self.ids[1]] = 0.0
         return out

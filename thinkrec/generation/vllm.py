@@ -23,11 +23,14 @@ vLLM starts worker processes: a script that builds this generator must do so und
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
 import weakref
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -106,6 +109,9 @@ class VLLMGenerator:
                     artifacts.base_model, getattr(torch, cfg.model.dtype), cfg.model.trust_remote_code
                 )
                 kw["enable_prompt_embeds"] = True
+        # Logprobs requested by id come back as raw logits: answer-first explanations draw the answer
+        # from the raw Yes logit, as the score reads it (Decoding.first_token_binary).
+        kw["logprobs_mode"] = "raw_logits"
         kw.update(engine_kwargs or {})
         self.llm = LLM(**kw)
 
@@ -171,8 +177,15 @@ class VLLMGenerator:
             return self._generate(requests, self._params(d))
         # vLLM's allowed_token_ids hold for every step: the first token is drawn among them in a
         # one-token pass, then the text goes on after it (and after_first_ids) in a second pass.
-        out = self._generate(requests, self._params(d, max_tokens=1, min_tokens=0,
-                                                    allowed_token_ids=list(d.first_token_ids)))  # fmt: skip
+        if d.first_token_binary:
+            # The first token from the first id's raw logit alone (Decoding.first_token_binary); vLLM
+            # cannot read the other id's logit as 0, so the draw is made here.
+            params = self._params(d, max_tokens=1, min_tokens=0, temperature=0.0, repetition_penalty=1.0,
+                                  logprob_token_ids=[d.first_token_ids[0]])  # fmt: skip
+            out = self._generate(requests, params, answer=functools.partial(_binary_answer, d))
+        else:
+            out = self._generate(requests, self._params(d, max_tokens=1, min_tokens=0,
+                                                        allowed_token_ids=list(d.first_token_ids)))  # fmt: skip
         tok = self.llm.get_tokenizer()
         n_lead = 1 + min(len(d.after_first_ids), d.max_new_tokens - 1)
         rows, leads, cont = [], [], []
@@ -200,8 +213,11 @@ class VLLMGenerator:
             out[n] = GenResult(requests[n].key, text, None, 1, len(ids), token_ids=ids)
         return out
 
-    def _generate(self, requests: list[GenRequest], params: Any) -> list[GenResult]:
-        """One result per request, in order (a bad request's is its quarantine reason)."""
+    def _generate(
+        self, requests: list[GenRequest], params: Any, answer: Callable[[str, Any], int] | None = None
+    ) -> list[GenResult]:
+        """One result per request, in order (a bad request's is its quarantine reason). ``answer``:
+        the one new token is ``answer(key, the first position's logprobs by token id)``, not vLLM's."""
         out: list[GenResult | None] = [None] * len(requests)
         prompts, loras, idx = [], [], []
         for n, r in enumerate(requests):
@@ -219,6 +235,8 @@ class VLLMGenerator:
             for n, o in zip(idx, res, strict=True):
                 c = o.outputs[0]
                 ids = list(c.token_ids)
+                if answer is not None:
+                    ids = [answer(requests[n].key, c.logprobs[0])]
                 out[n] = GenResult(requests[n].key, c.text, None, 1, len(ids), token_ids=ids)
         return [o for o in out if o is not None]
 
@@ -231,3 +249,16 @@ class VLLMGenerator:
         self.llm = None
         if hasattr(self, "_finalizer"):
             self._finalizer()
+
+
+def _binary_answer(d: Decoding, key: str, values: Any) -> int:
+    """Decoding.first_token_binary's draw: the first id with probability sigmoid(logit / T) of its raw
+    logit (``values``: token id -> Logprob, raw logits in this engine's mode; vLLM adds the token it
+    sampled itself, so the first id is looked up), else the second (greedy: the first iff logit > 0),
+    seeded by the decoding seed and the row's key."""
+    first, second = d.first_token_ids
+    logit = float(values[first].logprob)
+    if d.temperature <= 0:
+        return first if logit > 0 else second
+    u = np.random.default_rng([d.seed, zlib.crc32(key.encode())]).random()
+    return first if u < 1.0 / (1.0 + np.exp(-logit / d.temperature)) else second

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -173,7 +174,9 @@ def logits_at(model: Any, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.
     return head(hidden[rows, cols])
 
 
-def yes_no_scores(logits: torch.Tensor, yes_id: int, no_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score = Yes logit, P(Yes) over {Yes, No}) from answer-position logits (n, V)."""
-    yes, no = logits[:, yes_id].float(), logits[:, no_id].float()
-    return yes, torch.sigmoid(yes - no)
+def p_yes_of(yes: np.ndarray) -> np.ndarray:
+    """p_yes of raw Yes logits: sigmoid(Yes logit), the probability the recommendation loss trains
+    (BCE-with-logits on the Yes logit alone, REFERENCE.md). Not softmax over {Yes, No}: the No logit
+    is trained only by the LM term, which lifts the answer token far above the rest of the vocabulary
+    while the BCE holds the Yes logit near 0, so that softmax was near 0 on every row."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(yes, np.float64)))

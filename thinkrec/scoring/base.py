@@ -1,7 +1,7 @@
 """The scorer interface both backends implement, and where a trained model's files are.
 
 A scorer gets rows that already carry their encoded prompt (prefix + candidate, with CF slots) and
-their gate (weights over [global, expert-0, ...]); it returns the Yes logit and P(Yes) over {Yes, No}
+their gate (weights over [global, expert-0, ...]); it returns the Yes logit and p_yes = sigmoid(Yes logit)
 per row, from one forward pass and the answer position's logits only.
 """
 

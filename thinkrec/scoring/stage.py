@@ -110,7 +110,7 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
     score = {k: v for k, v in d["score"].items() if k not in RUNTIME_KEYS}
     sections: dict[str, Any] = {
-        "stage": "score/v1",
+        "stage": "score/v2",  # v2: p_yes = sigmoid(Yes logit)
         **{k: d[k] for k in ("model", "train", "fusion", "data")},
         "score": score,
     }

@@ -4,7 +4,7 @@
   rank-K*r LoRA per target layer (fused_lora.py), and each row's gate mixes them exactly.
 - No decoding: the final hidden state at the answer position (the prompt's last token) is projected
   onto the Yes and No rows of the output embedding only, ``h @ W[[yes, no]].T`` (2 dot products per
-  row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = softmax over {Yes, No}.
+  row instead of a vocabulary-sized matmul). score = the Yes logit; p_yes = sigmoid(score) (``p_yes_of``).
 - Full prompts run with ``use_cache=False`` (no key/value concatenation that plain scoring never reads)
   and without an attention mask (right padding under causal attention is invisible to real tokens);
   under ``torch.compile`` too, SDPA then takes its causal kernel (causal_attn.py).
@@ -32,7 +32,7 @@ import torch
 
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, p_yes_of
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.engine import answer_rows, causal_attn, fused_lora, fused_proj, packed
 from thinkrec.scoring.engine.kv_cache import prefix_cache
@@ -114,6 +114,7 @@ class HFScorer:
         self.w_yn = head.weight.index_select(0, idx).detach().float()  # (2, H)
         bias = getattr(head, "bias", None)
         self.b_yn = bias.index_select(0, idx).detach().float() if bias is not None else None  # (2,)
+        self.last_no_logits = np.zeros(0, np.float32)  # the No logits of the last call (the checks read them)
 
     # -- public ---------------------------------------------------------------------------------
     def score(self, rows: list[ScoreRow]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +127,9 @@ class HFScorer:
                 logits = self._score_shared(rows)
             else:
                 logits = self._score_full(rows)
-        yes, no = logits[:, 0], logits[:, 1]  # (n,)
-        p_yes = torch.sigmoid(yes - no)  # softmax over {Yes, No}
-        return yes.numpy().astype(np.float32), p_yes.numpy().astype(np.float32)
+        yes = logits[:, 0].numpy()  # (n,)
+        self.last_no_logits = logits[:, 1].numpy().astype(np.float32)  # for the checks, as vLLM's
+        return yes.astype(np.float32), p_yes_of(yes).astype(np.float32)
 
     # -- pieces ---------------------------------------------------------------------------------
     def _gates(self, rows: Sequence[ScoreRow]) -> torch.Tensor:

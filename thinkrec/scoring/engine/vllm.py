@@ -6,7 +6,8 @@ One request per row, ``max_tokens=1``, and only the Yes and No tokens' values re
 What ``score`` means here: the engine runs with ``logprobs_mode="raw_logits"``, so the values vLLM
 returns for the requested tokens are the raw answer-position logits (before any softmax, temperature or
 processor), the same quantity the HF backend returns: score = the raw "Yes" logit, p_yes =
-sigmoid(logit_Yes - logit_No) = P(Yes) renormalised over {Yes, No}.
+sigmoid(logit_Yes), the probability the recommendation loss trains (BCE-with-logits on the Yes logit).
+The No logit is requested too, for the checks that compare it with the HF backend's.
 
 Adapters (DESIGN.md, scoring rule 4): vLLM applies one LoRA per request, so
 - rows whose gate is one adapter (global, or a single expert) are sent with that adapter;
@@ -47,7 +48,7 @@ from thinkrec.model.base import load_tokenizer
 from thinkrec.model.fusion import gate as fusion_gate
 from thinkrec.model.fusion import load_fusion
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, p_yes_of
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.engine.merge import (
     LoraAdapter,
@@ -209,6 +210,8 @@ class VLLMScorer:
         )
         # Prompt tokens vLLM reports as served from its prefix cache in the last call (num_cached_tokens).
         self.last_cached_tokens = 0
+        # The No logits of the last call (p_yes reads the Yes logit alone; the checks compare these).
+        self.last_no_logits = np.zeros(0, np.float32)
 
     # -- adapters --------------------------------------------------------------------------------
     def _seed_mixtures(self) -> None:
@@ -348,8 +351,8 @@ class VLLMScorer:
             no[i] = values[self.no_id].logprob
             cached += int(out.num_cached_tokens or 0)
         self.last_cached_tokens = cached
-        p_yes = 1.0 / (1.0 + np.exp(-(yes - no)))
-        return yes.astype(np.float32), p_yes.astype(np.float32)
+        self.last_no_logits = no.astype(np.float32)
+        return yes.astype(np.float32), p_yes_of(yes).astype(np.float32)
 
     def close(self) -> None:
         """Stop the engine and remove the merged mixtures."""
