@@ -49,6 +49,12 @@ class Decoding:
     first_token_binary: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.first_token_binary and len(self.first_token_ids) != 2:
+            raise ValueError(
+                f"first_token_binary needs two first_token_ids, got {list(self.first_token_ids)}"
+            )
+
     def hash(self) -> str:
         """Short content hash of the settings, recorded on every output row and in the cache key."""
         d = dataclasses.asdict(self)

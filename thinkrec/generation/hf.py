@@ -178,8 +178,6 @@ class _FirstTokenAmong:
     def __init__(
         self, ids: tuple[int, ...], width: int, then: tuple[int, ...] = (), binary: bool = False
     ) -> None:
-        if binary and len(ids) != 2:
-            raise ValueError(f"first_token_binary needs two first_token_ids, got {list(ids)}")
         self.ids, self.width, self.then, self.binary = list(ids), width, list(then), binary
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
