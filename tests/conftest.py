@@ -91,13 +91,14 @@ def small_config(root: str, **overrides) -> C.Config:
         "model.warmup_steps": 0,  # the demo's warm-up of the tiny model: tests/test_warmup.py
         "train.max_train_samples": 64,
         "train.max_valid_samples": 32,
-        "train.projector_epochs": 1,  # the demo trains stage 2 for 3
+        "train.projector_epochs": 1,  # the demo trains stage 2 for 2
         "train.warmup_steps": 2,
         "train.n_groups": 2,
         "train.expert_last_layers": 1,
         "train.checkpoint_every": 4,
         "explain.n_samples": 2,
         "explain.max_new_tokens": 8,
+        "explain.temperature": 0.4,  # the reference setting (the demo samples at 0.7)
     }
     base.update(overrides)
     return C.load("configs/demo.yaml", base)
