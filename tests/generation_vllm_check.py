@@ -9,6 +9,7 @@ of the wrong width (quarantined, the batch goes on), and the explain stage's ans
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -88,6 +89,9 @@ def main() -> None:
     again = gen.generate(text_requests(), d)  # the same mixtures again: no new merge
     first = gen.generate([*text_requests()[:2], *cf_requests(args.base)], answer_first(args.base))
     binary = gen.generate([*text_requests()[:2], *cf_requests(args.base)], answer_first(args.base, True))
+    # A hot rationale (vLLM takes T <= 2) with the answer pinned to the Yes logit's sign (answer_temperature 0).
+    pinned_d = dataclasses.replace(answer_first(args.base, True), temperature=2.0, answer_temperature=0.0)
+    pinned = gen.generate([*text_requests()[:2], *cf_requests(args.base)], pinned_d)
     result = {
         "start_s": start_s,
         "text": [r.__dict__ for r in text],
@@ -95,6 +99,7 @@ def main() -> None:
         "again": [r.__dict__ for r in again],
         "answer_first": [r.__dict__ for r in first],
         "answer_first_binary": [r.__dict__ for r in binary],
+        "answer_pinned": [r.__dict__ for r in pinned],
         "mixtures": [mixtures_after_first, len(gen.mixtures)],
         "embeds": gen.embedder is not None,
     }

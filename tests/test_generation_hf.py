@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -135,6 +137,82 @@ def test_binary_answer_follows_the_yes_logit_alone(setup):
             head[pb.yes_id] *= -1
     assert set(seen) == {True, False}
     assert d.hash() != dataclasses.replace(d, first_token_binary=False).hash()
+
+
+def test_answer_temperature_draws_the_answer_apart_from_the_rationale(setup):
+    """Decoding.answer_temperature: the answer is Yes with probability sigmoid(Yes logit / answer T)
+    while the rationale is sampled at ``temperature``. At T = 50 with answer T = 0 every answer is
+    the greedy one (Yes iff the raw Yes logit > 0) on every seed; at T = 50 alone the answers are
+    close to coin flips, so some differ (else the check says nothing)."""
+    import torch
+
+    from thinkrec.generation.hf import _FirstTokenAmong
+    from thinkrec.model.base import load_tokenizer
+    from thinkrec.model.prompt import PromptBuilder
+
+    cfg, _ = setup
+    pb = PromptBuilder(load_tokenizer(cfg.model.base))
+    gen = HFGenerator(cfg)
+    reqs = [GenRequest(str(i), p) for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        rows = [gen.lm(gen.tok(p, return_tensors="pt", add_special_tokens=False).input_ids).logits[0, -1]
+                for p in PROMPTS]  # fmt: skip
+    greedy = (torch.stack(rows)[:, pb.yes_id] > 0).tolist()
+    hot = Decoding(max_new_tokens=3, temperature=50.0, first_token_ids=(pb.yes_id, pb.no_id),
+                   after_first_ids=pb.separator_ids, first_token_binary=True)  # fmt: skip
+    pinned, free = [], []
+    for seed in range(4):
+        d = dataclasses.replace(hot, seed=seed)
+        pinned += [
+            t.startswith(" Yes.") for t in texts(gen, reqs, dataclasses.replace(d, answer_temperature=0.0))
+        ]
+        free += [t.startswith(" Yes.") for t in texts(gen, reqs, d)]
+    assert pinned == greedy * 4
+    assert free != greedy * 4
+
+    # The processor's arithmetic: after generate()'s division by T, the draw over the two answers is
+    # sigmoid(logit / answer T).
+    scores = torch.tensor([[1.5, -0.7, 3.0], [-2.0, 5.0, 0.1]])
+    for t, ta in ((0.7, 0.4), (0.4, 1.0), (1.0, 1.0)):
+        out = _FirstTokenAmong((0, 1), 0, binary=True, ratio=ta / t)(torch.zeros(2, 0), scores.clone())
+        p_first = torch.softmax(out[:, [0, 1]] / t, dim=-1)[:, 0]
+        assert torch.allclose(p_first, torch.sigmoid(scores[:, 0] / ta)), (t, ta)
+        assert torch.isinf(out[:, 2]).all()
+    out = _FirstTokenAmong((0, 1), 0, binary=True, ratio=0.0)(torch.zeros(2, 0), scores.clone())
+    assert torch.isinf(out[0, 1]) and not torch.isinf(out[0, 0])  # logit 1.5 > 0: Yes only
+    assert torch.isinf(out[1, 0]) and not torch.isinf(out[1, 1])  # -2.0: No only
+
+
+def test_answer_temperature_in_the_hash_and_the_vllm_draw():
+    """None (the decoding's temperature) keeps the hash of settings stored before the field existed;
+    0 and 0.4 are other settings. vLLM's draw (made in the stage from the raw Yes logit) reads it."""
+    from types import SimpleNamespace
+
+    from thinkrec.generation.base import _LATER_SETTINGS
+    from thinkrec.generation.vllm import _binary_answer
+
+    d = Decoding(temperature=0.7, first_token_ids=(7, 9), first_token_binary=True)
+    hashes = {dataclasses.replace(d, answer_temperature=t).hash() for t in (None, 0.0, 0.4, 0.7)}
+    assert len(hashes) == 4
+    assert d.answer_draw_temperature() == 0.7
+    plain = Decoding(temperature=0.7)  # no later setting: hashed as before any of them existed
+    before = {k: v for k, v in dataclasses.asdict(plain).items() if k not in _LATER_SETTINGS}
+    assert plain.hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert dataclasses.replace(d, temperature=0.0, answer_temperature=0.4).answer_draw_temperature() == 0.0
+    with pytest.raises(ValueError, match="answer_temperature"):
+        Decoding(answer_temperature=-1.0)
+
+    def share_yes(dd: Decoding, logit: float) -> float:
+        values = {7: SimpleNamespace(logprob=logit)}
+        return float(np.mean([_binary_answer(dd, f"k{i}", values) == 7 for i in range(4000)]))
+
+    for ta in (0.2, 1.5):
+        expected = 1 / (1 + np.exp(-0.5 / ta))
+        assert share_yes(dataclasses.replace(d, answer_temperature=ta), 0.5) == pytest.approx(
+            expected, abs=0.03
+        )
+    assert share_yes(dataclasses.replace(d, answer_temperature=0.0), -0.01) == 0.0
+    assert share_yes(dataclasses.replace(d, answer_temperature=0.0), 0.01) == 1.0
 
 
 def test_no_repeat_ngrams_count_the_new_tokens_only():

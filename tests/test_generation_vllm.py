@@ -89,10 +89,13 @@ def test_answer_first_equals_hf(both):
     """Decoding.first_token_ids and after_first_ids on vLLM (a one-token pass among the first, then
     the rest after the forced ones) write hf's texts, greedy, for text and CF-token prompts: each
     starts with the answer token and its ".". Likewise with first_token_binary (the answer from the
-    raw Yes logit alone, read in vLLM's first pass)."""
+    raw Yes logit alone, read in vLLM's first pass), and its answer_temperature."""
     _, _, result = both
     for name in ("answer_first", "answer_first_binary"):
         got = {r["key"]: r["text"] for r in result[name]}
         assert got == result[f"{name}_hf"], name
         assert all(t.startswith((" Yes.", " No.")) for t in got.values()), got
         assert all(r["new_tokens"] == 6 for r in result[name])
+    # At temperature 2 with answer_temperature 0 the rationale is sampled, the answer is greedy's.
+    pinned = {r["key"]: r["text"].startswith(" Yes.") for r in result["answer_pinned"]}
+    assert pinned == {k: t.startswith(" Yes.") for k, t in result["answer_first_binary_hf"].items()}

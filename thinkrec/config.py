@@ -569,6 +569,11 @@ class ExplainConfig:
     loss, not against the whole vocabulary, so a small model's free first token was often another word,
     and a draw between the Yes and No logits said "No" on every row (the LM term lifts the No logit far
     above the Yes logit). False: the first token is free."""
+    answer_temperature: float | None = Field(None, ge=0)
+    """With ``answer_first``, the stated answer's temperature (" Yes" with probability sigmoid(Yes
+    logit / this)); the rationale after it is sampled at ``temperature``. None: ``temperature``. A
+    rationale sampled hotter varies more, while an answer drawn cooler agrees more often with the
+    score's decision (p_yes > 0.5). Greedy decoding (``temperature`` 0) answers greedily."""
     min_new_tokens: int = Field(4, ge=0)
     """No end of text before this many tokens: a bare "No" is an answer, not an explanation (label-only
     training samples end right after it)."""

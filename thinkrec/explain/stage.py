@@ -121,7 +121,8 @@ def teacher_references(cfg: Config, rows: pd.DataFrame) -> dict[tuple[int, int],
 def decoding(cfg: Config, builder: PromptBuilder | None = None) -> Decoding:
     """The explain stage's decoding settings (``explain.*``; seeded by the run's ``seed``). With
     ``explain.answer_first``, ``builder``'s Yes and No tokens are the first token's choices, Yes drawn
-    with probability sigmoid(Yes logit / temperature), the p_yes the score stage reports
+    with probability sigmoid(Yes logit / T) (T: ``explain.answer_temperature``, else
+    ``explain.temperature``; at T = 1 the p_yes the score stage reports)
     (``Decoding.first_token_binary``), and its ``separator_ids`` (the "." before a rationale) are
     forced after it."""
     e = cfg.explain
@@ -130,6 +131,7 @@ def decoding(cfg: Config, builder: PromptBuilder | None = None) -> Decoding:
         first_token_ids=(builder.yes_id, builder.no_id) if first else (),
         after_first_ids=builder.separator_ids if first else (),
         first_token_binary=first,
+        answer_temperature=e.answer_temperature if first else None,
         min_new_tokens=e.min_new_tokens,
         max_new_tokens=e.max_new_tokens,
         temperature=e.temperature,

@@ -21,8 +21,15 @@ import numpy as np
 
 from thinkrec.model.prompt import Encoded
 
-_LATER_SETTINGS = ("first_token_ids", "after_first_ids", "min_new_tokens", "first_token_binary")
-"""Decoding settings added after hashes were stored: left out of the hash while off, so it is as before."""
+_LATER_SETTINGS = (
+    "first_token_ids",
+    "after_first_ids",
+    "min_new_tokens",
+    "first_token_binary",
+    "answer_temperature",
+)
+"""Decoding settings added after hashes were stored: left out of the hash at their defaults, so it is
+as before."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class Decoding:
     # (BCE), so this is the probability p_yes reports; the No logit, trained only by the LM term,
     # dwarfs it, and a draw between the two logits said "No" on every row.
     first_token_binary: bool = False
+    # first_token_binary's draw at this temperature instead of ``temperature`` (when sampling; greedy
+    # decoding answers greedily): an explanation's rationale can be sampled for variety while its
+    # stated answer stays close to the score's decision. 0: the answer is Yes iff the Yes logit > 0.
+    answer_temperature: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,12 +65,21 @@ class Decoding:
             raise ValueError(
                 f"first_token_binary needs two first_token_ids, got {list(self.first_token_ids)}"
             )
+        if self.answer_temperature is not None and self.answer_temperature < 0:
+            raise ValueError(f"answer_temperature must be >= 0, got {self.answer_temperature}")
+
+    def answer_draw_temperature(self) -> float:
+        """The temperature of first_token_binary's draw: 0 (greedy) when decoding is greedy."""
+        if self.temperature <= 0:
+            return 0.0
+        return self.temperature if self.answer_temperature is None else self.answer_temperature
 
     def hash(self) -> str:
         """Short content hash of the settings, recorded on every output row and in the cache key."""
         d = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for k in _LATER_SETTINGS:
-            if not d[k]:
+            if d[k] == defaults[k]:
                 del d[k]
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]

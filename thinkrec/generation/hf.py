@@ -74,7 +74,13 @@ class HFGenerator:
             penalty = 1.0
         if d.first_token_ids:
             processors.append(
-                _FirstTokenAmong(d.first_token_ids, width, d.after_first_ids, d.first_token_binary)
+                _FirstTokenAmong(
+                    d.first_token_ids,
+                    width,
+                    d.after_first_ids,
+                    d.first_token_binary,
+                    d.answer_draw_temperature() / d.temperature if d.temperature > 0 else 1.0,
+                )
             )
         if d.no_repeat_ngram_size:
             processors.append(_NewTokensOnly(NoRepeatNGramLogitsProcessor(d.no_repeat_ngram_size), width))
@@ -173,12 +179,20 @@ class _FirstTokenAmong:
     """The first new token is drawn among ``ids`` only, and ``then`` follows it
     (``Decoding.first_token_ids``, ``Decoding.after_first_ids``); with ``binary``, between the two ids
     with the second's logit read as 0, so P(first) = sigmoid(its logit / T) (temperature is applied
-    after this processor; ``Decoding.first_token_binary``)."""
+    after this processor; ``Decoding.first_token_binary``). ``ratio`` = the answer's temperature over
+    the decoding's: the first id's logit is divided by it, so P(first) = sigmoid(logit / answer T);
+    0 leaves the draw no choice (the first iff its logit > 0; ``Decoding.answer_temperature``)."""
 
     def __init__(
-        self, ids: tuple[int, ...], width: int, then: tuple[int, ...] = (), binary: bool = False
+        self,
+        ids: tuple[int, ...],
+        width: int,
+        then: tuple[int, ...] = (),
+        binary: bool = False,
+        ratio: float = 1.0,
     ) -> None:
         self.ids, self.width, self.then, self.binary = list(ids), width, list(then), binary
+        self.ratio = ratio
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.width
@@ -188,5 +202,12 @@ class _FirstTokenAmong:
         out = torch.full_like(scores, float("-inf"))
         out[:, allowed] = scores[:, allowed]
         if step == 0 and self.binary:
-            out[:, self.ids[1]] = 0.0
+            first, second = self.ids
+            out[:, second] = 0.0
+            if self.ratio == 0:
+                yes = out[:, first] > 0  # no draw: the loser's logit is -inf
+                out[:, first] = torch.where(yes, out[:, first], float("-inf"))
+                out[:, second] = torch.where(yes, float("-inf"), 0.0)
+            elif self.ratio != 1.0:
+                out[:, first] = out[:, first] / self.ratio
         return out

@@ -253,12 +253,13 @@ class VLLMGenerator:
 
 def _binary_answer(d: Decoding, key: str, values: Any) -> int:
     """Decoding.first_token_binary's draw: the first id with probability sigmoid(logit / T) of its raw
-    logit (``values``: token id -> Logprob, raw logits in this engine's mode; vLLM adds the token it
+    logit, T = ``Decoding.answer_draw_temperature()`` (``values``: token id -> Logprob, raw logits in this engine's mode; vLLM adds the token it
     sampled itself, so the first id is looked up), else the second (greedy: the first iff logit > 0),
     seeded by the decoding seed and the row's key."""
     first, second = d.first_token_ids
     logit = float(values[first].logprob)
-    if d.temperature <= 0:
+    t = d.answer_draw_temperature()
+    if t <= 0:
         return first if logit > 0 else second
     u = np.random.default_rng([d.seed, zlib.crc32(key.encode())]).random()
-    return first if u < 1.0 / (1.0 + np.exp(-logit / d.temperature)) else second
+    return first if u < 1.0 / (1.0 + np.exp(-logit / t)) else second
