@@ -43,6 +43,16 @@ def texts(gen, reqs, d=GREEDY):
     return [r.text for r in res]
 
 
+def next_token_logits(gen):
+    """(prompts, V): the base model's raw logits after each of PROMPTS, one prompt per forward pass."""
+    import torch
+
+    with torch.inference_mode():
+        rows = [gen.lm(gen.tok(p, return_tensors="pt", add_special_tokens=False).input_ids).logits[0, -1]
+                for p in PROMPTS]  # fmt: skip
+    return torch.stack(rows)
+
+
 def test_batched_left_padding_equals_one_at_a_time(setup):
     cfg, _ = setup
     gen = HFGenerator(cfg)
@@ -115,10 +125,7 @@ def test_binary_answer_follows_the_yes_logit_alone(setup):
                  after_first_ids=pb.separator_ids, first_token_binary=True)  # fmt: skip
 
     def raw() -> np.ndarray:  # (prompts, 2): the Yes and No logits at the answer position
-        with torch.inference_mode():
-            rows = [gen.lm(gen.tok(p, return_tensors="pt", add_special_tokens=False).input_ids).logits[0, -1]
-                    for p in PROMPTS]  # fmt: skip
-        return torch.stack(rows)[:, [pb.yes_id, pb.no_id]].float().numpy()
+        return next_token_logits(gen)[:, [pb.yes_id, pb.no_id]].float().numpy()
 
     head = gen.lm.get_output_embeddings().weight
     seen = []
@@ -154,10 +161,7 @@ def test_answer_temperature_draws_the_answer_apart_from_the_rationale(setup):
     pb = PromptBuilder(load_tokenizer(cfg.model.base))
     gen = HFGenerator(cfg)
     reqs = [GenRequest(str(i), p) for i, p in enumerate(PROMPTS)]
-    with torch.inference_mode():
-        rows = [gen.lm(gen.tok(p, return_tensors="pt", add_special_tokens=False).input_ids).logits[0, -1]
-                for p in PROMPTS]  # fmt: skip
-    greedy = (torch.stack(rows)[:, pb.yes_id] > 0).tolist()
+    greedy = (next_token_logits(gen)[:, pb.yes_id] > 0).tolist()
     hot = Decoding(max_new_tokens=3, temperature=50.0, first_token_ids=(pb.yes_id, pb.no_id),
                    after_first_ids=pb.separator_ids, first_token_binary=True)  # fmt: skip
     pinned, free = [], []

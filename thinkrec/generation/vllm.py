@@ -38,7 +38,7 @@ import torch
 
 from thinkrec.generation.base import Decoding, GenRequest, GenResult
 from thinkrec.model.prompt import Encoded
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings
+from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, p_yes_of
 from thinkrec.scoring.base import Artifacts
 from thinkrec.scoring.engine.merge import LoraAdapter, load_adapter, merge_exact, save_adapter
 from thinkrec.scoring.engine.vllm import load_input_embeddings, lora_rank_bound
@@ -253,13 +253,13 @@ class VLLMGenerator:
 
 def _binary_answer(d: Decoding, key: str, values: Any) -> int:
     """Decoding.first_token_binary's draw: the first id with probability sigmoid(logit / T) of its raw
-    logit, T = ``Decoding.answer_draw_temperature()`` (``values``: token id -> Logprob, raw logits in this engine's mode; vLLM adds the token it
-    sampled itself, so the first id is looked up), else the second (greedy: the first iff logit > 0),
-    seeded by the decoding seed and the row's key."""
+    logit, T = ``Decoding.answer_draw_temperature()``, else the second (T = 0: the first iff logit > 0),
+    seeded by the decoding seed and the row's key. ``values``: token id -> Logprob, raw logits in this
+    engine's mode; vLLM adds the token it sampled itself, so the first id is looked up."""
     first, second = d.first_token_ids
     logit = float(values[first].logprob)
     t = d.answer_draw_temperature()
     if t <= 0:
         return first if logit > 0 else second
     u = np.random.default_rng([d.seed, zlib.crc32(key.encode())]).random()
-    return first if u < 1.0 / (1.0 + np.exp(-logit / t)) else second
+    return first if u < p_yes_of(logit / t) else second
