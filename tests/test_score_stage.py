@@ -451,3 +451,33 @@ def test_pinned_scorer_actors_hold_distinct_cores(scored):
         stage._stop(actors)
     assert [len(g["cores"]) for g in got] == [1, 1] and got[0]["cores"] != got[1]["cores"]
     assert [g["mask"] for g in got] == [g["cores"] for g in got]
+
+
+def test_gate_settings_apply_at_scoring_without_retraining(prepared, tiny_qwen, artifact_dirs, tmp_path):
+    """fusion.* is the gate, applied at inference from the scoring config: a flat gate (tau 50, every
+    softmax near uniform) routes every row to the global adapter, where the tau recorded in fusion.json
+    routes some users to experts; the train stage's fingerprint ignores it, the score stage's does not."""
+    from thinkrec.model.fusion import gate, load_fusion
+    from thinkrec.model.thinkrec import CFTable
+    from thinkrec.train import stage as train_stage
+
+    rows = [{S.USER_ID: u, S.ITEM_ID: 10, S.LABEL: u % 2} for u in range(1, 21)]
+    path = write_candidates(str(tmp_path / "c.parquet"), rows, "parquet")
+    over = {"score.candidates": path, "score.id_space": "internal"}
+    cfg = scoring_root(prepared, tiny_qwen, artifact_dirs, str(tmp_path / "run"), **over)
+    flat = cfg.replace(**{"fusion.tau": 50.0})
+    storage = Storage.from_config(cfg)
+    assert train_stage.stage_meta(flat, storage) == train_stage.stage_meta(cfg, storage)
+    assert train_stage.stage_meta(
+        cfg.replace(**{"fusion.mode": "global"}), storage
+    ) == train_stage.stage_meta(cfg, storage)
+    assert stage.stage_meta(flat, storage) != stage.stage_meta(cfg, storage)
+
+    art = load_artifacts(cfg)
+    recorded = load_fusion(art.fusion)
+    _, labels = gate(CFTable.load(art.cf_embeddings).user[1:21], recorded)
+    assert recorded["tau"] == 0.1 and any(lab != "global" for lab in labels)
+
+    stage.run(flat)
+    out = read_table(storage, stage.output_uri(flat, storage)).to_pylist()
+    assert len(out) == 20 and {r[S.GATE] for r in out} == {"global"}

@@ -194,7 +194,7 @@ class ExplainActor:
         self.decoding = decoding(cfg, self.builder)
         self.dhash = self.decoding.hash()
         self.cf_users = user_embeddings(art.cf_embeddings) if art.cf_embeddings else None
-        self.fusion = load_fusion(art.fusion) if art.fusion else None
+        self.fusion = load_fusion(art.fusion, self.cfg.fusion) if art.fusion else None
         self.n_adapters = len(art.adapter_names)
         self.items = {int(k): ItemInfo(t, tuple(kw)) for k, (t, kw) in items.items()}
 

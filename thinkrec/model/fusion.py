@@ -97,12 +97,10 @@ def user_embeddings(path: str) -> np.ndarray:
 def save_fusion(
     path: str, prototypes: Any, fusion_cfg: Any, groups: list[str], extra: dict[str, Any]
 ) -> None:
-    """fusion.json: the gate's settings, the expert names and their (N, d) prototypes."""
+    """fusion.json: the gate's settings at training (a record), the expert names and their (N, d)
+    prototypes."""
     doc = {
-        "tau": fusion_cfg.tau,
-        "single_base": fusion_cfg.single_base,
-        "single_per_group": fusion_cfg.single_per_group,
-        "entropy_frac": fusion_cfg.entropy_frac,
+        **{k: getattr(fusion_cfg, k) for k in GATE_SETTINGS},
         "experts": groups,
         "prototypes": np.asarray(prototypes, dtype=np.float64).tolist(),
         **extra,
@@ -111,9 +109,18 @@ def save_fusion(
         json.dump(doc, f, indent=2)
 
 
-def load_fusion(path: str) -> dict[str, Any] | None:
-    """fusion.json as written by the train stage, or None where the model has no experts."""
+GATE_SETTINGS = ("tau", "single_base", "single_per_group", "entropy_frac")
+"""The gate's settings (``fusion.*``). fusion.json records the values the model was trained with;
+scoring and explanations apply the ones in their own config, so changing them never retrains."""
+
+
+def load_fusion(path: str, settings: Any = None) -> dict[str, Any] | None:
+    """fusion.json as written by the train stage, or None where the model has no experts. With
+    ``settings`` (a ``FusionConfig``), its gate settings replace those recorded at training."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        doc = json.load(f)
+    if settings is not None:
+        doc |= {k: getattr(settings, k) for k in GATE_SETTINGS}
+    return doc

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from thinkrec.config import Config
+from thinkrec.config import Config, FusionConfig
 from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
@@ -78,7 +78,10 @@ def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     sections = {
         "model": d["model"],
         "train": train,
-        "fusion": d["fusion"],
+        # The gate (fusion.*) is applied at inference from the scoring config, so it never changes
+        # what is trained: a model scored with another fusion.mode or tau is not retrained. Hashed as
+        # the defaults, which keeps the fingerprints of runs made before this unchanged.
+        "fusion": dataclasses.asdict(FusionConfig()),
         "cf": d["cf"],
         "data": d["data"],
         "seed": d["seed"],

@@ -169,7 +169,7 @@ class VLLMScorer:
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.mix_dir, True)
         self.mixtures: dict[tuple[int, ...], str] = {}
         self.mixture_report = MixtureReport()
-        self.fusion = load_fusion(artifacts.fusion) if artifacts.fusion else None
+        self.fusion = load_fusion(artifacts.fusion, cfg.fusion) if artifacts.fusion else None
         if (
             self.fusion
             and self.cf is None
