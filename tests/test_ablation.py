@@ -107,6 +107,43 @@ def test_two_variants_share_upstream_and_fill_the_table(pipeline_run, tmp_path, 
     assert root.exists(root.uri("ablation", "tallrec", "train", SUCCESS))
 
 
+@pytest.mark.integration
+def test_without_experts_is_scored_from_the_thinkrec_model(pipeline_run, tmp_path, caplog):
+    """With ThinkRec in the run, ThinkRec-without-experts is its trained model with the global adapter
+    alone: the train output is copied (a partial one left in its root replaced), never retrained, and
+    every row is scored by the global adapter where ThinkRec's gate routes some rows to experts."""
+    from thinkrec.io.commit import read_table
+    from thinkrec.scoring import stage as score_stage
+
+    run_cfg, _ = pipeline_run
+    variants = ["thinkrec-no-experts", "thinkrec"]
+    cfg = run_cfg.replace(**{"storage.output_root": str(tmp_path), "ablation.variants": variants})
+    assert ablation.derived_from("thinkrec-no-experts", variants) == "thinkrec"
+    assert ablation.derived_from("thinkrec-no-experts", ["thinkrec-no-experts"]) is None
+    alone = ablation.variant_config(cfg, "thinkrec-no-experts")
+    assert alone.train.experts is False and alone.fusion.mode == "thinkrec"
+    shutil.copytree(run_cfg.storage.output_root, tmp_path / "ablation" / "thinkrec")
+    stale = tmp_path / "ablation" / "thinkrec-no-experts" / "train" / "_phases"
+    stale.mkdir(parents=True)  # an interrupted training of its own, from before
+    with caplog.at_level(logging.INFO):
+        rows = ablation.run(cfg)
+    assert list(rows) == variants  # the table in the configured order
+    assert "ablation: thinkrec-no-experts scores thinkrec's trained model" in caplog.text
+    assert "ablation: reused train" in caplog.text and not stale.exists()
+    assert "train: phase" not in caplog.text  # nothing trained
+    root = Storage(str(tmp_path))
+    man = {v: root.read_json(root.uri("ablation", v, "train", MANIFEST)) for v in variants}
+    assert man["thinkrec-no-experts"]["config_hash"] == man["thinkrec"]["config_hash"]
+    gates = {}
+    for v in variants:
+        vcfg = ablation.variant_config(cfg, v, None, ablation.derived_from(v, variants))
+        t = read_table(root, score_stage.output_uri(vcfg, Storage.from_config(vcfg)))
+        gates[v] = set(t.column("gate").to_pylist())
+    assert gates["thinkrec-no-experts"] == {"global"} and gates["thinkrec"] != {"global"}
+    table = (tmp_path / "ablation" / "comparison.md").read_text()
+    assert "| thinkrec-no-experts | True | True | False |" in table
+
+
 def _seed_run(auc: float, uauc: float, mf: float, item: float) -> dict:
     return {
         "thinkrec": {"auc": auc, "uauc": uauc, "rows": 10},

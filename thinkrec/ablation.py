@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from thinkrec.config import Config
+from thinkrec.io.commit import MANIFEST, SUCCESS
 from thinkrec.io.fs import Storage
 
 log = logging.getLogger("thinkrec.ablation")
@@ -78,16 +79,37 @@ def _ms(sp: dict[str, Any]) -> str:
     return f"{sp['mean']:.4f}" if sp["n"] == 1 else f"{sp['mean']:.4f} ± {sp['sd']:.4f}"
 
 
-def variant_config(cfg: Config, name: str, seed: int | None = None) -> Config:
-    """The variant's config: ``ablation/<name>``, or ``ablation/seed-<s>/<name>`` under a seed."""
+DERIVED: dict[str, tuple[str, dict[str, Any]]] = {
+    "thinkrec-no-experts": ("thinkrec", {"fusion.mode": "global"})
+}
+"""Variants that are another variant's trained model, scored differently, when both run: ThinkRec
+without experts is the ThinkRec model with its global adapter alone. Its global and projector phases
+are the same computation with or without the expert phases after them (the same adapter and projector
+tensors, checked on ML-100K), and the gate is applied at scoring, so its train output is copied from
+ThinkRec's instead of trained again (about a quarter of an ablation seed's training). Alone, it trains
+its own model without experts."""
+
+
+def derived_from(name: str, variants: list[str]) -> str | None:
+    """The variant whose trained model ``name`` is scored from in a run of ``variants``, or None."""
+    src = DERIVED.get(name, (None, {}))[0]
+    return src if src in variants else None
+
+
+def variant_config(cfg: Config, name: str, seed: int | None = None, source: str | None = None) -> Config:
+    """The variant's config: ``ablation/<name>``, or ``ablation/seed-<s>/<name>`` under a seed. With
+    ``source`` (``derived_from``), the source variant's training settings and ``DERIVED``'s scoring
+    overrides."""
     storage = Storage.from_config(cfg)
+    overrides = {**VARIANTS[source], **DERIVED[name][1]} if source else VARIANTS[name]
     if seed is None:
-        return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **VARIANTS[name]})
+        return cfg.replace(**{"storage.output_root": storage.uri("ablation", name), **overrides})
     root = storage.uri("ablation", f"seed-{seed}", name)
-    return cfg.replace(**{"seed": seed, "storage.output_root": root, **VARIANTS[name]})
+    return cfg.replace(**{"seed": seed, "storage.output_root": root, **overrides})
 
 
 SHARED = ("base_model", "prepare", "keywords", "cf", "reason")
+TRAIN = "train"
 """Outputs that depend on nothing a variant overrides (their fingerprints cover data, cf, reason)."""
 
 
@@ -98,6 +120,22 @@ def share_upstream(storage: Storage, src_root: str, dst_root: str) -> None:
         if storage.exists(src) and not storage.exists(dst):
             n = storage.copy_tree(src, dst)
             log.info("ablation: reused %s (%d files) from %s", part, n, src_root)
+
+
+def share_trained(storage: Storage, src_root: str, dst_root: str) -> None:
+    """Copy a source variant's committed train output into a derived variant's root. A train output
+    the destination holds uncommitted (an interrupted training of its own), or committed from other
+    settings or inputs, is replaced: the pipeline would otherwise train again."""
+    src, dst = f"{src_root}/{TRAIN}", f"{dst_root}/{TRAIN}"
+    if not storage.exists(f"{src}/{SUCCESS}"):
+        return
+    if storage.exists(f"{dst}/{SUCCESS}"):
+        have, want = storage.read_json(f"{dst}/{MANIFEST}"), storage.read_json(f"{src}/{MANIFEST}")
+        if all(have.get(k) == want.get(k) for k in ("config_hash", "input_hash")):
+            return
+    storage.delete(dst)
+    n = storage.copy_tree(src, dst)
+    log.info("ablation: reused %s (%d files) from %s", TRAIN, n, src_root)
 
 
 def _curves(storage: Storage, root: str) -> dict[str, Any]:
@@ -180,12 +218,21 @@ def run(cfg: Config) -> dict[str, Any]:
     storage = Storage.from_config(cfg)
     seeds: list[int | None] = list(cfg.ablation.seeds) or [None]
     by_seed: dict[str, dict[str, Any]] = {name: {} for name in cfg.ablation.variants}
+    variants = list(cfg.ablation.variants)
+    # A variant scored from another's model runs after it (the table keeps the configured order).
+    order = sorted(variants, key=lambda n: derived_from(n, variants) is not None)
     for seed in seeds:
         first: str | None = None  # upstream outputs are shared within a seed (its fingerprints)
-        for name in cfg.ablation.variants:
-            vcfg = variant_config(cfg, name, seed)
+        for name in order:
+            source = derived_from(name, variants)
+            vcfg = variant_config(cfg, name, seed, source)
             log.info("ablation: %s (%s) seed %s", name, VARIANTS[name], vcfg.seed)
-            if first is None:
+            if source:
+                src_root = variant_config(cfg, source, seed).storage.output_root
+                log.info("ablation: %s scores %s's trained model with %s", name, source, DERIVED[name][1])
+                share_upstream(storage, src_root, vcfg.storage.output_root)
+                share_trained(storage, src_root, vcfg.storage.output_root)
+            elif first is None:
                 first = vcfg.storage.output_root
             else:
                 share_upstream(storage, first, vcfg.storage.output_root)
