@@ -4,8 +4,10 @@ Each variant is the full pipeline under ``<output_root>/ablation/<variant>/`` wi
 The stages no variant changes (prepare, cf, reason, and the tiny base model) run once: the first
 variant's committed outputs are copied into the others' roots before they run, and their fingerprints
 (relative to the output root) let each pipeline skip them. Every variant sees the same split and the
-same test rows; the table is written to ``<output_root>/ablation/comparison.{md,json}``, and
-``thinkrec compare`` over the variants (paired intervals) to ``<output_root>/ablation/compare/``.
+same test rows. ThinkRec without experts, when ThinkRec also runs, is ThinkRec's trained model scored
+with the global adapter alone (``DERIVED``). The table is written to
+``<output_root>/ablation/comparison.{md,json}``, and ``thinkrec compare`` over the variants (paired
+intervals) to ``<output_root>/ablation/compare/``.
 
 With ``ablation.seeds``, every variant runs once per seed under ``ablation/seed-<s>/<variant>``
 (upstream outputs shared within a seed) and the table reports each AUC and UAUC as mean ± sample
