@@ -157,7 +157,7 @@ class PromptStep:
         self.use_ts = hist == "before_timestamp" or (hist == "auto")
         self.need_ts = hist == "before_timestamp" and bool(c.score.candidates)
         self.cf_users = user_embeddings(artifacts.cf_embeddings) if artifacts.cf_embeddings else None
-        self.fusion = load_fusion(artifacts.fusion) if artifacts.fusion else None
+        self.fusion = load_fusion(artifacts.fusion, c.fusion) if artifacts.fusion else None
         self.n_adapters = len(artifacts.adapter_names)
         self._gates: dict[int, tuple[np.ndarray, str]] = {}
         self._prefixes: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Encoded] = {}
