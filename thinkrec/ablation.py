@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from thinkrec.config import Config
-from thinkrec.io.commit import MANIFEST, SUCCESS
+from thinkrec.io.commit import MANIFEST, is_complete
 from thinkrec.io.fs import Storage
+from thinkrec.scoring.base import TRAIN_DIR
 
 log = logging.getLogger("thinkrec.ablation")
 
@@ -111,7 +112,6 @@ def variant_config(cfg: Config, name: str, seed: int | None = None, source: str 
 
 
 SHARED = ("base_model", "prepare", "keywords", "cf", "reason")
-TRAIN = "train"
 """Outputs that depend on nothing a variant overrides (their fingerprints cover data, cf, reason)."""
 
 
@@ -128,16 +128,15 @@ def share_trained(storage: Storage, src_root: str, dst_root: str) -> None:
     """Copy a source variant's committed train output into a derived variant's root. A train output
     the destination holds uncommitted (an interrupted training of its own), or committed from other
     settings or inputs, is replaced: the pipeline would otherwise train again."""
-    src, dst = f"{src_root}/{TRAIN}", f"{dst_root}/{TRAIN}"
-    if not storage.exists(f"{src}/{SUCCESS}"):
+    src, dst = f"{src_root}/{TRAIN_DIR}", f"{dst_root}/{TRAIN_DIR}"
+    if not is_complete(storage, src):
         return
-    if storage.exists(f"{dst}/{SUCCESS}"):
-        have, want = storage.read_json(f"{dst}/{MANIFEST}"), storage.read_json(f"{src}/{MANIFEST}")
-        if all(have.get(k) == want.get(k) for k in ("config_hash", "input_hash")):
-            return
+    want = storage.read_json(f"{src}/{MANIFEST}")
+    if is_complete(storage, dst, {k: want.get(k) for k in ("config_hash", "input_hash")}):
+        return
     storage.delete(dst)
     n = storage.copy_tree(src, dst)
-    log.info("ablation: reused %s (%d files) from %s", TRAIN, n, src_root)
+    log.info("ablation: reused %s (%d files) from %s", TRAIN_DIR, n, src_root)
 
 
 def _curves(storage: Storage, root: str) -> dict[str, Any]:
