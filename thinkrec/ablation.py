@@ -141,7 +141,7 @@ def share_trained(storage: Storage, src_root: str, dst_root: str) -> None:
 
 def _curves(storage: Storage, root: str) -> dict[str, Any]:
     """The train stage's learning curves (train loss per step, validation AUC/UAUC per epoch)."""
-    uri = f"{root}/train/curves.json"
+    uri = f"{root}/{TRAIN_DIR}/curves.json"
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 
