@@ -26,6 +26,7 @@ import numpy as np
 from thinkrec.config import Config
 from thinkrec.io.commit import MANIFEST, is_complete
 from thinkrec.io.fs import Storage
+from thinkrec.model.layout import CURVES
 from thinkrec.scoring.base import TRAIN_DIR
 
 log = logging.getLogger("thinkrec.ablation")
@@ -141,7 +142,7 @@ def share_trained(storage: Storage, src_root: str, dst_root: str) -> None:
 
 def _curves(storage: Storage, root: str) -> dict[str, Any]:
     """The train stage's learning curves (train loss per step, validation AUC/UAUC per epoch)."""
-    uri = f"{root}/{TRAIN_DIR}/curves.json"
+    uri = f"{root}/{TRAIN_DIR}/{CURVES}"
     return storage.read_json(uri) if storage.exists(uri) else {}
 
 

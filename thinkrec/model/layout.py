@@ -6,3 +6,6 @@ ADAPTERS = "adapters"
 GLOBAL = "global"
 PROJECTOR = "projector.safetensors"
 FUSION = "fusion.json"
+CURVES = "curves.json"
+"""The learning curves (train loss per step, validation AUC/UAUC per epoch): each phase's result and
+the train stage's output carry one, and the ablation runner reads the latter."""

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from thinkrec import config as C
 from thinkrec.io.fs import Storage
 from thinkrec.model.base import load_model
+from thinkrec.model.layout import CURVES
 from thinkrec.model.thinkrec import CFProjector, CFTable
 from thinkrec.train.data import shard_rows
 from thinkrec.train.loss import ThinkRecLM, TrainBatch, loss_fn, make_batch, yes_logits
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 PHASES = ("global", "projector", "expert")
 ADAPTER = "adapter"
 PROJECTOR_FILE = "projector.safetensors"
-CURVES = "curves.json"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 

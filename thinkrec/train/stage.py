@@ -41,6 +41,7 @@ from thinkrec.data.items import keywords_inputs
 from thinkrec.io.commit import SUCCESS, fingerprint, is_complete, mark_success
 from thinkrec.io.fs import Storage
 from thinkrec.model.fusion import save_fusion
+from thinkrec.model.layout import CURVES
 from thinkrec.model.prompt import PromptBuilder
 from thinkrec.model.thinkrec import ADAPTERS, FUSION, GLOBAL, PROJECTOR, CFTable, expert_name
 from thinkrec.runtime import fit
@@ -57,7 +58,6 @@ from thinkrec.train import loop as L
 log = logging.getLogger(__name__)
 
 GROUPS = "groups.json"
-CURVES = "curves.json"
 RAY_DIR = "_ray"
 PHASES_DIR = "_phases"
 # Fields that steer fault tolerance only; they never change what is trained.
