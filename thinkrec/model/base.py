@@ -295,6 +295,10 @@ def warmup_lm(
     import torch.nn.functional as F
 
     body, head = decoder_and_head(model)
+    # The tiny model ties its input embedding to the head and does not scale it (Qwen2, Llama).
+    tied = model.get_input_embeddings().weight is head.weight
+    table_grad = torch.zeros_like(head.weight) if tied else None
+    touched = torch.zeros(0, dtype=torch.long)
     stream = torch.tensor([t for d in docs for t in (*d, eos_id)], dtype=torch.long)  # (N,)
     if len(stream) < seq_len + 1:
         stream = stream.repeat(-(-(seq_len + 1) // max(len(stream), 1)))
@@ -304,8 +308,12 @@ def warmup_lm(
     position[used] = torch.arange(len(used))
     rest = torch.nonzero(position < 0).flatten()  # (V - C,)
     correction = math.log(max(len(rest), 1) / negatives)
+    # Added to the candidates' logits: 0 for the used tokens, the correction for the drawn ones.
+    offset = torch.cat([torch.zeros(len(used)), torch.full((negatives,), correction)])  # (C + negatives,)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # The fused kernel makes one pass over each parameter (the tied 150k-row embedding dominates);
+    # the default per-tensor AdamW makes several and cost about a fifth of a step on CPU.
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
     ramp = max(1, steps // 10)
     losses = []
     model.train()
@@ -314,14 +322,30 @@ def warmup_lm(
             group["lr"] = lr * min(1.0, (step + 1) / ramp)
         starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=g)
         window = stream[starts[:, None] + torch.arange(seq_len + 1)]  # (B, T+1)
-        h = body(input_ids=window[:, :-1]).last_hidden_state  # (B, T, H)
         drawn = rest[torch.randint(0, len(rest), (negatives,), generator=g)] if len(rest) else rest
         cand = torch.cat([used, drawn])  # (K,) candidates: every used token, then the drawn ones
-        logits = h @ head.weight[cand].T  # (B, T, K)
-        logits = torch.cat([logits[..., : len(used)], logits[..., len(used) :] + correction], dim=-1)
+        inputs = window[:, :-1]  # (B, T)
+        if tied:
+            # The step touches only these rows of the shared (V, H) table: gather them once for
+            # both ends as a leaf, and scatter their gradient into a persistent dense buffer below.
+            idx = torch.cat([cand, inputs.flatten()])  # (K + B*T,)
+            rows = head.weight.detach()[idx].requires_grad_()  # (K + B*T, H)
+            w = rows[: len(cand)]  # (K, H)
+            h = body(inputs_embeds=rows[len(cand) :].view(*inputs.shape, -1)).last_hidden_state
+        else:
+            w = head.weight[cand]
+            h = body(input_ids=inputs).last_hidden_state  # (B, T, H)
+        logits = h @ w.T + offset[: len(cand)]  # (B, T, K)
         loss = F.cross_entropy(logits.reshape(-1, len(cand)), position[window[:, 1:]].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if tied:
+            # Autograd would allocate and zero a fresh (V, H) gradient for each use of the table
+            # every step (page faults included: half of a step on CPU). The buffer is cleared only
+            # where the previous step wrote; the sum over repeated ids is autograd's.
+            table_grad[touched] = 0
+            table_grad.index_add_(0, idx, rows.grad)
+            head.weight.grad, touched = table_grad, idx
         opt.step()
         losses.append(loss.item())
     model.eval()
