@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from eval.metrics import auc
-from thinkrec.cf import mf
+from thinkrec.cf import loop, mf
 from thinkrec.cf import stage as cf_stage
 from thinkrec.data import prepare
 from thinkrec.data import schema as S
@@ -196,9 +196,9 @@ def test_optimizer_checkpoint_roundtrip(tmp_path):
         loss.backward()
         opt.step()
     path = str(tmp_path / "opt.safetensors")
-    mf._save_optimizer(opt, path)
+    loop.save_optimizer(opt, path)
     fresh = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.5)
-    mf._load_optimizer(fresh, path)
+    loop.load_optimizer(fresh, path)
     a, b = opt.state_dict(), fresh.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert a["state"].keys() == b["state"].keys()

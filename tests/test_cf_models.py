@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from eval.metrics import auc
 from tests.conftest import small_config
-from thinkrec.cf import lightgcn, mf, sasrec
+from thinkrec.cf import lightgcn, loop, mf, sasrec
 from thinkrec.cf import stage as cf_stage
 from thinkrec.data import schema as S
 from thinkrec.io.commit import read_table
@@ -194,6 +194,37 @@ def test_driver_resumes_from_its_checkpoint(prepared, tmp_path, name):
     assert [h["epoch"] for h in second.history] == [1, 2]
     assert second.history[0] == first.history[0]
     assert np.isfinite(second.history[1]["train_loss"])
+
+
+def test_one_run_trains_every_model_and_resumes_each(prepared, tmp_path):
+    """The cf stage's jobs (MF, LightGCN, SASRec) train in one Ray Train run whose checkpoints hold
+    one folder per model. Resubmitted under the same name with more epochs, every model keeps its
+    first epoch (a different learning rate would change it) and trains the second."""
+    root = _root(prepared, tmp_path / "root")
+    storage = Storage(root)
+    data = cf_stage._Data(storage, cf_stage._read_ids(storage))
+    runs, names = str(tmp_path / "runs"), ["mf", "lightgcn", "sasrec"]
+
+    def fit(epochs: int, lr: float):
+        cfg = small_config(root, **{"cf.epochs": epochs, "cf.lr": lr})
+        return loop.train(cf_stage._jobs(cfg, data, names), cfg, run_name="resume", storage_path=runs)
+
+    first = fit(1, 1e-2)
+    run = os.path.join(runs, "resume")
+    last = max(
+        d for d in os.listdir(run) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run, d))
+    )
+    assert set(names) <= set(os.listdir(os.path.join(run, last)))
+    second = fit(2, 3e-2)
+    for name in names:
+        (_, one), (_, two) = first[name], second[name]
+        assert [h["epoch"] for h in one["history"]] == [1], name
+        assert [h["epoch"] for h in two["history"]] == [1, 2], name
+        assert two["history"][0] == one["history"][0], name
+        assert np.isfinite(two["history"][1]["train_loss"]), name
+    # Each model's best weights are its own.
+    assert "user.weight" in second["mf"][0] and "item.weight" in second["sasrec"][0]
+    assert "embedding.weight" in second["lightgcn"][0]
 
 
 @pytest.fixture(scope="module")

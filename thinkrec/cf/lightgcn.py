@@ -7,9 +7,9 @@ scored by <e_u, e_i>. As in the reference code, the graph holds the positive tra
 and the model is trained point-wise with BCE-with-logits on every train row's label (the LightGCN
 paper's BPR is not what the reference trains with), 2 propagation layers.
 
-Shape of ``thinkrec.cf.mf``: the module (``LightGCN``), a Ray Train loop (``train_loop``, over the
-shared epoch loop of ``thinkrec.cf.loop``) and a driver (``train``) returning the best epoch's
-propagated embeddings as a ``CFTable`` with the per-epoch history.
+Shape of ``thinkrec.cf.mf``: the module (``LightGCN``), a Ray Train job for the shared loop of
+``thinkrec.cf.loop`` (``job``), ``result`` (the best epoch's propagated embeddings as a ``CFTable``
+with the per-epoch history) and a driver (``train``) that runs the job alone.
 
 CF-token export (cf/model/embeddings.safetensors, ``LAYOUT``): the propagated vectors themselves,
 user ``[e_u]`` and item ``[e_i]`` (d = ``cf.lightgcn.dim``), so <user, item> is LightGCN's logit.
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from thinkrec.cf import loop, mf
 from thinkrec.data import schema as S
 from thinkrec.model.thinkrec import CFTable
 
@@ -91,7 +92,7 @@ class LightGCN(nn.Module):
         return CFTable(user, item)
 
 
-# -- Ray Train loop and driver --------------------------------------------------------------------
+# -- Ray Train job and driver ---------------------------------------------------------------------
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch[S.USER_ID], batch[S.ITEM_ID])  # (B,)
 
@@ -103,18 +104,14 @@ def _valid_scores(model: nn.Module, valid: Any) -> tuple[np.ndarray, np.ndarray,
     return users, labels, (table.user[u] * table.item[i]).sum(-1).numpy()
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: each builds the same normalised graph from the positive train
-    pairs (by reference in the object store) and the same initial weights (seeded)."""
+def _build(config: dict[str, Any]) -> LightGCN:
+    """Every worker builds the same normalised graph from the positive train pairs (by reference in
+    the object store) and, seeded, the same initial weights."""
     import ray
 
-    from thinkrec.cf import loop
-
-    torch.manual_seed(config["seed"])
     users, items = ray.get(config["graph"])
     adjacency = normalized_adjacency(users, items, config["num_users"], config["num_items"])
-    model = LightGCN(config["num_users"], config["num_items"], config["dim"], config["layers"], adjacency)
-    loop.run_epochs(config, model, _logits, _valid_scores)
+    return LightGCN(config["num_users"], config["num_items"], config["dim"], config["layers"], adjacency)
 
 
 @dataclass
@@ -125,6 +122,39 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
+def job(
+    cfg: Any,
+    train_ds: Any,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    positives: tuple[np.ndarray, np.ndarray],
+    num_users: int,
+    num_items: int,
+) -> loop.Job:
+    """LightGCN's training on ``train_ds`` (user_id, item_id, label; MF's rows) with the graph of
+    ``positives`` (user ids, item ids of the positive train rows); ``valid`` = (user ids, item ids,
+    labels)."""
+    import ray
+
+    c = cfg.cf.lightgcn
+    config = {
+        "num_users": num_users,
+        "num_items": num_items,
+        "dim": c.dim,
+        "layers": c.layers,
+        "graph": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in positives)),
+        "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
+    }
+    return loop.Job("lightgcn", _build, _logits, _valid_scores, config, mf.PAIRS, train_ds)
+
+
+def result(job: loop.Job, best: dict[str, torch.Tensor], state: dict[str, Any]) -> TrainResult:
+    """The job's best epoch's propagated embeddings, with its history."""
+    model = _build(job.config)
+    model.load_state_dict(best)
+    return TrainResult(model.table(), int(state["best_epoch"]), list(state["history"]))
+
+
 def train(
     cfg: Any,
     train_ds: Any,
@@ -133,35 +163,9 @@ def train(
     positives: tuple[np.ndarray, np.ndarray],
     num_users: int,
     num_items: int,
-    run_name: str,
-    storage_path: str,
-    storage_filesystem: Any = None,
+    **run: Any,
 ) -> TrainResult:
-    """Train LightGCN on ``train_ds`` (user_id, item_id, label) with the graph of ``positives``
-    (user ids, item ids of the positive train rows); ``valid`` = (user ids, item ids, labels)."""
-    import ray
-
-    from thinkrec.cf import loop
-
-    c = cfg.cf.lightgcn
-    loop_config = {
-        "num_users": num_users,
-        "num_items": num_items,
-        "dim": c.dim,
-        "layers": c.layers,
-        "graph": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in positives)),
-        "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
-    }
-    best, state = loop.train(
-        train_loop,
-        loop_config,
-        cfg,
-        train_ds,
-        run_name=run_name,
-        storage_path=storage_path,
-        storage_filesystem=storage_filesystem,
-    )
-    adjacency = normalized_adjacency(*positives, num_users, num_items)
-    model = LightGCN(num_users, num_items, c.dim, c.layers, adjacency)
-    model.load_state_dict(best)
-    return TrainResult(model.table(), int(state["best_epoch"]), list(state["history"]))
+    """LightGCN alone in its own Ray Train run; ``run`` = ``run_name``, ``storage_path``,
+    ``storage_filesystem`` as for ``loop.train`` (a rerun with the same name resumes)."""
+    j = job(cfg, train_ds, valid, positives=positives, num_users=num_users, num_items=num_items)
+    return result(j, *loop.train([j], cfg, **run)[j.name])

@@ -9,9 +9,9 @@ in the reference implementation, attention uses only the causal mask (position t
 <= t); padded positions are zeroed after the embedding and after every block instead of being masked
 as keys, so a row of padding never attends over an empty set (which would give NaN).
 
-Shape of ``thinkrec.cf.mf``: the module (``SASRec``), a Ray Train loop (``train_loop``, over the
-shared epoch loop of ``thinkrec.cf.loop``) and a driver (``train``) returning the best epoch's model
-with the per-epoch history.
+Shape of ``thinkrec.cf.mf``: the module (``SASRec``), a Ray Train job for the shared loop of
+``thinkrec.cf.loop`` (``job``), ``result`` (the best epoch's model with the per-epoch history) and a
+driver (``train``) that runs the job alone.
 
 CF-token export (cf/model/embeddings.safetensors, ``LAYOUT``; ``export``): the CF tokens are one
 vector per user, so a user's vector is SASRec's state after the user's last ``max_len`` train items,
@@ -29,12 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from thinkrec.cf import loop
 from thinkrec.data import schema as S
 from thinkrec.model.thinkrec import CFTable
 
 LAYOUT = "user=[h_u] (SASRec's last state after the user's train sequence); item=[e_i]"
 SEQ = "seq"
 """Column of the training dataset: (max_len,) left-padded item ids per row."""
+SEQUENCES = "sequences"
+"""The Ray Dataset SASRec trains on (``seq``, item_id, label)."""
 
 
 def sequences(
@@ -167,7 +170,7 @@ def export(model: SASRec, users: np.ndarray, seq: np.ndarray, num_users: int) ->
     return CFTable(user, item)
 
 
-# -- Ray Train loop and driver --------------------------------------------------------------------
+# -- Ray Train job and driver ---------------------------------------------------------------------
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch[SEQ], batch[S.ITEM_ID])  # (B,)
 
@@ -188,14 +191,6 @@ def _model(config: dict[str, Any]) -> SASRec:
     )
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (same seeded init on every rank)."""
-    from thinkrec.cf import loop
-
-    torch.manual_seed(config["seed"])
-    loop.run_epochs(config, _model(config), _logits, _valid_scores)
-
-
 @dataclass
 class TrainResult:
     model: SASRec
@@ -204,24 +199,15 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def train(
-    cfg: Any,
-    train_ds: Any,
-    valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    *,
-    num_items: int,
-    run_name: str,
-    storage_path: str,
-    storage_filesystem: Any = None,
-) -> TrainResult:
-    """Train SASRec on ``train_ds`` (``seq`` (max_len,), item_id, label per row); ``valid`` = (user
-    ids, item ids, labels, sequences (n, max_len)) for model selection."""
+def job(
+    cfg: Any, train_ds: Any, valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], *, num_items: int
+) -> loop.Job:
+    """SASRec's training on ``train_ds`` (``seq`` (max_len,), item_id, label per row); ``valid`` =
+    (user ids, item ids, labels, sequences (n, max_len)) for model selection."""
     import ray
 
-    from thinkrec.cf import loop
-
     c = cfg.cf.sasrec
-    loop_config = {
+    config = {
         "num_items": num_items,
         "hidden": c.hidden,
         "blocks": c.blocks,
@@ -230,15 +216,25 @@ def train(
         "dropout": c.dropout,
         "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
     }
-    best, state = loop.train(
-        train_loop,
-        loop_config,
-        cfg,
-        train_ds,
-        run_name=run_name,
-        storage_path=storage_path,
-        storage_filesystem=storage_filesystem,
-    )
-    model = _model(loop_config)
+    return loop.Job("sasrec", _model, _logits, _valid_scores, config, SEQUENCES, train_ds)
+
+
+def result(job: loop.Job, best: dict[str, torch.Tensor], state: dict[str, Any]) -> TrainResult:
+    """The job's best epoch's model (eval mode), with its history."""
+    model = _model(job.config)
     model.load_state_dict(best)
     return TrainResult(model.eval(), int(state["best_epoch"]), list(state["history"]))
+
+
+def train(
+    cfg: Any,
+    train_ds: Any,
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    num_items: int,
+    **run: Any,
+) -> TrainResult:
+    """SASRec alone in its own Ray Train run; ``run`` = ``run_name``, ``storage_path``,
+    ``storage_filesystem`` as for ``loop.train`` (a rerun with the same name resumes)."""
+    j = job(cfg, train_ds, valid, num_items=num_items)
+    return result(j, *loop.train([j], cfg, **run)[j.name])

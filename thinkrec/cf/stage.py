@@ -2,7 +2,8 @@
 vectors and every trained model's scores of every valid/test sample.
 
 Models (``cf.model``, ``cf.baselines``): ``mf`` (thinkrec/cf/mf.py), ``lightgcn`` (cf/lightgcn.py),
-``sasrec`` (cf/sasrec.py), each a module, a Ray Train loop and a driver, with checkpoints and resume.
+``sasrec`` (cf/sasrec.py), each a module, a Ray Train job and a driver, with checkpoints and resume
+(the shared epoch loop of cf/loop.py).
 
 Outputs (each committed with the protocol of thinkrec.io.commit):
 - ``cf/model/``: ``embeddings.safetensors`` (``CFTable``: ``user`` (U+1, D), ``item`` (I+1, D); U and
@@ -38,9 +39,11 @@ zeroed, so a cold entity reads "no collaborative signal" instead of its random i
 constant-1 column stays, so the dot product still equals MF's logit); a cold user's MF logit is then
 the item bias plus the global bias.
 
-cf/model is committed before cf/scores, and cf/scores' fingerprint covers cf/model's manifest, so a
-rerun after a failure between the two reuses the committed model instead of retraining; baselines'
-Ray Train runs are kept until cf/scores is committed, so a rerun resumes them from their checkpoints.
+The configured model and its baselines train one after another in one Ray Train run
+(``thinkrec.cf.loop``: one worker group for all). cf/model is committed before cf/scores, and
+cf/scores' fingerprint covers cf/model's manifest, so a rerun after a failure between the two reuses
+the committed model and trains the baselines alone; the Ray Train runs are kept until cf/scores is
+committed, so a rerun resumes them from their checkpoints.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from eval.metrics import auc, uauc
-from thinkrec.cf import lightgcn, mf, sasrec
+from thinkrec.cf import lightgcn, loop, mf, sasrec
 from thinkrec.config import Config
 from thinkrec.data import prepare
 from thinkrec.data import schema as S
@@ -311,55 +314,79 @@ def _sasrec_model(cfg: Config, num_items: int) -> sasrec.SASRec:
     )
 
 
-def _train(cfg: Config, data: _Data, name: str) -> _Trained:
-    """Train one CF model on Ray Train (a run name per model and fingerprint, so a rerun resumes)."""
+def _jobs(cfg: Config, data: _Data, names: list[str]) -> list[loop.Job]:
+    """The named CF models' Ray Train jobs, in order."""
+    jobs = []
+    for name in names:
+        if name == "mf":
+            jobs.append(
+                mf.job(
+                    cfg, data.pairs(), data.valid_triple(), num_users=data.num_users, num_items=data.num_items
+                )
+            )
+        elif name == "lightgcn":
+            pos = data.train[data.train[S.LABEL] > 0]
+            positives = (pos[S.USER_ID].to_numpy(), pos[S.ITEM_ID].to_numpy())
+            jobs.append(
+                lightgcn.job(
+                    cfg,
+                    data.pairs(),
+                    data.valid_triple(),
+                    positives=positives,
+                    num_users=data.num_users,
+                    num_items=data.num_items,
+                )
+            )
+        else:
+            c = cfg.cf.sasrec
+            u, i, y = data.valid_triple()
+            valid = (u, i, y, data.sequences(data.valid, c.max_len))
+            jobs.append(
+                sasrec.job(
+                    cfg, data.sequence_dataset(c.max_len, cfg.cf.num_workers), valid, num_items=data.num_items
+                )
+            )
+    return jobs
+
+
+def _train(cfg: Config, data: _Data, names: list[str]) -> dict[str, _Trained]:
+    """Train the named CF models one after another in one Ray Train run (one worker group for all;
+    the run's name covers the models and the fingerprint, so a rerun resumes it)."""
     meta = model_meta(cfg, data.storage)
     fs, path = data.storage.fs(data.storage.uri(TRAIN_RUNS))
-    run = {
-        "run_name": f"{name}-{meta['config_hash']}-{meta['input_hash']}",
-        "storage_path": path,
-        "storage_filesystem": fs,
-    }
-    seen_u, seen_i = data.seen()
-    if name == "mf":
-        result = mf.train(
-            cfg, data.pairs(), data.valid_triple(), num_users=data.num_users, num_items=data.num_items, **run
-        )
-        table, biases = result.table, result.biases
-        # Cold entities (and padding) carry no trained signal: zero them.
-        table.user[~seen_u] = 0
-        table.item[~seen_i] = 0
-        if biases:
-            biases["user"][~seen_u] = 0
-            biases["item"][~seen_i] = 0
-        info = _info(cfg, data, name, cfg.cf.dim, result.best_epoch, result.history)
-        return _Trained(name, table, biases, info)
-    if name == "lightgcn":
-        pos = data.train[data.train[S.LABEL] > 0]
-        result = lightgcn.train(
-            cfg,
-            data.pairs(),
-            data.valid_triple(),
-            positives=(pos[S.USER_ID].to_numpy(), pos[S.ITEM_ID].to_numpy()),
-            num_users=data.num_users,
-            num_items=data.num_items,
-            **run,
-        )
-        table = result.table
-        table.user[~seen_u] = 0
-        table.item[~seen_i] = 0
-        info = _info(cfg, data, name, cfg.cf.lightgcn.dim, result.best_epoch, result.history)
-        return _Trained(name, table, {}, info)
-    c = cfg.cf.sasrec
-    u, i, y = data.valid_triple()
-    result = sasrec.train(
+    jobs = _jobs(cfg, data, names)
+    runs = loop.train(
+        jobs,
         cfg,
-        data.sequence_dataset(c.max_len, cfg.cf.num_workers),
-        (u, i, y, data.sequences(data.valid, c.max_len)),
-        num_items=data.num_items,
-        **run,
+        run_name=f"{'+'.join(names)}-{meta['config_hash']}-{meta['input_hash']}",
+        storage_path=path,
+        storage_filesystem=fs,
     )
-    return _from_sasrec(cfg, data, result.model, result.best_epoch, result.history)
+    seen_u, seen_i = data.seen()
+    out = {}
+    for j in jobs:
+        best, state = runs[j.name]
+        if j.name == "mf":
+            m = mf.result(j, best, state)
+            table, biases = m.table, m.biases
+            # Cold entities (and padding) carry no trained signal: zero them.
+            table.user[~seen_u] = 0
+            table.item[~seen_i] = 0
+            if biases:
+                biases["user"][~seen_u] = 0
+                biases["item"][~seen_i] = 0
+            info = _info(cfg, data, j.name, cfg.cf.dim, m.best_epoch, m.history)
+            out[j.name] = _Trained(j.name, table, biases, info)
+        elif j.name == "lightgcn":
+            g = lightgcn.result(j, best, state)
+            g.table.user[~seen_u] = 0
+            g.table.item[~seen_i] = 0
+            info = _info(cfg, data, j.name, cfg.cf.lightgcn.dim, g.best_epoch, g.history)
+            out[j.name] = _Trained(j.name, g.table, {}, info)
+        else:
+            r = sasrec.result(j, best, state)
+            out[j.name] = _from_sasrec(cfg, data, r.model, r.best_epoch, r.history)
+    return out
 
 
 def _from_sasrec(cfg: Config, data: _Data, model: sasrec.SASRec, best_epoch: int, history: list) -> _Trained:
@@ -428,7 +455,10 @@ def run(cfg: Config) -> dict[str, Any]:
     data = _Data(storage, ids)
     rows = _eval_rows(storage, ids)
     fresh = not is_complete(storage, model_uri, model_meta(cfg, storage))
-    trained = _train(cfg, data, cfg.cf.model) if fresh else _load_trained(cfg, storage, data)
+    others = [b for b in cfg.cf.baselines if b != cfg.cf.model]
+    names = [cfg.cf.model, *others] if fresh else others
+    models = _train(cfg, data, names) if names else {}
+    trained = models[cfg.cf.model] if fresh else _load_trained(cfg, storage, data)
     # One column per CF model trained (contract with evaluate): the configured one, then baselines.
     extra = trained.columns(data, rows, cfg)
     scores = extra[S.cf_column(cfg.cf.model)]
@@ -436,8 +466,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if fresh:
         _save_model(cfg, storage, trained, metrics)
     baselines: dict[str, Any] = {}
-    for name in (b for b in cfg.cf.baselines if b != cfg.cf.model):
-        other = _train(cfg, data, name)
+    for name in others:
+        other = models[name]
         cols = other.columns(data, rows, cfg)
         extra.update(cols)
         baselines[name] = {**other.info, **_metrics(rows, cols[S.cf_column(name)])}
