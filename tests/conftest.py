@@ -91,7 +91,8 @@ def small_config(root: str, **overrides) -> C.Config:
         "model.warmup_steps": 0,  # the demo's warm-up of the tiny model: tests/test_warmup.py
         "train.max_train_samples": 64,
         "train.max_valid_samples": 32,
-        "train.projector_epochs": 1,  # the demo trains stage 2 for 2
+        "train.epochs": 1,  # the demo trains stage 1 for 2
+        "train.projector_epochs": 1,  # and stage 2 for 2
         "train.warmup_steps": 2,
         "train.n_groups": 2,
         "train.expert_last_layers": 1,
