@@ -180,7 +180,20 @@ def _valid_scores(model: nn.Module, valid: Any) -> tuple[np.ndarray, np.ndarray,
     return users, labels, scores(model, seq, items)
 
 
-def _model(config: dict[str, Any]) -> SASRec:
+def sizes(cfg: Any, num_items: int) -> dict[str, Any]:
+    """The model's constructor arguments from ``cfg.cf.sasrec`` (what ``build_model`` takes)."""
+    c = cfg.cf.sasrec
+    return {
+        "num_items": num_items,
+        "hidden": c.hidden,
+        "blocks": c.blocks,
+        "max_len": c.max_len,
+        "heads": c.heads,
+        "dropout": c.dropout,
+    }
+
+
+def build_model(config: dict[str, Any]) -> SASRec:
     return SASRec(
         config["num_items"],
         hidden=config["hidden"],
@@ -206,22 +219,16 @@ def job(
     (user ids, item ids, labels, sequences (n, max_len)) for model selection."""
     import ray
 
-    c = cfg.cf.sasrec
     config = {
-        "num_items": num_items,
-        "hidden": c.hidden,
-        "blocks": c.blocks,
-        "max_len": c.max_len,
-        "heads": c.heads,
-        "dropout": c.dropout,
+        **sizes(cfg, num_items),
         "valid": ray.put(tuple(np.asarray(a, dtype=np.int64) for a in valid)),
     }
-    return loop.Job("sasrec", _model, _logits, _valid_scores, config, SEQUENCES, train_ds)
+    return loop.Job("sasrec", build_model, _logits, _valid_scores, config, SEQUENCES, train_ds)
 
 
 def result(job: loop.Job, best: dict[str, torch.Tensor], state: dict[str, Any]) -> TrainResult:
     """The job's best epoch's model (eval mode), with its history."""
-    model = _model(job.config)
+    model = build_model(job.config)
     model.load_state_dict(best)
     return TrainResult(model.eval(), int(state["best_epoch"]), list(state["history"]))
 

@@ -307,13 +307,6 @@ def _info(cfg: Config, data: _Data, name: str, dim: int, best_epoch: int, histor
     }
 
 
-def _sasrec_model(cfg: Config, num_items: int) -> sasrec.SASRec:
-    c = cfg.cf.sasrec
-    return sasrec.SASRec(
-        num_items, hidden=c.hidden, blocks=c.blocks, max_len=c.max_len, heads=c.heads, dropout=c.dropout
-    )
-
-
 def _jobs(cfg: Config, data: _Data, names: list[str]) -> list[loop.Job]:
     """The named CF models' Ray Train jobs, in order."""
     jobs = []
@@ -413,7 +406,7 @@ def _load_trained(cfg: Config, storage: Storage, data: _Data) -> _Trained:
         fs, root = storage.fs(storage.uri(MODEL))
         with fs.open_input_stream(f"{root}/{SASREC_WEIGHTS}") as f:
             weights = load_safetensors(f.read())
-        model = _sasrec_model(cfg, data.num_items)
+        model = sasrec.build_model(sasrec.sizes(cfg, data.num_items))
         model.load_state_dict(weights)
         model.eval()
     return _Trained(cfg.cf.model, table, biases, info, model=model)
