@@ -294,6 +294,45 @@ def test_gpu_bench_tiny_smoke():
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2
 
 
+def test_item_summary_scores_equal_full_prompt(tiny_qwen, tmp_path):
+    """``model.cf_history_item`` (the target's CF token carries its prefix's history summary): the
+    shared-prefix and packed scorers, which embed candidates apart from their prefix or after it, give
+    the full prompts' scores (float32, atol 1e-4)."""
+    from artifacts import make_artifacts
+
+    cfg = C.load(
+        None,
+        {
+            "storage.output_root": str(tmp_path),
+            "model.base": tiny_qwen,
+            "model.cf_history_item": True,
+            "score.batch_size": 3,
+        },
+    )
+    make_artifacts(cfg, tiny_qwen, n_users=N_USERS, n_items=N_ITEMS, n_experts=3)
+    art = load_artifacts(cfg)
+    rows = make_rows(cfg, art, users=5, per_user=4, seed=7, gates="random")
+    full = scorer_for(cfg, art, prefix_sharing=False)
+    assert full.projector.history_item
+    s_full, _ = full.score(rows)
+    for over in ({"prefix_sharing": True}, {"prefix_sharing": True, "prefix_mode": "packed"}):
+        s, _ = scorer_for(cfg, art, **over).score(rows)
+        np.testing.assert_allclose(s, s_full, atol=1e-4, rtol=0)
+    assert np.ptp(s_full) > 1e-3
+
+    # vLLM's prompt embeddings (a user's prefix embedded once, each candidate apart, with the
+    # prefix's summary): the full prompt's, on the scorer's own prompt code (no engine needed here).
+    from thinkrec.model.thinkrec import collate, input_embeddings
+    from thinkrec.scoring.engine.vllm import VLLMScorer, load_input_embeddings
+
+    v = VLLMScorer.__new__(VLLMScorer)
+    v.use_embeds, v.cf, v.projector = True, full.cf, full.projector
+    v.embedder = load_input_embeddings(art.base_model, torch.float32)
+    for r, prompt in zip(rows, v._prompts(rows), strict=True):
+        whole = input_embeddings(v.embedder, collate([r.prefix + r.candidate], 0), v.cf, v.projector)[0]
+        torch.testing.assert_close(prompt["prompt_embeds"], whole, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(("left_pad", "attention"), [(False, "sdpa"), (True, "sdpa"), (False, "flex")])
 def test_packed_equals_full_prompt(scoring_setup, left_pad, attention):
     """score.prefix_mode="packed" (a user's candidates after one prefix copy, block mask, positions

@@ -593,3 +593,54 @@ def test_history_summary_by_hand(tmp_path):
         full = input_embeddings(model, batch, cf, proj)  # (2, 9, 8)
         alone = input_embeddings(model, collate([p0, p1], pad_id=0), cf, proj)
     assert torch.equal(full[0, :6], alone[0, :6]) and torch.equal(full[1, :2], alone[1, :2])
+
+
+def test_history_summary_on_the_item_slot_by_hand(tmp_path):
+    """``model.cf_history_item``: the target item's slot carries its row's [rate, taste] beside its own
+    vector (history items keep their label only); a candidate embedded apart from its prefix, with
+    ``prefix_summary``, embeds as it does after the prefix; the projector file keeps the flag."""
+    from thinkrec.model.prompt import Encoded
+    from thinkrec.model.thinkrec import (
+        CFProjector,
+        CFTable,
+        collate,
+        input_embeddings,
+        prefix_summary,
+        with_history,
+    )
+
+    item = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [9.0, 9.0]])
+    cf = CFTable(torch.tensor([[0.0, 0.0], [7.0, 8.0], [-7.0, 6.0]]), item)
+    p0 = Encoded([5] * 6, [0, 1, 2, 3], [CF_USER, CF_LIKED, CF_DISLIKED, CF_LIKED], [1, 1, 2, 3])
+    p1 = Encoded([5] * 2, [0], [CF_USER], [2])
+    cand = Encoded([6] * 3, [1], [CF_ITEM], [4])
+    batch = collate([p0 + cand, p1 + cand], pad_id=0)
+    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind, on_item=True)
+    taste = ((item[1] - item[2] + item[3]) / 3).tolist()
+    rate = 2 * (2 + 1) / (3 + 2) - 1
+    expect = [
+        [7.0, 8.0, 0.0, rate, *taste],
+        [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
+        [3.0, -1.0, -1.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 1.0, 0.0, 0.0, 0.0],
+        [9.0, 9.0, 0.0, rate, *taste],  # the target: its vector and its user's summary
+        [-7.0, 6.0, 0.0, 0.0, 0.0, 0.0],
+        [9.0, 9.0, 0.0, 0.0, 0.0, 0.0],  # no history: rate 0, taste 0
+    ]
+    assert torch.allclose(out, torch.tensor(expect), atol=1e-6)
+
+    CFProjector(2, 8, history=True, history_item=True).save(str(tmp_path / "p.safetensors"))
+    proj = CFProjector.load(str(tmp_path / "p.safetensors"))
+    assert proj.history and proj.history_item
+    embed = torch.nn.Embedding(10, 8)
+    model = type("M", (), {"get_input_embeddings": lambda self: embed})()
+    with torch.no_grad():
+        full = input_embeddings(model, batch, cf, proj)  # (2, 9, 8)
+        summary = prefix_summary(collate([p0, p1], pad_id=0), cf, proj)
+        alone = input_embeddings(model, collate([cand, cand], pad_id=0), cf, proj, summary)
+        blind = input_embeddings(model, collate([cand, cand], pad_id=0), cf, proj)  # no summary given
+    assert torch.allclose(full[0, 6:9], alone[0], atol=1e-6) and torch.allclose(
+        full[1, 2:5], alone[1], atol=1e-6
+    )
+    assert not torch.allclose(full[0, 6:9], blind[0], atol=1e-3)  # the summary is what makes them equal
+    assert prefix_summary(collate([p0], pad_id=0), cf, CFProjector(2, 8, history=True)) is None

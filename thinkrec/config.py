@@ -190,6 +190,9 @@ class ModelConfig:
     like-rate and the label-signed mean of its items' CF vectors), which a CF model's user vector, fixed
     at train time, does not know on a time split (thinkrec/model/thinkrec.py). False: the CF model's
     vectors alone, as in CoLLM."""
+    cf_history_item: bool = False
+    """With ``cf_history``: the target item's CF token carries the same summary, so one token holds
+    the item and what the user's history says of it (thinkrec/model/thinkrec.py)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
     warmup_steps: int = Field(0, ge=0)

@@ -13,6 +13,12 @@ prompt's history does. The projector then reads, for every slot, ``[v, label, ra
 and ``taste``, the label-signed mean of the history items' vectors (a fold-in of the user's recent
 feedback in CF space; zeros elsewhere). Both are functions of the prompt's own history slots, so a
 user's prefix embeds the same alone or with a candidate, and users the CF model never saw get them too.
+
+With ``model.cf_history_item`` (a projector saved with ``history_item``) the target item's slot carries
+the same ``rate`` and ``taste`` too, so one slot holds both what the item is and what the user's history
+says: the projector can combine them (the item's bias with the user's like-rate, the item's vector with
+the user's taste) before the transformer has to route anything to the answer. A candidate embedded
+apart from its prefix (the hf scorer's shared prefix) takes its prefix's summary (``history_summary``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 
 from thinkrec.model.base import decoder_and_head
 from thinkrec.model.layout import ADAPTERS, FUSION, GLOBAL, PROJECTOR  # noqa: F401 (re-exported)
-from thinkrec.model.prompt import CF_DISLIKED, CF_LIKED, CF_USER, Encoded
+from thinkrec.model.prompt import CF_DISLIKED, CF_ITEM, CF_LIKED, CF_USER, Encoded
 
 
 def expert_name(group: int) -> str:
@@ -39,9 +45,12 @@ class CFProjector(nn.Module):
     """CF vectors (d = the table's width) -> token embeddings; with ``history`` it reads the table's
     vectors with the history summary (width 2d + 2, module docstring)."""
 
-    def __init__(self, cf_dim: int, hidden_size: int, history: bool = False) -> None:
+    def __init__(
+        self, cf_dim: int, hidden_size: int, history: bool = False, history_item: bool = False
+    ) -> None:
         super().__init__()
         self.cf_dim, self.hidden_size, self.history = cf_dim, hidden_size, history
+        self.history_item = history and history_item
         d = 2 * cf_dim + 2 if history else cf_dim
         self.net = nn.Sequential(nn.Linear(d, 10 * d), nn.ReLU(), nn.Linear(10 * d, hidden_size))
 
@@ -54,6 +63,7 @@ class CFProjector(nn.Module):
             "cf_dim": str(self.cf_dim),
             "hidden_size": str(self.hidden_size),
             "history": str(int(self.history)),
+            "history_item": str(int(self.history_item)),
         }
         save_file(tensors, path, metadata=meta)
 
@@ -63,7 +73,12 @@ class CFProjector(nn.Module):
 
         with safe_open(path, "pt") as f:
             meta = f.metadata()
-        proj = cls(int(meta["cf_dim"]), int(meta["hidden_size"]), meta.get("history") == "1")
+        proj = cls(
+            int(meta["cf_dim"]),
+            int(meta["hidden_size"]),
+            meta.get("history") == "1",
+            meta.get("history_item") == "1",  # absent in projectors saved before the item's summary
+        )
         proj.load_state_dict(load_file(path))
         return proj
 
@@ -128,36 +143,80 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, lengths, as_long(rows), as_long(cols), as_long(kinds), as_long(cids))
 
 
-def with_history(vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """(n, d) slot vectors -> (n, 2d + 2) ``[v, label, rate, taste]`` (module docstring), the history
-    summary taken over each batch row's own liked / disliked slots. rows, kinds: (n,)."""
-    n, d = vec.shape
-    label = (kinds == CF_LIKED).to(vec.dtype) - (kinds == CF_DISLIKED).to(vec.dtype)  # (n,)
-    n_rows = int(rows.max()) + 1 if n else 0
+def _labels(kinds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (kinds == CF_LIKED).to(dtype) - (kinds == CF_DISLIKED).to(dtype)  # (n,) +1 / -1 / 0
+
+
+def history_summary(
+    vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch row's history summary over its own liked / disliked slots: ``rate`` (B,) and
+    ``taste`` (B, d) (module docstring). vec: (n, d) slot vectors; rows, kinds: (n,)."""
+    label = _labels(kinds, vec.dtype)
     count = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, label.abs())  # (B,) history length
     likes = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, (label > 0).to(vec.dtype))
-    taste = torch.zeros(n_rows, d, dtype=vec.dtype).index_add_(0, rows, label[:, None] * vec)  # (B, d)
-    taste = taste / count.clamp(min=1)[:, None]
+    taste = torch.zeros(n_rows, vec.shape[1], dtype=vec.dtype).index_add_(0, rows, label[:, None] * vec)
     rate = 2 * (likes + 1) / (count + 2) - 1  # (B,) 0 for an empty history
-    user = (kinds == CF_USER).to(vec.dtype)[:, None]  # the summary rides on the user's slot only
-    return torch.cat([vec, label[:, None], user * rate[rows, None], user * taste[rows]], dim=1)
+    return rate, taste / count.clamp(min=1)[:, None]
+
+
+def with_history(
+    vec: torch.Tensor,
+    rows: torch.Tensor,
+    kinds: torch.Tensor,
+    *,
+    on_item: bool = False,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(n, d) slot vectors -> (n, 2d + 2) ``[v, label, rate, taste]`` (module docstring): the summary
+    rides on the user's slot, and with ``on_item`` on the target item's too. ``summary``: each batch
+    row's (rate, taste) given, for rows embedded without their history (else taken over each row's own
+    liked / disliked slots). rows, kinds: (n,)."""
+    if summary is None:
+        summary = history_summary(vec, rows, kinds, int(rows.max()) + 1 if len(rows) else 0)
+    rate, taste = summary
+    on = kinds == CF_USER
+    if on_item:
+        on = on | (kinds == CF_ITEM)
+    on = on.to(vec.dtype)[:, None]
+    return torch.cat(
+        [vec, _labels(kinds, vec.dtype)[:, None], on * rate[rows, None], on * taste[rows]], dim=1
+    )
 
 
 def input_embeddings(
-    model: Any, batch: Batch, cf: CFTable | None = None, projector: CFProjector | None = None
+    model: Any,
+    batch: Batch,
+    cf: CFTable | None = None,
+    projector: CFProjector | None = None,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Token embeddings with CF slots overwritten by projected CF embeddings. (B, T, H)"""
+    """Token embeddings with CF slots overwritten by projected CF embeddings. (B, T, H). ``summary``:
+    each row's history summary, for rows that hold a candidate without its prefix (``prefix_summary``)."""
     embed = model.get_input_embeddings()
     ids = batch.input_ids.clamp(max=embed.num_embeddings - 1).to(embed.weight.device)
     x = embed(ids)  # (B, T, H)
     if projector is not None and cf is not None and len(batch.cf_row):
         vec = cf.lookup(batch.cf_kind, batch.cf_id)
         if projector.history:
-            vec = with_history(vec, batch.cf_row, batch.cf_kind)
+            vec = with_history(
+                vec, batch.cf_row, batch.cf_kind, on_item=projector.history_item, summary=summary
+            )
         vec = vec.to(device=x.device, dtype=next(projector.parameters()).dtype)
         proj = projector(vec).to(x.dtype)  # (n, H)
         x = x.index_put((batch.cf_row.to(x.device), batch.cf_col.to(x.device)), proj)
     return x
+
+
+def prefix_summary(
+    batch: Batch, cf: CFTable | None, projector: CFProjector | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The history summary of each row of a batch of prefixes, for their candidates embedded apart
+    (``input_embeddings(..., summary=...)``); None where the projector does not put it on the item."""
+    if projector is None or cf is None or not projector.history_item:
+        return None
+    vec = cf.lookup(batch.cf_kind, batch.cf_id)
+    return history_summary(vec, batch.cf_row, batch.cf_kind, len(batch.lengths))
 
 
 def hidden_states(

@@ -114,7 +114,9 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
     if spec["cf_tokens"]:
         cf = CFTable.load(os.path.join(_localize(storage, spec["cf_dir"]), spec["cf_file"]))
         if phase == "projector":
-            projector = CFProjector(cf.dim, base.config.hidden_size, cfg.model.cf_history)
+            projector = CFProjector(
+                cf.dim, base.config.hidden_size, cfg.model.cf_history, cfg.model.cf_history_item
+            )
         else:
             proj_dir = _localize(storage, spec["projector_dir"])
             projector = CFProjector.load(os.path.join(proj_dir, spec["projector_file"]))
@@ -547,7 +549,8 @@ def _publish(
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(d, ADAPTER, "README.md"))
         if model.projector is not None:
-            proj = CFProjector(model.projector.cf_dim, model.projector.hidden_size, model.projector.history)
+            p = model.projector
+            proj = CFProjector(p.cf_dim, p.hidden_size, p.history, p.history_item)
             proj.load_state_dict(
                 {n[len("projector.") :]: v for n, v in final_state.items() if n.startswith("projector.")}
             )

@@ -32,7 +32,14 @@ import torch
 
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, p_yes_of
+from thinkrec.model.thinkrec import (
+    CFProjector,
+    CFTable,
+    collate,
+    input_embeddings,
+    p_yes_of,
+    prefix_summary,
+)
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.engine import answer_rows, causal_attn, fused_lora, fused_proj, packed
 from thinkrec.scoring.engine.kv_cache import prefix_cache
@@ -149,9 +156,11 @@ class HFScorer:
         out = h.float() @ self.w_yn.T  # (n, 2)
         return out + self.b_yn if self.b_yn is not None else out
 
-    def _embed(self, encoded: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _embed(
+        self, encoded: Sequence[Encoded], summary: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = collate(encoded, self.pad_id)
-        emb = input_embeddings(self.model, batch, self.cf, self.projector)  # (B, T, H)
+        emb = input_embeddings(self.model, batch, self.cf, self.projector, summary)  # (B, T, H)
         return emb, batch.attention_mask.to(emb.device), batch.lengths.to(emb.device)
 
     def _score_full(self, rows: list[ScoreRow]) -> torch.Tensor:
@@ -239,6 +248,8 @@ class HFScorer:
             pos = end
             heads = [rows[m[0]] for m in batch_groups]
             emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
+            # The candidates' item slots may carry their prefix's history summary (CFProjector).
+            summary = prefix_summary(collate([r.prefix for r in heads], self.pad_id), self.cf, self.projector)
             # This pass is read for its keys/values only, so no position's last-layer MLP is needed
             # (position 0 of each row is kept).
             with self.fused.gates(self._gates(heads)), self._only_at(torch.zeros_like(plen)):
@@ -256,7 +267,8 @@ class HFScorer:
                 gidx = torch.tensor([g for g, _ in part], device=pmask.device)  # (n,)
                 ridx = [i for _, i in part]
                 chunk = [rows[i] for i in ridx]
-                cemb, cmask, clen = self._embed([r.candidate for r in chunk])  # (n, C, H)
+                csum = None if summary is None else (summary[0][gidx.cpu()], summary[1][gidx.cpu()])
+                cemb, cmask, clen = self._embed([r.candidate for r in chunk], csum)  # (n, C, H)
                 C = cemb.shape[1]
                 # Candidate tokens continue at their own prefix's length, not at the padded width.
                 positions = plen[gidx][:, None] + torch.arange(C, device=cemb.device)[None, :]  # (n, C)

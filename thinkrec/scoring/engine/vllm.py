@@ -48,7 +48,14 @@ from thinkrec.model.base import load_tokenizer
 from thinkrec.model.fusion import gate as fusion_gate
 from thinkrec.model.fusion import load_fusion
 from thinkrec.model.prompt import Encoded, PromptBuilder
-from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, p_yes_of
+from thinkrec.model.thinkrec import (
+    CFProjector,
+    CFTable,
+    collate,
+    input_embeddings,
+    p_yes_of,
+    prefix_summary,
+)
 from thinkrec.scoring.base import Artifacts, ScoreRow
 from thinkrec.scoring.engine.merge import (
     LoraAdapter,
@@ -282,14 +289,15 @@ class VLLMScorer:
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _embeds(self, enc: Encoded) -> torch.Tensor:
-        """(T, H) input embeddings with the CF slots filled."""
+    def _embeds(self, enc: Encoded, summary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(T, H) input embeddings with the CF slots filled (``summary``: the prefix's history summary,
+        for a candidate embedded apart from it)."""
         assert self.embedder is not None
         batch = collate([enc], pad_id=0)
-        return input_embeddings(self.embedder, batch, self.cf, self.projector)[0]
+        return input_embeddings(self.embedder, batch, self.cf, self.projector, summary)[0]
 
     def _prompts(self, rows: Sequence[ScoreRow]) -> list[dict[str, Any]]:
-        prefixes: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        prefixes: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, Any]] = {}
         out: list[dict[str, Any]] = []
         for r in rows:
             full = r.prefix + r.candidate
@@ -298,14 +306,18 @@ class VLLMScorer:
                 continue
             # The prefix's embeddings are computed once per user: slot overwrites are position-wise,
             # so embed(prefix + candidate) == cat(embed(prefix), embed(candidate)).
+            # The candidate's item slot may carry the prefix's history summary (CFProjector).
             parts: list[torch.Tensor] = []
+            summary = None
             if r.prefix.ids:
                 pk = (r.user_id, tuple(r.prefix.ids), tuple(r.prefix.cf_id))
                 if pk not in prefixes:
-                    prefixes[pk] = self._embeds(r.prefix)  # (T_prefix, H)
-                parts.append(prefixes[pk])
+                    pb = collate([r.prefix], pad_id=0)
+                    prefixes[pk] = (self._embeds(r.prefix), prefix_summary(pb, self.cf, self.projector))
+                emb, summary = prefixes[pk]  # (T_prefix, H)
+                parts.append(emb)
             if r.candidate.ids:
-                parts.append(self._embeds(r.candidate))  # (T_candidate, H)
+                parts.append(self._embeds(r.candidate, summary))  # (T_candidate, H)
             out.append({"prompt_embeds": torch.cat(parts, 0)})  # (T, H)
         return out
 
