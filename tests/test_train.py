@@ -644,3 +644,20 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     )
     assert not torch.allclose(full[0, 6:9], blind[0], atol=1e-3)  # the summary is what makes them equal
     assert prefix_summary(collate([p0], pad_id=0), cf, CFProjector(2, 8, history=True)) is None
+
+
+def test_item_summary_enters_the_train_fingerprint_only_when_on(prepared, monkeypatch):
+    """``model.cf_history_item`` off (the default) leaves the train stage's hashed config as it was
+    before the key existed, so models trained before it are not retrained; on, it is hashed."""
+    from thinkrec.train import stage as train_stage
+
+    storage = Storage.from_config(prepared)
+    seen = []
+    real = train_stage.fingerprint
+    monkeypatch.setattr(train_stage, "fingerprint", lambda s, *a: seen.append(s) or real(s, *a))
+    base = {"model.cf_tokens": False, "train.experts": False}  # no CF model among this root's inputs
+    off = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": False}), storage)
+    on = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": True}), storage)
+    assert "cf_history_item" not in seen[0]["model"] and seen[1]["model"]["cf_history_item"] is True
+    assert {k: v for k, v in seen[1]["model"].items() if k != "cf_history_item"} == seen[0]["model"]
+    assert off["config_hash"] != on["config_hash"] and off["input_hash"] == on["input_hash"]

@@ -75,8 +75,11 @@ _NOT_FINGERPRINTED = (
 def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in _NOT_FINGERPRINTED}
+    model = d["model"]
+    if not model["cf_history_item"]:  # hashed only when on: models trained before it keep their fingerprint
+        model = {k: v for k, v in model.items() if k != "cf_history_item"}
     sections = {
-        "model": d["model"],
+        "model": model,
         "train": train,
         # The gate (fusion.*) is applied at inference from the scoring config, so it never changes
         # what is trained: a model scored with another fusion.mode or tau is not retrained. Hashed as
