@@ -556,22 +556,31 @@ def test_gpu_training_bench_tiny_cpu_smoke(capsys):
     assert result["lora_params"] == 2 * 2 * 8 * (64 + 64)  # 2 layers x (q, v) x r (in + out)
 
 
-def test_history_summary_by_hand(tmp_path):
-    """The user slot's [label, rate, taste] columns against a hand computation, per batch row; the
-    prefix embeds the same alone as with a candidate; the projector file keeps ``history``."""
+def _summary_case():
+    """Two prefixes over a 2-d CF table and one candidate: row 0 is user 1 with history 1 (liked),
+    2 (disliked), 3 (liked); row 1 is user 2 with no history; the target is item 4. Returns the
+    table, the parts, and row 0's hand-computed ``rate`` and ``taste``."""
     from thinkrec.model.prompt import Encoded
-    from thinkrec.model.thinkrec import CFProjector, CFTable, collate, input_embeddings, with_history
+    from thinkrec.model.thinkrec import CFTable
 
     item = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [9.0, 9.0]])
     cf = CFTable(torch.tensor([[0.0, 0.0], [7.0, 8.0], [-7.0, 6.0]]), item)
-    # Row 0: user 1, history 1 (liked), 2 (disliked), 3 (liked), target 4. Row 1: user 2, no history.
     p0 = Encoded([5] * 6, [0, 1, 2, 3], [CF_USER, CF_LIKED, CF_DISLIKED, CF_LIKED], [1, 1, 2, 3])
     p1 = Encoded([5] * 2, [0], [CF_USER], [2])
     cand = Encoded([6] * 3, [1], [CF_ITEM], [4])
-    batch = collate([p0 + cand, p1 + cand], pad_id=0)
-    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
     taste = ((item[1] - item[2] + item[3]) / 3).tolist()  # label-signed mean: [-0.5, 1.1667]
     rate = 2 * (2 + 1) / (3 + 2) - 1  # 2 likes of 3, smoothed: 0.2
+    return cf, p0, p1, cand, rate, taste
+
+
+def test_history_summary_by_hand(tmp_path):
+    """The user slot's [label, rate, taste] columns against a hand computation, per batch row; the
+    prefix embeds the same alone as with a candidate; the projector file keeps ``history``."""
+    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, with_history
+
+    cf, p0, p1, cand, rate, taste = _summary_case()
+    batch = collate([p0 + cand, p1 + cand], pad_id=0)
+    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
     expect = [
         [7.0, 8.0, 0.0, rate, *taste],
         [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
@@ -599,25 +608,11 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     """``model.cf_history_item``: the target item's slot carries its row's [rate, taste] beside its own
     vector (history items keep their label only); a candidate embedded apart from its prefix, with
     ``prefix_summary``, embeds as it does after the prefix; the projector file keeps the flag."""
-    from thinkrec.model.prompt import Encoded
-    from thinkrec.model.thinkrec import (
-        CFProjector,
-        CFTable,
-        collate,
-        input_embeddings,
-        prefix_summary,
-        with_history,
-    )
+    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, prefix_summary, with_history
 
-    item = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [0.5, 0.5], [9.0, 9.0]])
-    cf = CFTable(torch.tensor([[0.0, 0.0], [7.0, 8.0], [-7.0, 6.0]]), item)
-    p0 = Encoded([5] * 6, [0, 1, 2, 3], [CF_USER, CF_LIKED, CF_DISLIKED, CF_LIKED], [1, 1, 2, 3])
-    p1 = Encoded([5] * 2, [0], [CF_USER], [2])
-    cand = Encoded([6] * 3, [1], [CF_ITEM], [4])
+    cf, p0, p1, cand, rate, taste = _summary_case()
     batch = collate([p0 + cand, p1 + cand], pad_id=0)
     out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind, on_item=True)
-    taste = ((item[1] - item[2] + item[3]) / 3).tolist()
-    rate = 2 * (2 + 1) / (3 + 2) - 1
     expect = [
         [7.0, 8.0, 0.0, rate, *taste],
         [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
