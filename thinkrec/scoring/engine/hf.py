@@ -33,6 +33,7 @@ import torch
 from thinkrec.model.base import decoder_and_head, load_model, load_tokenizer
 from thinkrec.model.prompt import Encoded, PromptBuilder
 from thinkrec.model.thinkrec import (
+    Batch,
     CFProjector,
     CFTable,
     collate,
@@ -159,7 +160,11 @@ class HFScorer:
     def _embed(
         self, encoded: Sequence[Encoded], summary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        batch = collate(encoded, self.pad_id)
+        return self._embed_batch(collate(encoded, self.pad_id), summary)
+
+    def _embed_batch(
+        self, batch: Batch, summary: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         emb = input_embeddings(self.model, batch, self.cf, self.projector, summary)  # (B, T, H)
         return emb, batch.attention_mask.to(emb.device), batch.lengths.to(emb.device)
 
@@ -247,9 +252,10 @@ class HFScorer:
             batch_groups = members[pos:end]
             pos = end
             heads = [rows[m[0]] for m in batch_groups]
-            emb, pmask, plen = self._embed([r.prefix for r in heads])  # (G, P, H), (G, P), (G,)
+            pbatch = collate([r.prefix for r in heads], self.pad_id)
+            emb, pmask, plen = self._embed_batch(pbatch)  # (G, P, H), (G, P), (G,)
             # The candidates' item slots may carry their prefix's history summary (CFProjector).
-            summary = prefix_summary(collate([r.prefix for r in heads], self.pad_id), self.cf, self.projector)
+            summary = prefix_summary(pbatch, self.cf, self.projector)
             # This pass is read for its keys/values only, so no position's last-layer MLP is needed
             # (position 0 of each row is kept).
             with self.fused.gates(self._gates(heads)), self._only_at(torch.zeros_like(plen)):
@@ -267,7 +273,7 @@ class HFScorer:
                 gidx = torch.tensor([g for g, _ in part], device=pmask.device)  # (n,)
                 ridx = [i for _, i in part]
                 chunk = [rows[i] for i in ridx]
-                csum = None if summary is None else (summary[0][gidx.cpu()], summary[1][gidx.cpu()])
+                csum = None if summary is None else tuple(t[gidx.cpu()] for t in summary)
                 cemb, cmask, clen = self._embed([r.candidate for r in chunk], csum)  # (n, C, H)
                 C = cemb.shape[1]
                 # Candidate tokens continue at their own prefix's length, not at the padded width.

@@ -47,8 +47,9 @@ from torch import nn
 from thinkrec.model.base import load_tokenizer
 from thinkrec.model.fusion import gate as fusion_gate
 from thinkrec.model.fusion import load_fusion
-from thinkrec.model.prompt import Encoded, PromptBuilder
+from thinkrec.model.prompt import PromptBuilder
 from thinkrec.model.thinkrec import (
+    Batch,
     CFProjector,
     CFTable,
     collate,
@@ -289,11 +290,10 @@ class VLLMScorer:
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _embeds(self, enc: Encoded, summary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """(T, H) input embeddings with the CF slots filled (``summary``: the prefix's history summary,
-        for a candidate embedded apart from it)."""
+    def _embeds(self, batch: Batch, summary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """(T, H) input embeddings of a one-prompt batch with the CF slots filled (``summary``: the
+        prefix's history summary, for a candidate embedded apart from it)."""
         assert self.embedder is not None
-        batch = collate([enc], pad_id=0)
         return input_embeddings(self.embedder, batch, self.cf, self.projector, summary)[0]
 
     def _prompts(self, rows: Sequence[ScoreRow]) -> list[dict[str, Any]]:
@@ -313,11 +313,11 @@ class VLLMScorer:
                 pk = (r.user_id, tuple(r.prefix.ids), tuple(r.prefix.cf_id))
                 if pk not in prefixes:
                     pb = collate([r.prefix], pad_id=0)
-                    prefixes[pk] = (self._embeds(r.prefix), prefix_summary(pb, self.cf, self.projector))
+                    prefixes[pk] = (self._embeds(pb), prefix_summary(pb, self.cf, self.projector))
                 emb, summary = prefixes[pk]  # (T_prefix, H)
                 parts.append(emb)
             if r.candidate.ids:
-                parts.append(self._embeds(r.candidate, summary))  # (T_candidate, H)
+                parts.append(self._embeds(collate([r.candidate], pad_id=0), summary))  # (T_candidate, H)
             out.append({"prompt_embeds": torch.cat(parts, 0)})  # (T, H)
         return out
 
