@@ -56,8 +56,7 @@ def make_artifacts(
     model = load_model(base_model)
     hidden = model.config.hidden_size
     torch.manual_seed(seed)
-    m = cfg.model
-    proj = CFProjector(cf_dim, hidden, m.cf_history, m.cf_history_item, m.cf_pair_score)
+    proj = CFProjector(cf_dim, hidden, cfg.model.cf_history, cfg.model.cf_history_item)
     # Small outputs keep the CF tokens' embeddings on the scale of real token embeddings.
     with torch.no_grad():
         proj.net[2].weight.mul_(0.1)

@@ -294,30 +294,26 @@ def test_gpu_bench_tiny_smoke():
     assert shared["users"] > 1 and shared["candidate_chunk"] > shared["candidates_per_user"] // 2
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        {"model.cf_history_item": True},
-        {"model.cf_history": False, "model.cf_pair_score": True},  # CoLLM-style with the pair score
-    ],
-    ids=["history_item", "pair_score"],
-)
-def test_item_summary_scores_equal_full_prompt(tiny_qwen, tmp_path, layout):
-    """``model.cf_history_item`` (the target's CF token carries its prefix's history summary) and
-    ``model.cf_pair_score`` (it carries the dot product with the prefix's user vector): the
+def test_item_summary_scores_equal_full_prompt(tiny_qwen, tmp_path):
+    """``model.cf_history_item`` (the target's CF token carries its prefix's history summary): the
     shared-prefix and packed scorers, which embed candidates apart from their prefix or after it, give
     the full prompts' scores (float32, atol 1e-4)."""
     from artifacts import make_artifacts
 
     cfg = C.load(
         None,
-        {"storage.output_root": str(tmp_path), "model.base": tiny_qwen, "score.batch_size": 3} | layout,
+        {
+            "storage.output_root": str(tmp_path),
+            "model.base": tiny_qwen,
+            "model.cf_history_item": True,
+            "score.batch_size": 3,
+        },
     )
     make_artifacts(cfg, tiny_qwen, n_users=N_USERS, n_items=N_ITEMS, n_experts=3)
     art = load_artifacts(cfg)
     rows = make_rows(cfg, art, users=5, per_user=4, seed=7, gates="random")
     full = scorer_for(cfg, art, prefix_sharing=False)
-    assert full.projector.reads_user_on_item
+    assert full.projector.history_item
     s_full, _ = full.score(rows)
     for over in ({"prefix_sharing": True}, {"prefix_sharing": True, "prefix_mode": "packed"}):
         s, _ = scorer_for(cfg, art, **over).score(rows)

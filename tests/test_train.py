@@ -576,12 +576,11 @@ def _summary_case():
 def test_history_summary_by_hand(tmp_path):
     """The user slot's [label, rate, taste] columns against a hand computation, per batch row; the
     prefix embeds the same alone as with a candidate; the projector file keeps ``history``."""
-    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings
+    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, with_history
 
     cf, p0, p1, cand, rate, taste = _summary_case()
     batch = collate([p0 + cand, p1 + cand], pad_id=0)
-    proj = CFProjector(2, 8, history=True)
-    out = proj.inputs(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
+    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
     expect = [
         [7.0, 8.0, 0.0, rate, *taste],
         [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
@@ -593,6 +592,7 @@ def test_history_summary_by_hand(tmp_path):
     ]
     assert torch.allclose(out, torch.tensor(expect), atol=1e-6)
 
+    proj = CFProjector(2, 8, history=True)
     proj.save(str(tmp_path / "p.safetensors"))
     proj = CFProjector.load(str(tmp_path / "p.safetensors"))
     assert proj.history and proj.net[0].in_features == 6
@@ -608,12 +608,11 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     """``model.cf_history_item``: the target item's slot carries its row's [rate, taste] beside its own
     vector (history items keep their label only); a candidate embedded apart from its prefix, with
     ``prefix_summary``, embeds as it does after the prefix; the projector file keeps the flag."""
-    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, prefix_summary
+    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, prefix_summary, with_history
 
     cf, p0, p1, cand, rate, taste = _summary_case()
     batch = collate([p0 + cand, p1 + cand], pad_id=0)
-    on_item = CFProjector(2, 8, history=True, history_item=True)
-    out = on_item.inputs(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind)
+    out = with_history(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind, on_item=True)
     expect = [
         [7.0, 8.0, 0.0, rate, *taste],
         [1.0, 2.0, 1.0, 0.0, 0.0, 0.0],
@@ -642,49 +641,9 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     assert prefix_summary(collate([p0], pad_id=0), cf, CFProjector(2, 8, history=True)) is None
 
 
-def test_pair_score_on_the_item_slot_by_hand(tmp_path):
-    """``model.cf_pair_score``: the target item's slot carries one more column, the dot product of its
-    row's user vector and its own (0 on every other slot and for a row without a user), after the
-    history summary's columns when there are any; a candidate embedded apart from its prefix, with
-    ``prefix_summary``, embeds as it does after the prefix; the projector file keeps the flag."""
-    from thinkrec.model.thinkrec import CFProjector, collate, input_embeddings, prefix_summary
-
-    cf, p0, p1, cand, rate, taste = _summary_case()
-    batch = collate([p0 + cand, p1 + cand, cand], pad_id=0)
-    vec = cf.lookup(batch.cf_kind, batch.cf_id)
-    pair = CFProjector(2, 8, pair=True)  # CoLLM-style: the CF vectors, then the score
-    out = pair.inputs(vec, batch.cf_row, batch.cf_kind)
-    s0, s1 = 7.0 * 9 + 8.0 * 9, -7.0 * 9 + 6.0 * 9  # <user 1, item 4> = 135, <user 2, item 4> = -9
-    expect = [[7, 8, 0], [1, 2, 0], [3, -1, 0], [0.5, 0.5, 0], [9, 9, s0], [-7, 6, 0], [9, 9, s1], [9, 9, 0]]
-    assert torch.allclose(out, torch.tensor(expect), atol=1e-5)
-    both = CFProjector(2, 8, history=True, history_item=True, pair=True).inputs(
-        vec, batch.cf_row, batch.cf_kind
-    )
-    assert (
-        both.shape == (8, 7) and torch.allclose(both[:, -1], out[:, -1]) and both[4, 3] == pytest.approx(rate)
-    )
-
-    pair.save(str(tmp_path / "p.safetensors"))
-    proj = CFProjector.load(str(tmp_path / "p.safetensors"))
-    assert proj.pair and not proj.history and proj.net[0].in_features == 3
-    embed = torch.nn.Embedding(10, 8)
-    model = type("M", (), {"get_input_embeddings": lambda self: embed})()
-    with torch.no_grad():
-        full = input_embeddings(model, collate([p0 + cand, p1 + cand], pad_id=0), cf, proj)  # (2, 9, 8)
-        summary = prefix_summary(collate([p0, p1], pad_id=0), cf, proj)
-        alone = input_embeddings(model, collate([cand, cand], pad_id=0), cf, proj, summary)
-        blind = input_embeddings(model, collate([cand, cand], pad_id=0), cf, proj)  # no summary given
-    assert torch.allclose(full[0, 6:9], alone[0], atol=1e-5) and torch.allclose(
-        full[1, 2:5], alone[1], atol=1e-5
-    )
-    assert not torch.allclose(full[0, 6:9], blind[0], atol=1e-3)  # the user's vector is what makes them equal
-
-
-@pytest.mark.parametrize("key", ["cf_history_item", "cf_pair_score"])
-def test_later_model_keys_enter_the_train_fingerprint_only_when_on(prepared, monkeypatch, key):
-    """``model.cf_history_item`` and ``model.cf_pair_score`` off (the defaults) leave the train stage's
-    hashed config as it was before the keys existed, so models trained before them are not retrained;
-    on, each is hashed."""
+def test_item_summary_enters_the_train_fingerprint_only_when_on(prepared, monkeypatch):
+    """``model.cf_history_item`` off (the default) leaves the train stage's hashed config as it was
+    before the key existed, so models trained before it are not retrained; on, it is hashed."""
     from thinkrec.train import stage as train_stage
 
     storage = Storage.from_config(prepared)
@@ -692,9 +651,8 @@ def test_later_model_keys_enter_the_train_fingerprint_only_when_on(prepared, mon
     real = train_stage.fingerprint
     monkeypatch.setattr(train_stage, "fingerprint", lambda s, *a: seen.append(s) or real(s, *a))
     base = {"model.cf_tokens": False, "train.experts": False}  # no CF model among this root's inputs
-    base |= {k: False for k in ("model.cf_history_item", "model.cf_pair_score")}
-    off = train_stage.stage_meta(prepared.replace(**base), storage)
-    on = train_stage.stage_meta(prepared.replace(**base | {f"model.{key}": True}), storage)
-    assert key not in seen[0]["model"] and seen[1]["model"][key] is True
-    assert {k: v for k, v in seen[1]["model"].items() if k != key} == seen[0]["model"]
+    off = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": False}), storage)
+    on = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": True}), storage)
+    assert "cf_history_item" not in seen[0]["model"] and seen[1]["model"]["cf_history_item"] is True
+    assert {k: v for k, v in seen[1]["model"].items() if k != "cf_history_item"} == seen[0]["model"]
     assert off["config_hash"] != on["config_hash"] and off["input_hash"] == on["input_hash"]

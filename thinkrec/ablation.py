@@ -33,22 +33,19 @@ log = logging.getLogger("thinkrec.ablation")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "tallrec": {"model.cf_tokens": False, "train.reasoning": False, "train.experts": False},
-    # CoLLM's input is the CF model's vectors alone: no history summary in the user's token. The
-    # item's token also carries the CF model's score of the pair (model.cf_pair_score), so the CF
-    # tokens hold all the CF model knows of the pair (without it, 0.002-0.009 AUC under MF).
+    # CoLLM's input is the CF model's vectors alone: no history summary in the user's token.
     "collm": {
         "model.cf_tokens": True,
         "model.cf_history": False,
-        "model.cf_pair_score": True,
         "train.reasoning": False,
         "train.experts": False,
     },
     "thinkrec-no-experts": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": False},
     "thinkrec": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": True},
 }
-"""TALLRec-style: text only. CoLLM-style: CF tokens (the CF model's vectors alone, and its score of
-the pair on the item's token), no reasoning, no experts. Then ThinkRec without and with experts,
-whose user token also carries the history summary (``model.cf_history``, the default)."""
+"""TALLRec-style: text only. CoLLM-style: CF tokens (the CF model's vectors alone), no reasoning, no
+experts. Then ThinkRec without and with experts, whose user token also carries the history summary
+(``model.cf_history``, the default)."""
 
 
 def _fmt(x: Any) -> str:

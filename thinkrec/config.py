@@ -193,10 +193,6 @@ class ModelConfig:
     cf_history_item: bool = False
     """With ``cf_history``: the target item's CF token carries the same summary, so one token holds
     the item and what the user's history says of it (thinkrec/model/thinkrec.py)."""
-    cf_pair_score: bool = False
-    """With CF tokens: the target item's CF token also carries the CF model's own score of the (user,
-    item) pair, the dot product of the two CF vectors (MF's logit less its global bias, with biases),
-    so what the CF model predicts reaches the answer through one token (thinkrec/model/thinkrec.py)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
     warmup_steps: int = Field(0, ge=0)

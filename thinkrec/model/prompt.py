@@ -31,7 +31,7 @@ from typing import Any
 CF_USER = 0
 CF_ITEM = 1
 # A history item's slot also says whether the user liked it: the item's CF vector either way, and the
-# label for the user token's history summary (``thinkrec.model.thinkrec.CFProjector.inputs``).
+# label for the user token's history summary (``thinkrec.model.thinkrec.with_history``).
 CF_LIKED = 2
 CF_DISLIKED = 3
 _SLOT = "\x00"  # marks a CF slot in the text before tokenization

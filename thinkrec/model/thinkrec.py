@@ -18,17 +18,7 @@ With ``model.cf_history_item`` (a projector saved with ``history_item``) the tar
 the same ``rate`` and ``taste`` too, so one slot holds both what the item is and what the user's history
 says: the projector can combine them (the item's bias with the user's like-rate, the item's vector with
 the user's taste) before the transformer has to route anything to the answer. A candidate embedded
-apart from its prefix (the hf scorer's shared prefix) takes its prefix's summary (``prefix_summary``).
-
-Pair score (``model.cf_pair_score``, a projector saved with ``pair``): one more column, on the target
-item's slot only, holds the CF model's own score of the (user, item) pair, the dot product of the
-row's user vector and the item's vector (thinkrec/cf/stage.py's layouts make it MF's logit less its
-global bias, LightGCN's logit, or SASRec's logit after the train sequence); 0 on every other slot, and
-0 for a user the CF model never saw. The two vectors sit in two slots ~30 tokens apart, and a small
-LLM trained on a few thousand rows does not learn their 64-d dot product through attention (CoLLM-style
-on ML-100K stayed 0.002-0.009 AUC under the MF it reads); with the score in the item's slot, what the
-CF model predicts for the pair reaches the answer through one token. Layout, in this order:
-``[v]``, then ``[label, rate, taste]`` with the history summary, then ``[score]`` with the pair score.
+apart from its prefix (the hf scorer's shared prefix) takes its prefix's summary (``history_summary``).
 """
 
 from __future__ import annotations
@@ -52,53 +42,19 @@ def expert_name(group: int) -> str:
 
 
 class CFProjector(nn.Module):
-    """CF vectors (d = the table's width) -> token embeddings. It reads each slot in its own layout
-    (``inputs``, module docstring): d wide, + d + 2 with the history summary, + 1 with the pair score."""
+    """CF vectors (d = the table's width) -> token embeddings; with ``history`` it reads the table's
+    vectors with the history summary (width 2d + 2, module docstring)."""
 
     def __init__(
-        self,
-        cf_dim: int,
-        hidden_size: int,
-        history: bool = False,
-        history_item: bool = False,
-        pair: bool = False,
+        self, cf_dim: int, hidden_size: int, history: bool = False, history_item: bool = False
     ) -> None:
         super().__init__()
-        self.cf_dim, self.hidden_size, self.history, self.pair = cf_dim, hidden_size, history, pair
+        self.cf_dim, self.hidden_size, self.history = cf_dim, hidden_size, history
         self.history_item = history and history_item
-        d = cf_dim + (cf_dim + 2 if history else 0) + (1 if pair else 0)
+        d = 2 * cf_dim + 2 if history else cf_dim
         self.net = nn.Sequential(nn.Linear(d, 10 * d), nn.ReLU(), nn.Linear(10 * d, hidden_size))
 
-    @property
-    def reads_user_on_item(self) -> bool:
-        """Whether the target item's slot reads its row's summary, so a candidate embedded apart from
-        its prefix needs the prefix's (``prefix_summary``)."""
-        return self.history_item or self.pair
-
-    def inputs(
-        self, vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, summary: Summary | None = None
-    ) -> torch.Tensor:
-        """(n, d) slot vectors -> (n, in) in this projector's layout (module docstring). ``summary``:
-        each batch row's, given for rows embedded without their prefix (else taken over each row's own
-        slots). rows, kinds: (n,)."""
-        if not (self.history or self.pair):
-            return vec
-        if summary is None:
-            summary = row_summary(vec, rows, kinds, int(rows.max()) + 1 if len(rows) else 0)
-        rate, taste, user = summary
-        cols = [vec]
-        if self.history:
-            on = kinds == CF_USER
-            if self.history_item:
-                on = on | (kinds == CF_ITEM)
-            on = on.to(vec.dtype)[:, None]
-            cols += [_labels(kinds, vec.dtype)[:, None], on * rate[rows, None], on * taste[rows]]
-        if self.pair:
-            on_item = (kinds == CF_ITEM).to(vec.dtype)
-            cols.append((on_item * (user[rows] * vec).sum(1))[:, None])
-        return torch.cat(cols, dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, in) -> (n, H)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, d) -> (n, H)
         return self.net(x)
 
     def save(self, path: str) -> None:
@@ -108,7 +64,6 @@ class CFProjector(nn.Module):
             "hidden_size": str(self.hidden_size),
             "history": str(int(self.history)),
             "history_item": str(int(self.history_item)),
-            "pair": str(int(self.pair)),
         }
         save_file(tensors, path, metadata=meta)
 
@@ -122,9 +77,7 @@ class CFProjector(nn.Module):
             int(meta["cf_dim"]),
             int(meta["hidden_size"]),
             meta.get("history") == "1",
-            # Both absent in projectors saved before the item's summary and the pair score: off.
-            meta.get("history_item") == "1",
-            meta.get("pair") == "1",
+            meta.get("history_item") == "1",  # absent in projectors saved before the item's summary
         )
         proj.load_state_dict(load_file(path))
         return proj
@@ -194,22 +147,41 @@ def _labels(kinds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (kinds == CF_LIKED).to(dtype) - (kinds == CF_DISLIKED).to(dtype)  # (n,) +1 / -1 / 0
 
 
-Summary = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""Each batch row's ``rate`` (B,) and ``taste`` (B, d) (its history summary) and ``user`` (B, d), its
-user slot's CF vector (zeros without one)."""
-
-
-def row_summary(vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, n_rows: int) -> Summary:
-    """Each batch row's ``Summary`` over its own slots (module docstring). vec: (n, d) slot vectors;
-    rows, kinds: (n,)."""
+def history_summary(
+    vec: torch.Tensor, rows: torch.Tensor, kinds: torch.Tensor, n_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch row's history summary over its own liked / disliked slots: ``rate`` (B,) and
+    ``taste`` (B, d) (module docstring). vec: (n, d) slot vectors; rows, kinds: (n,)."""
     label = _labels(kinds, vec.dtype)
     count = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, label.abs())  # (B,) history length
     likes = torch.zeros(n_rows, dtype=vec.dtype).index_add_(0, rows, (label > 0).to(vec.dtype))
     taste = torch.zeros(n_rows, vec.shape[1], dtype=vec.dtype).index_add_(0, rows, label[:, None] * vec)
     rate = 2 * (likes + 1) / (count + 2) - 1  # (B,) 0 for an empty history
-    u = kinds == CF_USER
-    user = torch.zeros(n_rows, vec.shape[1], dtype=vec.dtype).index_add_(0, rows[u], vec[u])
-    return rate, taste / count.clamp(min=1)[:, None], user
+    return rate, taste / count.clamp(min=1)[:, None]
+
+
+def with_history(
+    vec: torch.Tensor,
+    rows: torch.Tensor,
+    kinds: torch.Tensor,
+    *,
+    on_item: bool = False,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(n, d) slot vectors -> (n, 2d + 2) ``[v, label, rate, taste]`` (module docstring): the summary
+    rides on the user's slot, and with ``on_item`` on the target item's too. ``summary``: each batch
+    row's (rate, taste) given, for rows embedded without their history (else taken over each row's own
+    liked / disliked slots). rows, kinds: (n,)."""
+    if summary is None:
+        summary = history_summary(vec, rows, kinds, int(rows.max()) + 1 if len(rows) else 0)
+    rate, taste = summary
+    on = kinds == CF_USER
+    if on_item:
+        on = on | (kinds == CF_ITEM)
+    on = on.to(vec.dtype)[:, None]
+    return torch.cat(
+        [vec, _labels(kinds, vec.dtype)[:, None], on * rate[rows, None], on * taste[rows]], dim=1
+    )
 
 
 def input_embeddings(
@@ -217,28 +189,34 @@ def input_embeddings(
     batch: Batch,
     cf: CFTable | None = None,
     projector: CFProjector | None = None,
-    summary: Summary | None = None,
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token embeddings with CF slots overwritten by projected CF embeddings. (B, T, H). ``summary``:
-    each row's ``Summary``, for rows that hold a candidate without its prefix (``prefix_summary``)."""
+    each row's history summary, for rows that hold a candidate without its prefix (``prefix_summary``)."""
     embed = model.get_input_embeddings()
     ids = batch.input_ids.clamp(max=embed.num_embeddings - 1).to(embed.weight.device)
     x = embed(ids)  # (B, T, H)
     if projector is not None and cf is not None and len(batch.cf_row):
-        vec = projector.inputs(cf.lookup(batch.cf_kind, batch.cf_id), batch.cf_row, batch.cf_kind, summary)
+        vec = cf.lookup(batch.cf_kind, batch.cf_id)
+        if projector.history:
+            vec = with_history(
+                vec, batch.cf_row, batch.cf_kind, on_item=projector.history_item, summary=summary
+            )
         vec = vec.to(device=x.device, dtype=next(projector.parameters()).dtype)
         proj = projector(vec).to(x.dtype)  # (n, H)
         x = x.index_put((batch.cf_row.to(x.device), batch.cf_col.to(x.device)), proj)
     return x
 
 
-def prefix_summary(batch: Batch, cf: CFTable | None, projector: CFProjector | None) -> Summary | None:
-    """The ``Summary`` of each row of a batch of prefixes, for their candidates embedded apart
-    (``input_embeddings(..., summary=...)``); None where the projector's item slot reads none."""
-    if projector is None or cf is None or not projector.reads_user_on_item:
+def prefix_summary(
+    batch: Batch, cf: CFTable | None, projector: CFProjector | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The history summary of each row of a batch of prefixes, for their candidates embedded apart
+    (``input_embeddings(..., summary=...)``); None where the projector does not put it on the item."""
+    if projector is None or cf is None or not projector.history_item:
         return None
     vec = cf.lookup(batch.cf_kind, batch.cf_id)
-    return row_summary(vec, batch.cf_row, batch.cf_kind, len(batch.lengths))
+    return history_summary(vec, batch.cf_row, batch.cf_kind, len(batch.lengths))
 
 
 def hidden_states(

@@ -114,9 +114,8 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
     if spec["cf_tokens"]:
         cf = CFTable.load(os.path.join(_localize(storage, spec["cf_dir"]), spec["cf_file"]))
         if phase == "projector":
-            m = cfg.model
             projector = CFProjector(
-                cf.dim, base.config.hidden_size, m.cf_history, m.cf_history_item, m.cf_pair_score
+                cf.dim, base.config.hidden_size, cfg.model.cf_history, cfg.model.cf_history_item
             )
         else:
             proj_dir = _localize(storage, spec["projector_dir"])
@@ -551,7 +550,7 @@ def _publish(
             os.remove(os.path.join(d, ADAPTER, "README.md"))
         if model.projector is not None:
             p = model.projector
-            proj = CFProjector(p.cf_dim, p.hidden_size, p.history, p.history_item, p.pair)
+            proj = CFProjector(p.cf_dim, p.hidden_size, p.history, p.history_item)
             proj.load_state_dict(
                 {n[len("projector.") :]: v for n, v in final_state.items() if n.startswith("projector.")}
             )

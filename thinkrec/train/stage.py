@@ -72,14 +72,12 @@ _NOT_FINGERPRINTED = (
 )
 
 
-_HASHED_WHEN_ON = ("cf_history_item", "cf_pair_score")
-
-
 def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
     train = {k: v for k, v in d["train"].items() if k not in _NOT_FINGERPRINTED}
-    # Keys added later are hashed only when on, so models trained before them keep their fingerprint.
-    model = {k: v for k, v in d["model"].items() if k not in _HASHED_WHEN_ON or v}
+    model = d["model"]
+    if not model["cf_history_item"]:  # hashed only when on: models trained before it keep their fingerprint
+        model = {k: v for k, v in model.items() if k != "cf_history_item"}
     sections = {
         "model": model,
         "train": train,

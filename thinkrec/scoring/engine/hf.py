@@ -36,7 +36,6 @@ from thinkrec.model.thinkrec import (
     Batch,
     CFProjector,
     CFTable,
-    Summary,
     collate,
     input_embeddings,
     p_yes_of,
@@ -159,12 +158,12 @@ class HFScorer:
         return out + self.b_yn if self.b_yn is not None else out
 
     def _embed(
-        self, encoded: Sequence[Encoded], summary: Summary | None = None
+        self, encoded: Sequence[Encoded], summary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._embed_batch(collate(encoded, self.pad_id), summary)
 
     def _embed_batch(
-        self, batch: Batch, summary: Summary | None = None
+        self, batch: Batch, summary: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         emb = input_embeddings(self.model, batch, self.cf, self.projector, summary)  # (B, T, H)
         return emb, batch.attention_mask.to(emb.device), batch.lengths.to(emb.device)

@@ -52,7 +52,6 @@ from thinkrec.model.thinkrec import (
     Batch,
     CFProjector,
     CFTable,
-    Summary,
     collate,
     input_embeddings,
     p_yes_of,
@@ -291,7 +290,7 @@ class VLLMScorer:
 
     # -- prompts ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def _embeds(self, batch: Batch, summary: Summary | None = None) -> torch.Tensor:
+    def _embeds(self, batch: Batch, summary: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(T, H) input embeddings of a one-prompt batch with the CF slots filled (``summary``: the
         prefix's history summary, for a candidate embedded apart from it)."""
         assert self.embedder is not None
