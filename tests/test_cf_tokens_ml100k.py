@@ -4,8 +4,10 @@ ML-100K test rows at least as well as the MF it reads, within 0.005 AUC.
 
 Slow (opt-in, ``-m slow``): the full pipeline of one ablation variant on ML-100K, about 11 minutes on
 a 2-core CPU. Seed 0 runs differ with their upstream outputs, and the margin sits near the bound: AUC
-0.7002 against MF's 0.7025 (passed), 0.6941 against 0.6999 (failed, -0.0058; 2026-12-07). MF's signal
-on the rows the LLM trains on is in-sample (bench/results/collm-pair-score-cpu.md)."""
+0.7002 against MF's 0.7025 (passed), 0.6941 against 0.6999 (failed, -0.0058; 2026-12-07), both with
+two epochs of stage 2. The variant now trains three (thinkrec/ablation.py): seed 0 +0.0012 and seed 1
+-0.0009 from earlier runs' upstream outputs (bench/results/collm-projector-epochs-cpu.md); this test
+has not yet run with three."""
 
 from __future__ import annotations
 

@@ -33,12 +33,16 @@ log = logging.getLogger("thinkrec.ablation")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "tallrec": {"model.cf_tokens": False, "train.reasoning": False, "train.experts": False},
-    # CoLLM's input is the CF model's vectors alone: no history summary in the user's token.
+    # CoLLM's input is the CF model's vectors alone: no history summary in the user's token. Stage 2
+    # is its only CF learning, and it was still rising after two epochs: three took seed 0 from -0.0106
+    # to +0.0012 AUC against MF on the same upstream outputs, and seed 1 to -0.0009
+    # (bench/results/collm-projector-epochs-cpu.md).
     "collm": {
         "model.cf_tokens": True,
         "model.cf_history": False,
         "train.reasoning": False,
         "train.experts": False,
+        "train.projector_epochs": 3,
     },
     "thinkrec-no-experts": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": False},
     "thinkrec": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": True},
