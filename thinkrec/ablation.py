@@ -48,7 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "thinkrec": {"model.cf_tokens": True, "train.reasoning": True, "train.experts": True},
 }
 """TALLRec-style: text only. CoLLM-style: CF tokens (the CF model's vectors alone), no reasoning, no
-experts, three epochs of stage 2 (the config's ``train.projector_epochs`` for the others). Then ThinkRec without and with experts, whose user token also carries the history summary
+experts, three epochs of stage 2 (the config's ``train.projector_epochs`` for the others). Then
+ThinkRec without and with experts, whose user token also carries the history summary
 (``model.cf_history``, the default)."""
 
 
