@@ -604,6 +604,46 @@ def test_history_summary_by_hand(tmp_path):
     assert torch.equal(full[0, :6], alone[0, :6]) and torch.equal(full[1, :2], alone[1, :2])
 
 
+def test_projector_input_scale_by_hand(tmp_path):
+    """``CFProjector.fit_scale``: each CF column over the table's users and items (row 0, the padding,
+    left out) is scaled to unit root-mean-square, computed by hand here; the history layout's
+    ``label`` and ``rate`` keep scale 1 and ``taste`` takes the vectors' scale. The scale is saved with
+    the weights, a projector file without it loads unscaled, and scoring through a loaded projector
+    equals the fitted one's output."""
+    from safetensors.torch import load_file, save_file
+
+    from thinkrec.model.thinkrec import CFProjector, CFTable
+
+    cf = CFTable(
+        torch.tensor([[9.0, 9.0], [3.0, 1.0], [0.0, 1.0]]),  # row 0 is padding: never counted
+        torch.tensor([[9.0, 9.0], [4.0, 1.0], [0.0, 1.0], [0.0, -2.0]]),
+    )
+    # column 0: 3, 0, 4, 0, 0 -> rms sqrt(25 / 5) = sqrt(5); column 1: 1, 1, 1, 1, -2 -> rms sqrt(8 / 5)
+    inv = torch.tensor([5**-0.5, (8 / 5) ** -0.5])
+    proj = CFProjector(2, 8)
+    assert torch.equal(proj.scale, torch.ones(2))  # unfitted: no scaling
+    proj.fit_scale(cf)
+    assert torch.allclose(proj.scale, inv, atol=1e-6)
+    assert not proj.scale.requires_grad
+    x = torch.tensor([[3.0, 1.0], [0.0, -2.0]])
+    with torch.no_grad():
+        assert torch.allclose(proj(x), proj.net(x * inv), atol=1e-6)
+
+    hist = CFProjector(2, 8, history=True)
+    hist.fit_scale(cf)
+    assert torch.allclose(hist.scale, torch.cat([inv, torch.ones(2), inv]), atol=1e-6)
+
+    path = str(tmp_path / "p.safetensors")
+    proj.save(path)
+    back = CFProjector.load(path)
+    assert torch.equal(back.scale, proj.scale)
+    with torch.no_grad():
+        assert torch.equal(back(x), proj(x))
+    old = {k: v for k, v in load_file(path).items() if k != "scale"}  # a file saved before the scale
+    save_file(old, path, metadata={"cf_dim": "2", "hidden_size": "8", "history": "0", "history_item": "0"})
+    assert torch.equal(CFProjector.load(path).scale, torch.ones(2))
+
+
 def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     """``model.cf_history_item``: the target item's slot carries its row's [rate, taste] beside its own
     vector (history items keep their label only); a candidate embedded apart from its prefix, with
@@ -641,9 +681,11 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     assert prefix_summary(collate([p0], pad_id=0), cf, CFProjector(2, 8, history=True)) is None
 
 
-def test_item_summary_enters_the_train_fingerprint_only_when_on(prepared, monkeypatch):
-    """``model.cf_history_item`` off (the default) leaves the train stage's hashed config as it was
-    before the key existed, so models trained before it are not retrained; on, it is hashed."""
+@pytest.mark.parametrize("key", ["cf_history_item", "cf_scale"])
+def test_late_model_keys_enter_the_train_fingerprint_only_when_on(prepared, monkeypatch, key):
+    """``model.cf_history_item`` and ``model.cf_scale`` off (the defaults) leave the train stage's
+    hashed config as it was before the keys existed, so models trained before them are not
+    retrained; on, each is hashed."""
     from thinkrec.train import stage as train_stage
 
     storage = Storage.from_config(prepared)
@@ -651,8 +693,8 @@ def test_item_summary_enters_the_train_fingerprint_only_when_on(prepared, monkey
     real = train_stage.fingerprint
     monkeypatch.setattr(train_stage, "fingerprint", lambda s, *a: seen.append(s) or real(s, *a))
     base = {"model.cf_tokens": False, "train.experts": False}  # no CF model among this root's inputs
-    off = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": False}), storage)
-    on = train_stage.stage_meta(prepared.replace(**base, **{"model.cf_history_item": True}), storage)
-    assert "cf_history_item" not in seen[0]["model"] and seen[1]["model"]["cf_history_item"] is True
-    assert {k: v for k, v in seen[1]["model"].items() if k != "cf_history_item"} == seen[0]["model"]
+    off = train_stage.stage_meta(prepared.replace(**base, **{f"model.{key}": False}), storage)
+    on = train_stage.stage_meta(prepared.replace(**base, **{f"model.{key}": True}), storage)
+    assert key not in seen[0]["model"] and seen[1]["model"][key] is True
+    assert {k: v for k, v in seen[1]["model"].items() if k != key} == seen[0]["model"]
     assert off["config_hash"] != on["config_hash"] and off["input_hash"] == on["input_hash"]

@@ -193,6 +193,11 @@ class ModelConfig:
     cf_history_item: bool = False
     """With ``cf_history``: the target item's CF token carries the same summary, so one token holds
     the item and what the user's history says of it (thinkrec/model/thinkrec.py)."""
+    cf_scale: bool = False
+    """With CF tokens: scale each CF column to unit root-mean-square over the table before the
+    projector (``CFProjector.fit_scale``), so that a biased MF's constant column does not drown the
+    vectors' own columns. The ablation's CoLLM-style variant sets it; off by default because the
+    demo's and ThinkRec's recorded figures were measured without it."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
     warmup_steps: int = Field(0, ge=0)

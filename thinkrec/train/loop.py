@@ -117,6 +117,8 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
             projector = CFProjector(
                 cf.dim, base.config.hidden_size, cfg.model.cf_history, cfg.model.cf_history_item
             )
+            if cfg.model.cf_scale:
+                projector.fit_scale(cf)  # a function of the table: the same again on resume
         else:
             proj_dir = _localize(storage, spec["projector_dir"])
             projector = CFProjector.load(os.path.join(proj_dir, spec["projector_file"]))
