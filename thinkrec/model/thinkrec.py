@@ -65,7 +65,7 @@ class CFProjector(nn.Module):
         """Scale each CF column to unit root-mean-square over the table's users and items. In MF's
         biased layout ``[p_u, b_u, 1] / [q_i, 1, b_i]`` the constant column holds most of a vector's
         norm (1 against about 0.13 per embedding column on ML-100K), so at initialisation every item's
-        token came out nearly the same and stage 2 took off late or, on some runs, not at all.
+        token comes out nearly the same (what the scale changed: bench/results/collm-cf-scale-cpu.md).
         Scaling keeps zeros zero (unknown ids, the summary's empty slots); the history layout's
         ``taste`` columns live in the items' space and take the same scale, ``label`` and ``rate``
         are already in units of 1."""
