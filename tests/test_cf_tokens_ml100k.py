@@ -7,7 +7,7 @@ a 2-core CPU. Seed 0 runs differ with their upstream outputs, and the margin sit
 0.7002 against MF's 0.7025 (passed), 0.6941 against 0.6999 (failed, -0.0058; 2026-12-07), both with
 two epochs of stage 2. The variant now trains three (thinkrec/ablation.py): seed 0 +0.0012 and seed 1
 -0.0009 from earlier runs' upstream outputs (bench/results/collm-projector-epochs-cpu.md); this test
-with three: 0.6997 against 0.7017 (passed, 18.5 minutes). One run in five of that setting did not
+with three: 0.6997 against 0.7017 (passed, 18.5 minutes). One run in six of that setting did not
 learn (AUC 0.5489 against 0.6990; bench/results/collm-cf-scale-cpu.md), so this test can fail."""
 
 from __future__ import annotations

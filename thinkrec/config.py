@@ -197,7 +197,7 @@ class ModelConfig:
     """With CF tokens: scale each CF column to unit root-mean-square over the table before the
     projector (``CFProjector.fit_scale``), so that a biased MF's constant column does not drown the
     vectors' own columns. Off by default: on ML-100K's CoLLM-style model it stopped the stage-2
-    collapse of one run and cost about 0.005 AUC on the others
+    collapse of one run and cost 0.005-0.008 AUC on the others
     (bench/results/collm-cf-scale-cpu.md)."""
     tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
     max_title_chars: int = Field(60, ge=8)
