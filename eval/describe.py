@@ -139,7 +139,8 @@ def _series(curves: Any, prefix: str = "") -> dict[str, tuple[list[float], list[
     out: dict[str, tuple[list[float], list[float]]] = {}
     if isinstance(curves, dict):
         for k, v in curves.items():
-            out.update(_series(v, f"{prefix}{k}."))
+            if k != "restarts":  # a record per stalled attempt, not a series (``training_restarts``)
+                out.update(_series(v, f"{prefix}{k}."))
     elif isinstance(curves, list) and curves:
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in curves):
             out[prefix.rstrip(".")] = (list(range(len(curves))), [float(v) for v in curves])

@@ -190,6 +190,17 @@ def render_markdown(doc: dict[str, Any], pngs: dict[str, bytes]) -> str:
     else:
         md += ["> train/groups.json is absent: no expert groups in this run.", ""]
     md += ["## Training and scoring", ""]
+    for phase, records in (doc.get("training_restarts") or {}).items():
+        tried = "; ".join(
+            f"attempt {r.get('attempt')}: best validation AUC {fmt(r.get('best_auc'))} over {r.get('epochs')}"
+            f" epoch(s), chance band below {fmt(r.get('below'))}"
+            for r in records
+        )
+        md += [
+            f"> Phase `{phase}` stalled and started over {len(records)} time(s) (`train.projector_restarts`):"
+            f" {tried}. The curves are the last attempt's.",
+            "",
+        ]
     md += img(
         pngs,
         "curves.png",

@@ -10,6 +10,8 @@ of the prompt can reveal:
 - ``groups``: two user groups far apart in CF space; group A likes the items with keyword
   "Western", group B those with "Musical" (each item has exactly one of the two). Histories are
   empty, so only the user (CF token, or the expert the gate picks) says which rule applies.
+- ``noise``: labels drawn at random, independent of everything in the prompt (``item_cf``'s items):
+  nothing can be learned, the stalled stage 2 that ``train.projector_restarts`` starts over.
 
 Every user's rows are in time order: the first 70% train, the next 10% valid, the last 20% test;
 histories (``item_cf``, ``keyword``) are the user's previous ``HISTORY`` rows, labelled by the same
@@ -67,7 +69,8 @@ def build(
     q = rng.normal(size=(n_items + 1, cf_dim)).astype(np.float32)
     p = rng.normal(size=(n_users + 1, cf_dim)).astype(np.float32)
     group = np.zeros(n_users + 1, dtype=np.int64)
-    if task == "item_cf":
+    coin = rng.integers(0, 2, size=(n_users + 1, n_items + 1))  # the noise task's labels
+    if task in ("item_cf", "noise"):
         titles = ["Untitled"] * n_items
         keywords: list[list[str]] = [[] for _ in item_ids]
         w = rng.normal(size=cf_dim)
@@ -93,6 +96,8 @@ def build(
     q[0] = 0
 
     def label(u: int, i: int) -> int:
+        if task == "noise":
+            return int(coin[u, i])
         like = liked[i]
         return like if group[u] <= 0 else 1 - like  # group B likes exactly the other keyword
 

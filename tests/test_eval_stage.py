@@ -112,6 +112,9 @@ THROUGHPUT = score_stage.throughput(70, 3.5, "hf")
 # One column per CF model the cf stage trained: MF (with and without biases), LightGCN, SASRec.
 CF_SCHEMA = S.cf_scores_schema(["cf_mf", "cf_mf_nobias", "cf_lightgcn", "cf_sasrec"])
 
+# A stage 2 that stalled once and started over (train.projector_restarts): a record, not a series.
+STALL = {"attempt": 0, "epochs": 2, "best_auc": 0.51, "below": 0.5722, "positives": 130, "negatives": 126}
+
 
 def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
     """prepare/interactions (train, valid, test), cf/scores with cf_mf and cf_mf_nobias, score/scores.
@@ -202,6 +205,7 @@ def _synthetic_run(root: str, seed: int = 0) -> tuple[C.Config, dict]:
         }
         for ph in ("global", "expert-0")
     }
+    curves["projector"] = {**curves["global"], "restarts": [STALL]}
     storage.write_json(storage.uri("train/curves.json"), curves)
     both = cf_keep & sc_keep
     prior = tr_labels.mean()
@@ -332,6 +336,8 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     assert g["max_weight_mean"] == pytest.approx(np.mean(np.where(gs == "mix:0.60,0.40", 0.6, 1.0)))
     assert saved["groups"]["sizes"] and saved["groups"]["cohens_d_mean"] is not None
     assert "global.loss" in saved["training_curves"] and "expert-0.valid.auc" in saved["training_curves"]
+    assert not [s for s in saved["training_curves"] if "restarts" in s]
+    assert saved["training_restarts"] == {"projector": [STALL]}
     assert (
         saved["score_throughput"]
         == THROUGHPUT
@@ -340,6 +346,7 @@ def test_evaluate_same_rows_baselines_slices_and_report(tmp_path):
     md = (out / "report.md").read_text()
     assert "Strongest baseline by AUC" in md and "The paper's table (not this run)" in md
     assert "Cohen's d" in md and "![Training curves](curves.png)" in md and "![Gate weights]" in md
+    assert "Phase `projector` stalled and started over 1 time(s)" in md and "best validation AUC 0.51" in md
     # The paper's table sits beside ours only where the dataset matches (ML-1M), labelled as the paper's.
     from eval.markdown import render_markdown
 

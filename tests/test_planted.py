@@ -10,6 +10,9 @@ stage, then measures test AUC on what the score stage wrote:
 - (c) two user groups apart in CF space with opposite keyword rules: the grouping recovers them
   (ARI >= 0.9), the gate sends >= 95% of test users to their own group's expert, ThinkRec with
   experts reaches AUC >= 0.9; its margin over the global adapter alone is printed.
+
+And the converse: with labels that nothing in the prompt predicts, stage 2's first epoch stays
+within chance and ``train.projector_restarts`` starts it over, recorded in the curves.
 """
 
 from __future__ import annotations
@@ -121,3 +124,29 @@ def test_planted_groups_experts(ray_local, tiny_qwen, tmp_path):
     assert ari >= 0.9
     assert routed >= 0.95
     assert auc_experts >= 0.9
+
+
+def test_stalled_stage2_starts_over(ray_local, tiny_qwen, tmp_path):
+    """Random labels: stage 2's validation AUC stays within chance (below 0.5 plus two standard
+    deviations of a random score's AUC, computed here by hand), so the phase starts over once, the
+    stalled attempt recorded in the curves, and then publishes its last attempt's weights as usual
+    (that attempt is not checked again: one restart allowed). 110 s on 2 cores."""
+    build(str(tmp_path), "noise", seed=SEED)
+    cfg = _config(
+        tmp_path,
+        tiny_qwen,
+        "collm",
+        **{"train.projector_epochs": 1, "train.projector_restarts": 1, "train.max_valid_samples": 64},
+    )
+    train_stage.run(cfg)
+    storage = Storage.from_config(cfg)
+    curves = storage.read_json(storage.uri("train", train_stage.CURVES))["projector"]
+    print(f"noise: stage-2 restarts {curves['restarts']}; last attempt's curve {curves['valid']}")
+    assert [r["attempt"] for r in curves["restarts"]] == [0]
+    for r in curves["restarts"]:
+        n, m = r["positives"], r["negatives"]
+        assert n + m == 64 and n > 0 and m > 0
+        assert r["below"] == pytest.approx(0.5 + 2 * ((n + m + 1) / (12 * n * m)) ** 0.5)  # Mann-Whitney
+        assert r["epochs"] == 1 and r["best_auc"] < r["below"]
+    assert [v["epoch"] for v in curves["valid"]] == [1]  # the last attempt's own curve
+    assert storage.exists(storage.uri("train", "projector.safetensors"))

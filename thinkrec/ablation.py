@@ -37,7 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # is its only CF learning, and it was still rising after two epochs: three took seed 0 from -0.0106
     # to +0.0012 AUC against MF on the same upstream outputs, and seed 1 to -0.0009
     # (bench/results/collm-projector-epochs-cpu.md). One run in six of this setting did not learn at
-    # all (bench/results/collm-cf-scale-cpu.md).
+    # all (bench/results/collm-cf-scale-cpu.md); stage 2 now starts over when that happens
+    # (train.projector_restarts, bench/results/collm-restart-cpu.md).
     "collm": {
         "model.cf_tokens": True,
         "model.cf_history": False,

@@ -409,6 +409,13 @@ class TrainConfig:
     epochs: int = Field(1, ge=1)
     """Epochs for stage 1 (global LoRA)."""
     projector_epochs: int = Field(1, ge=1)
+    projector_restarts: int = Field(1, ge=0)
+    """Stage 2 starts over, from a new projector initialisation and sample order, when none of its
+    epochs' validation AUC is above chance (0.5 plus two standard deviations of the AUC of random
+    scores on the same validation rows); at most this many times. Whether stage 2 picks the CF
+    tokens up can hang on rounding: one CoLLM-style run in six on ML-100K never did, and reruns of it
+    did (bench/results/collm-restart-cpu.md). A run that learns never restarts. Needs validation rows
+    (``max_valid_samples``)."""
     expert_epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     """Per-worker micro-batch."""

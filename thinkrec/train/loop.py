@@ -92,7 +92,8 @@ def build_model(cfg: C.Config, spec: dict[str, Any], yes_id: int) -> ThinkRecLM:
 
     storage = Storage.from_config(cfg)
     phase = spec["phase"]
-    torch.manual_seed(cfg.seed)  # same LoRA/projector init on every rank and every restart
+    # Same LoRA/projector init on every rank and every resume; a stage-2 restart brings its own seed.
+    torch.manual_seed(int(spec.get("seed", cfg.seed)))
     base = load_model(_base_model(cfg, spec["base_model"]), cfg.model.dtype, cfg.model.trust_remote_code)
     if phase == "global":
         t = cfg.train
@@ -236,8 +237,20 @@ def _validate(model: Any, rows: list[dict[str, Any]], pad_id: int, bs: int) -> t
     y = np.array([x for p in parts for x in p[1]])
     s = np.array([x for p in parts for x in p[2]])
     if len(u) == 0:
-        return float("nan"), float("nan")
-    return auc_uauc(u, y, s)
+        return float("nan"), float("nan"), (0, 0)
+    return (*auc_uauc(u, y, s), (int(y.sum()), int(len(y) - y.sum())))
+
+
+def chance_band(n_pos: int, n_neg: int) -> float:
+    """0.5 plus two standard deviations of the AUC of scores that ignore the labels, on ``n_pos``
+    positive and ``n_neg`` negative rows: the Mann-Whitney U statistic's variance under the null
+    hypothesis, (n_pos + n_neg + 1) / (12 n_pos n_neg), in AUC units (no ties)."""
+    return 0.5 + 2 * math.sqrt((n_pos + n_neg + 1) / (12 * n_pos * n_neg))
+
+
+def stalled(auc: float, n_pos: int, n_neg: int) -> bool:
+    """A validation AUC no better than chance (``chance_band``); False when it is undefined."""
+    return n_pos > 0 and n_neg > 0 and not math.isnan(auc) and auc < chance_band(n_pos, n_neg)
 
 
 def _save_rng() -> dict[str, torch.Tensor]:
@@ -277,13 +290,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid_all = shard_rows(ray.train.get_dataset_shard("valid")) if any(s["has_valid"] for s in specs) else []
     ckpt = ray.train.get_checkpoint()
     ckpt_dir: str | None = None
-    ckpt_phase = None
+    ckpt_phase, ckpt_attempt = None, 0
     if ckpt is not None:
         # A private local copy per worker (the storage may be remote, and ranks on one node must
         # not share a copy that the first to finish removes).
         ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix=f"thinkrec-restore-{rank}-"))
         with open(os.path.join(ckpt_dir, "state.json")) as f:
-            ckpt_phase = json.load(f).get("name")
+            saved = json.load(f)
+        ckpt_phase, ckpt_attempt = saved.get("name"), int(saved.get("attempt", 0))
     try:
         for spec in specs:
             if phase_result(storage, spec) is not None:
@@ -292,7 +306,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rows = _equal_shards([r for r in train_all if r["phase"] == spec["name"]], spec["name"])
             valid = [r for r in valid_all if r["phase"] == spec["name"]]
             restore = ckpt_dir if ckpt_phase == spec["name"] else None
-            _train_phase(cfg, spec, rows, valid, restore, rank, world, device, storage)
+            attempt, restarts = (ckpt_attempt if restore else 0), []
+            while True:
+                stall = _train_phase(
+                    cfg, spec, rows, valid, restore, rank, world, device, storage, attempt, restarts
+                )
+                if stall is None:
+                    break
+                # Stage 2 stalled: start over (train.projector_restarts).
+                attempt, restore, restarts = attempt + 1, None, [*restarts, stall]
+                gc.collect()
             gc.collect()  # the phase's model, optimizer and DDP/DeepSpeed engine
             dist = _dist()
             if dist is not None:
@@ -323,9 +346,17 @@ def _train_phase(
     world: int,
     device: torch.device,
     storage: Storage,
-) -> None:
+    attempt: int = 0,
+    restarts: list[dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
     """One phase: build its model, restore from ``ckpt_dir`` when the checkpoint is this phase's,
-    train with checkpoints, and publish the best (or last) weights under ``spec["out"]``."""
+    train with checkpoints, and publish the best (or last) weights under ``spec["out"]``.
+
+    Returns the stalled attempt's record, having published nothing, when a stage-2 ``attempt``
+    stalled: no epoch's validation AUC was above chance (``stalled``), and
+    ``train.projector_restarts`` allows another attempt, which the caller starts from a fresh model
+    with its own seed (``restarts``: the records before it, kept in the curves). A checkpoint carries
+    its attempt, so a resumed phase goes on with the attempt it was in."""
     import ray.train
 
     t = cfg.train
@@ -342,6 +373,8 @@ def _train_phase(
     epochs = int(spec["epochs"])
     total_steps = steps_per_epoch * epochs
     warmup = min(t.warmup_steps, max(0, total_steps - 1))
+    seed = cfg.seed if attempt == 0 else hash_seed(cfg.seed, "restart", attempt) % 2**31
+    spec = {**spec, "seed": seed}
 
     model = build_model(cfg, spec, yes_id)
     names = _export_names(model)
@@ -357,6 +390,8 @@ def _train_phase(
         "valid": [],
         "best_score": None,
         "bad_epochs": 0,
+        "attempt": attempt,
+        "restarts": list(restarts or []),
     }
     best: dict[str, torch.Tensor] | None = None
     if ckpt_dir is not None:
@@ -416,15 +451,16 @@ def _train_phase(
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d) if has_files else None)
 
     resumed = ckpt_dir is not None
+    counts = (0, 0)  # the validation rows' positives and negatives, once validated
     n_tokens = n_samples = 0
     t_start = time.perf_counter()
     engine.train()
     for epoch in range(state["epoch"], epochs):
-        batches = _batches(rows, bs, n_micro, cfg.seed, epoch, data_key)
+        batches = _batches(rows, bs, n_micro, seed, epoch, data_key)
         acc_loss, acc_n = 0.0, 0
         for m in range(state["micro"], n_micro):
             # Dropout and any other randomness: a function of where we are, not of history.
-            torch.manual_seed(hash_seed(cfg.seed, phase, epoch, m, data_key))
+            torch.manual_seed(hash_seed(seed, phase, epoch, m, data_key))
             batch: TrainBatch = make_batch(
                 batches[m],
                 pad_id,
@@ -474,7 +510,7 @@ def _train_phase(
         state["epoch"], state["micro"] = epoch + 1, 0
         metrics: dict[str, Any] = {"phase": name, "step": state["step"], "epoch": epoch + 1}
         if valid:
-            auc, uauc = _validate(engine, valid, pad_id, max(bs, 16))
+            auc, uauc, counts = _validate(engine, valid, pad_id, max(bs, 16))  # counts: (pos, neg)
             score = selection_score(auc, uauc, t.selection)
             state["valid"].append(
                 {"epoch": epoch + 1, "step": state["step"], "auc": auc, "uauc": uauc, "score": score}
@@ -490,6 +526,26 @@ def _train_phase(
             break
         checkpoint(metrics)
 
+    aucs = [v["auc"] for v in state["valid"]]
+    if (
+        phase == "projector"
+        and attempt < t.projector_restarts
+        and aucs
+        and all(stalled(a, *counts) for a in aucs)
+    ):
+        log.warning(
+            "train %s: no epoch's validation AUC is above chance (best %.4f, chance band below %.4f on %d"
+            " positive and %d negative rows); restart %d of %d from a new projector initialisation",
+            name, max(aucs), chance_band(*counts), *counts, attempt + 1, t.projector_restarts,
+        )  # fmt: skip
+        return {
+            "attempt": attempt,
+            "epochs": len(aucs),
+            "best_auc": max(aucs),
+            "below": chance_band(*counts),
+            "positives": counts[0],
+            "negatives": counts[1],
+        }
     seconds = time.perf_counter() - t_start
     # Throughput of this attempt (all ranks), for the training benchmark.
     state["throughput"] = {
@@ -542,7 +598,7 @@ def _publish(
 ) -> None:
     """The phase's result under ``spec["out"]``: the peft adapter directory, the projector, the
     curves; then the marker ``<out>.json`` (meta and curves) that says the phase is finished."""
-    curves = {k: state.get(k) for k in ("loss", "valid", "resumed_at", "throughput")}
+    curves = {k: state.get(k) for k in ("loss", "valid", "resumed_at", "throughput", "restarts")}
     with tempfile.TemporaryDirectory(prefix="thinkrec-final-") as d:
         # From the gathered copies: under ZeRO-3 the module's own parameters are partitions.
         llm_state = {n[len("llm.") :]: v for n, v in final_state.items() if n.startswith("llm.")}
