@@ -179,7 +179,12 @@ def test_seeds_give_mean_and_spread_and_the_ordering(tmp_path):
     assert "| item_rate | 0.6900 ± 0.0000 | 0.6900 ± 0.0000 |" in text
     assert "Strongest baseline by AUC: item_rate" in text and "- thinkrec: AUC margin to it +0.0400" in text
     # thinkrec 0.73 over tallrec 0.70: the ordering of these two holds; swapped, it does not.
-    assert "(thinkrec > tallrec): holds" in text
+    assert "(thinkrec > tallrec): holds" in text and "started over" not in text
+    # A seed whose stage 2 stalled and started over is named under the table.
+    rows["thinkrec"]["seeds"]["4"]["curves"] = {"global": {"loss": [1.0]}, "projector": {"restarts": [{}]}}
+    assert "started over (train.projector_restarts) in: thinkrec seed 4 (projector 1x)." in ablation.table(
+        cfg, rows, [3, 4]
+    )
     rows["tallrec"]["spread"]["thinkrec"]["auc"]["mean"] = 0.75
     assert "does not hold here. Measured (mean AUC): tallrec 0.7500 > thinkrec 0.7300" in ablation.table(
         cfg, rows, [3, 4]

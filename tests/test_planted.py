@@ -150,3 +150,36 @@ def test_stalled_stage2_starts_over(ray_local, tiny_qwen, tmp_path):
         assert r["epochs"] == 1 and r["best_auc"] < r["below"]
     assert [v["epoch"] for v in curves["valid"]] == [1]  # the last attempt's own curve
     assert storage.exists(storage.uri("train", "projector.safetensors"))
+
+
+@pytest.mark.chaos
+def test_stalled_stage2_restart_resumes_in_its_attempt(ray_local, tiny_qwen, tmp_path):
+    """A worker of the restarted stage 2 (attempt 1) dies mid-epoch: Ray Train restores the last
+    checkpoint, which carries the attempt, so the phase goes on with attempt 1 (not attempt 0 again)
+    and publishes the same projector as an uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    stall = {"train.projector_epochs": 1, "train.projector_restarts": 1, "train.max_valid_samples": 64}
+    stall["train.checkpoint_every"] = 10  # 52 steps per epoch: checkpoints at 10, 20, ...
+    runs = {}
+    for name, faults in (("clean", {}), ("killed", {"train.fail_at_step": 25, "train.max_failures": 1})):
+        root = tmp_path / name
+        build(str(root), "noise", seed=SEED)
+        faults = {**faults, "train.fail_in_phase": "projector", "train.fail_at_attempt": 1}
+        cfg = _config(root, tiny_qwen, "collm", **stall, **faults)
+        train_stage.run(cfg)
+        storage = Storage.from_config(cfg)
+        runs[name] = (
+            storage.read_json(storage.uri("train", train_stage.CURVES))["projector"],
+            load_file(str(root / "train" / "projector.safetensors")),
+        )
+    (clean, ref), (killed, got) = runs["clean"], runs["killed"]
+    assert [r["attempt"] for r in killed["restarts"]] == [0] == [r["attempt"] for r in clean["restarts"]]
+    assert clean.get("resumed_at") in (None, [])
+    # Resumed from the last checkpoint registered before the worker died, within attempt 1.
+    assert len(killed["resumed_at"]) == 1 and killed["resumed_at"][0] in (10, 20)
+    assert len(killed["loss"]) == len(clean["loss"])  # attempt 1's steps only, each once
+    assert set(got) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0)

@@ -218,6 +218,22 @@ def table(cfg: Config, rows: dict[str, Any], seeds: list[int | None]) -> str:
             f"The paper's ordering by AUC ({' > '.join(order)}): {'holds' if holds else 'does not hold'}"
             f" here. Measured (mean AUC): {measured}.",
         ]
+
+    def stalled_phases(curves: dict[str, Any]) -> str:
+        return ", ".join(f"{ph} {len(c['restarts'])}x" for ph, c in curves.items() if c.get("restarts"))
+
+    restarted = [
+        f"{name} seed {seed} ({stalled_phases(run['curves'])})"
+        for name, r in rows.items()
+        for seed, run in r["seeds"].items()
+        if stalled_phases(run.get("curves", {}))
+    ]
+    if restarted:
+        lines += [
+            "",
+            f"Stage 2 stalled and started over (train.projector_restarts) in: {'; '.join(restarted)}."
+            " The stalled attempts are in each run's train/curves.json.",
+        ]
     return "\n".join(lines) + "\n"
 
 

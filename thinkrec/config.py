@@ -445,8 +445,12 @@ class TrainConfig:
     max_failures: int = Field(2, ge=0)
     """Worker-group restarts from the last checkpoint before a training phase fails."""
     fail_at_step: int | None = Field(None, ge=1)
-    """Chaos-test hook: in the global phase, the last worker exits its process once at this
-    optimizer step (never after a resume). Leave unset outside fault-tolerance tests."""
+    """Chaos-test hook: in phase ``fail_in_phase`` (attempt ``fail_at_attempt``), the last worker
+    exits its process once at this optimizer step (never after a resume). Leave unset outside
+    fault-tolerance tests."""
+    fail_in_phase: Literal["global", "projector", "expert"] = "global"
+    fail_at_attempt: int = Field(0, ge=0)
+    """Chaos-test hooks: the phase and the attempt (``projector_restarts``) ``fail_at_step`` fires in."""
 
 
 @dataclass(config=_STRICT)

@@ -494,7 +494,8 @@ def _train_phase(
             acc_loss, acc_n = 0.0, 0
             if (
                 t.fail_at_step is not None
-                and phase == "global"
+                and phase == t.fail_in_phase
+                and attempt == t.fail_at_attempt
                 and not resumed
                 and state["step"] == t.fail_at_step
                 and rank == min(1, world - 1)

@@ -63,6 +63,8 @@ PHASES_DIR = "_phases"
 # Fields that steer fault tolerance only; they never change what is trained.
 _NOT_FINGERPRINTED = (
     "fail_at_step",
+    "fail_in_phase",
+    "fail_at_attempt",
     "max_failures",
     "num_workers",
     "use_gpu",
