@@ -133,6 +133,14 @@ def describe_teacher(cfg: Any, traces: pd.DataFrame | None) -> dict[str, Any]:
     }
 
 
+def restarts(curves: Any) -> dict[str, list[dict[str, Any]]]:
+    """The train stage's curves document -> {phase: its stalled attempts' records}, for the phases
+    that started over (``train.projector_restarts``); empty when none did."""
+    if not isinstance(curves, dict):
+        return {}
+    return {k: v["restarts"] for k, v in curves.items() if isinstance(v, dict) and v.get("restarts")}
+
+
 def _series(curves: Any, prefix: str = "") -> dict[str, tuple[list[float], list[float]]]:
     """Numeric series in a curves document, by dotted name: a list of numbers is plotted against its
     index, a list of records against their ``step`` (or ``epoch``, else index)."""

@@ -463,10 +463,7 @@ def run(cfg: Any) -> dict[str, Any]:
     curves = storage.read_json(storage.uri(CURVES)) if storage.exists(storage.uri(CURVES)) else None
     series = D._series(curves) if curves is not None else {}
     doc["training_curves"] = sorted(series) or None
-    restarts = {
-        k: v["restarts"] for k, v in (curves or {}).items() if isinstance(v, dict) and v.get("restarts")
-    }
-    doc["training_restarts"] = restarts or None
+    doc["training_restarts"] = D.restarts(curves) or None
     if series:
         pngs["curves.png"] = P.curves(series)
     doc["explanations"] = explanations(cfg, storage, mem)

@@ -219,8 +219,10 @@ def table(cfg: Config, rows: dict[str, Any], seeds: list[int | None]) -> str:
             f" here. Measured (mean AUC): {measured}.",
         ]
 
+    from eval.describe import restarts
+
     def stalled_phases(curves: dict[str, Any]) -> str:
-        return ", ".join(f"{ph} {len(c['restarts'])}x" for ph, c in curves.items() if c.get("restarts"))
+        return ", ".join(f"{ph} {len(r)}x" for ph, r in restarts(curves).items())
 
     restarted = [
         f"{name} seed {seed} ({stalled_phases(run['curves'])})"

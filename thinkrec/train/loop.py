@@ -311,10 +311,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stall = _train_phase(
                     cfg, spec, rows, valid, restore, rank, world, device, storage, attempt, restarts
                 )
-                if stall is None:
+                if not stall:
                     break
-                # Stage 2 stalled: start over (train.projector_restarts).
-                attempt, restore, restarts = attempt + 1, None, [*restarts, stall]
+                # Stage 2 stalled: start over (train.projector_restarts) with every stalled record so far.
+                attempt, restore, restarts = attempt + 1, None, stall
                 gc.collect()
             gc.collect()  # the phase's model, optimizer and DDP/DeepSpeed engine
             dist = _dist()
@@ -348,15 +348,15 @@ def _train_phase(
     storage: Storage,
     attempt: int = 0,
     restarts: list[dict[str, Any]] | None = None,
-) -> dict[str, Any] | None:
+) -> list[dict[str, Any]] | None:
     """One phase: build its model, restore from ``ckpt_dir`` when the checkpoint is this phase's,
     train with checkpoints, and publish the best (or last) weights under ``spec["out"]``.
 
-    Returns the stalled attempt's record, having published nothing, when a stage-2 ``attempt``
-    stalled: no epoch's validation AUC was above chance (``stalled``), and
+    Returns the stalled attempts' records, this one's last, having published nothing, when a stage-2
+    ``attempt`` stalled: no epoch's validation AUC was above chance (``stalled``), and
     ``train.projector_restarts`` allows another attempt, which the caller starts from a fresh model
     with its own seed (``restarts``: the records before it, kept in the curves). A checkpoint carries
-    its attempt, so a resumed phase goes on with the attempt it was in."""
+    its attempt and the records before it, so a resumed phase goes on with the attempt it was in."""
     import ray.train
 
     t = cfg.train
@@ -534,19 +534,22 @@ def _train_phase(
         and aucs
         and all(stalled(a, *counts) for a in aucs)
     ):
+        band = chance_band(*counts)
         log.warning(
             "train %s: no epoch's validation AUC is above chance (best %.4f, chance band below %.4f on %d"
             " positive and %d negative rows); restart %d of %d from a new projector initialisation",
-            name, max(aucs), chance_band(*counts), *counts, attempt + 1, t.projector_restarts,
+            name, max(aucs), band, *counts, attempt + 1, t.projector_restarts,
         )  # fmt: skip
-        return {
+        record = {
             "attempt": attempt,
             "epochs": len(aucs),
             "best_auc": max(aucs),
-            "below": chance_band(*counts),
+            "below": band,
             "positives": counts[0],
             "negatives": counts[1],
+            "resumed_at": state.get("resumed_at"),
         }
+        return [*state["restarts"], record]  # from the checkpoint too, after a resume
     seconds = time.perf_counter() - t_start
     # Throughput of this attempt (all ranks), for the training benchmark.
     state["throughput"] = {
