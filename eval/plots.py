@@ -136,11 +136,30 @@ def hist(values: np.ndarray, title: str, xlabel: str) -> bytes:
     return _save(fig)
 
 
+CURVE_PANELS = {"loss": "train loss", "valid": "validation", "grad_norm": "gradient norm (before clipping)"}
+
+
+def curve_panels(names: Iterable[str]) -> dict[str, list[str]]:
+    """The training curves' series by panel (``CURVE_PANELS``, in that order; empty ones left out): a
+    series' last name part says its kind, ``loss`` or ``grad_norm``, anything else is validation."""
+    out: dict[str, list[str]] = {k: [] for k in CURVE_PANELS}
+    for name in names:
+        last = name.rsplit(".", 1)[-1]
+        out[last if last in ("loss", "grad_norm") else "valid"].append(name)
+    return {k: v for k, v in out.items() if v}
+
+
 def curves(series: dict[str, tuple[list[float], list[float]]]) -> bytes:
+    """One panel per kind on a shared step axis. Gradient norms on a log scale: a spike is hundreds
+    of times the median, and on the losses' axis it would flatten every other curve."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
-    ax.set(title="training curves", xlabel="step")
-    ax.legend(fontsize=7)
+    panels = curve_panels(series)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True, squeeze=False)
+    for ax, (kind, names) in zip(axes[:, 0], panels.items(), strict=True):
+        for name in names:
+            xs, ys = series[name]
+            ax.plot(xs, ys, label=name, marker="." if len(xs) < 30 else None)
+        ax.set(title=CURVE_PANELS[kind], yscale="log" if kind == "grad_norm" else "linear")
+        ax.legend(fontsize=7)
+    axes[-1, 0].set(xlabel="step")
     return _save(fig)

@@ -560,3 +560,18 @@ def test_histogram_curves_equal_sklearn_at_their_thresholds():
     pr, rc, _ = precision_recall_curve(y, s, drop_intermediate=False)
     np.testing.assert_allclose(prec[1:], pr[:-1][::-1], atol=1e-12)  # sklearn: low thresholds first
     np.testing.assert_allclose(tpr[1:], rc[:-1][::-1], atol=1e-12)
+
+
+def test_training_curves_split_into_panels_by_kind():
+    """Losses, validation metrics and gradient norms each get their own panel (a gradient spike of
+    hundreds would flatten the losses and AUCs on one axis); empty panels are left out."""
+    from eval.plots import curve_panels, curves
+
+    names = ["global.loss", "global.grad_norm", "global.valid.auc", "projector.valid.uauc", "projector.loss"]
+    assert curve_panels(names) == {
+        "loss": ["global.loss", "projector.loss"],
+        "valid": ["global.valid.auc", "projector.valid.uauc"],
+        "grad_norm": ["global.grad_norm"],
+    }
+    assert list(curve_panels(["global.loss", "global.valid.auc"])) == ["loss", "valid"]
+    assert curves({n: ([0.0, 1.0], [1.0, 2.0]) for n in names}).startswith(b"\x89PNG")

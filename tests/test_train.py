@@ -458,6 +458,31 @@ def test_phases_share_one_run_and_a_rerun_skips_published_phases(ray_local, tmp_
     assert os.stat(g_file).st_mtime_ns != g_before
 
 
+def test_grad_norm_recorded_and_clipped(ray_local, tmp_path):
+    """Every optimizer step's pre-clip gradient norm is in the curves (``grad_norm``). A clip above
+    every norm of a run changes nothing (the same weights to the bit, so turning it on keeps the
+    trajectory of a run it never fires in); one below every norm keeps the first step's gradient
+    and changes the trained weights."""
+    from thinkrec.train.stage import fit_phases
+
+    def train(name, clip):
+        cfg = train_config(str(tmp_path / name), **{"train.max_grad_norm": clip})
+        (phase, _) = two_phases(cfg)
+        curves = fit_phases(cfg, [phase], name)["global"]
+        return curves, load_file(os.path.join(phase.spec["out"], "adapter", "adapter_model.safetensors"))
+
+    free, w_free = train("free", None)
+    norms = free["grad_norm"]
+    assert len(norms) == len(free["loss"]) > 1
+    assert all(math.isfinite(n) and n > 0 for n in norms)
+    high, w_high = train("high", 10 * max(norms))
+    assert high["grad_norm"] == norms
+    assert all(torch.equal(w_high[k], w_free[k]) for k in w_free)
+    low, w_low = train("low", min(norms) / 4)
+    assert low["grad_norm"][0] == norms[0]  # the same first gradient, before its clip
+    assert any(not torch.allclose(w_low[k], w_free[k], atol=1e-6) for k in w_free)
+
+
 # -- the stage end to end -------------------------------------------------------------------------------
 def _files(root: str) -> set[str]:
     return {os.path.relpath(os.path.join(dp, f), root) for dp, _, fs in os.walk(root) for f in fs}
@@ -681,11 +706,18 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
     assert prefix_summary(collate([p0], pad_id=0), cf, CFProjector(2, 8, history=True)) is None
 
 
-@pytest.mark.parametrize("key", ["cf_history_item", "cf_scale"])
-def test_late_model_keys_enter_the_train_fingerprint_only_when_on(prepared, monkeypatch, key):
-    """``model.cf_history_item`` and ``model.cf_scale`` off (the defaults) leave the train stage's
-    hashed config as it was before the keys existed, so models trained before them are not
-    retrained; on, each is hashed."""
+@pytest.mark.parametrize(
+    ("key", "off", "on"),
+    [
+        ("model.cf_history_item", False, True),
+        ("model.cf_scale", False, True),
+        ("train.max_grad_norm", None, 1.0),
+    ],
+)
+def test_late_keys_enter_the_train_fingerprint_only_when_on(prepared, monkeypatch, key, off, on):
+    """``model.cf_history_item``, ``model.cf_scale`` and ``train.max_grad_norm`` off (the defaults)
+    leave the train stage's hashed config as it was before the keys existed, so models trained
+    before them are not retrained; on, each is hashed."""
     from thinkrec.train import stage as train_stage
 
     storage = Storage.from_config(prepared)
@@ -693,8 +725,10 @@ def test_late_model_keys_enter_the_train_fingerprint_only_when_on(prepared, monk
     real = train_stage.fingerprint
     monkeypatch.setattr(train_stage, "fingerprint", lambda s, *a: seen.append(s) or real(s, *a))
     base = {"model.cf_tokens": False, "train.experts": False}  # no CF model among this root's inputs
-    off = train_stage.stage_meta(prepared.replace(**base, **{f"model.{key}": False}), storage)
-    on = train_stage.stage_meta(prepared.replace(**base, **{f"model.{key}": True}), storage)
-    assert key not in seen[0]["model"] and seen[1]["model"][key] is True
-    assert {k: v for k, v in seen[1]["model"].items() if k != key} == seen[0]["model"]
-    assert off["config_hash"] != on["config_hash"] and off["input_hash"] == on["input_hash"]
+    section, name = key.split(".")
+    off_meta = train_stage.stage_meta(prepared.replace(**base, **{key: off}), storage)
+    on_meta = train_stage.stage_meta(prepared.replace(**base, **{key: on}), storage)
+    assert name not in seen[0][section] and seen[1][section][name] == on
+    assert {k: v for k, v in seen[1][section].items() if k != name} == seen[0][section]
+    assert off_meta["config_hash"] != on_meta["config_hash"]
+    assert off_meta["input_hash"] == on_meta["input_hash"]

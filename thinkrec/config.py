@@ -416,6 +416,10 @@ class TrainConfig:
     tokens up can hang on rounding: one CoLLM-style run in six on ML-100K never did, and reruns of it
     did (bench/results/collm-restart-cpu.md). A run that learns never restarts. Needs validation rows
     (``max_valid_samples``)."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Clip the trainable parameters' gradient to this total L2 norm before each optimizer step
+    (``torch.nn.utils.clip_grad_norm_``; DeepSpeed's ``gradient_clipping``). None: no clipping. The
+    pre-clip norm of every step is recorded in the curves (``grad_norm``) either way."""
     expert_epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     """Per-worker micro-batch."""

@@ -387,6 +387,7 @@ def _train_phase(
         "epoch": 0,
         "micro": 0,
         "loss": [],
+        "grad_norm": [],
         "valid": [],
         "best_score": None,
         "bad_epochs": 0,
@@ -422,6 +423,7 @@ def _train_phase(
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             engine = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    flat = [p for n, p in model.named_parameters() if p.requires_grad]  # what the clip measures
     inner_opt = optimizer.optimizer if use_ds and hasattr(optimizer, "optimizer") else optimizer
     if ckpt_dir is not None:
         opt_file = os.path.join(ckpt_dir, f"optimizer-rank{rank}.pt" if use_ds else "optimizer.pt")
@@ -468,10 +470,13 @@ def _train_phase(
                 rec_weight_label=t.rec_weight_label,
             )
             boundary = (m + 1) % grad_accum == 0
+            grad_norm = None
             if use_ds:
                 loss, _ = loss_fn(engine, batch)
                 engine.backward(loss)
                 engine.step()
+                if boundary:
+                    grad_norm = engine.get_global_grad_norm()
             else:
                 sync = boundary or world == 1
                 ctx_mgr = engine.no_sync() if (not sync and hasattr(engine, "no_sync")) else _null()
@@ -479,6 +484,8 @@ def _train_phase(
                     loss, _ = loss_fn(engine, batch)
                     (loss / grad_accum).backward()
                 if boundary:
+                    # After the DDP all-reduce: every rank sees (and clips) the same gradient.
+                    grad_norm = torch.nn.utils.clip_grad_norm_(flat, t.max_grad_norm or math.inf)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -491,6 +498,8 @@ def _train_phase(
             state["step"] += 1
             state["micro"] = m + 1
             state["loss"].append(_all_mean(acc_loss / acc_n))
+            if grad_norm is not None:
+                state.setdefault("grad_norm", []).append(float(grad_norm))  # absent: older checkpoints
             acc_loss, acc_n = 0.0, 0
             if (
                 t.fail_at_step is not None
@@ -602,7 +611,7 @@ def _publish(
 ) -> None:
     """The phase's result under ``spec["out"]``: the peft adapter directory, the projector, the
     curves; then the marker ``<out>.json`` (meta and curves) that says the phase is finished."""
-    curves = {k: state.get(k) for k in ("loss", "valid", "resumed_at", "throughput", "restarts")}
+    curves = {k: state.get(k) for k in ("loss", "grad_norm", "valid", "resumed_at", "throughput", "restarts")}
     with tempfile.TemporaryDirectory(prefix="thinkrec-final-") as d:
         # From the gathered copies: under ZeRO-3 the module's own parameters are partitions.
         llm_state = {n[len("llm.") :]: v for n, v in final_state.items() if n.startswith("llm.")}
@@ -648,6 +657,7 @@ def _deepspeed(
     ds_config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": bs,
         "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": t.max_grad_norm or 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": gpu},
         "optimizer": {

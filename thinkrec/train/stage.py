@@ -74,14 +74,16 @@ _NOT_FINGERPRINTED = (
 )
 
 
-_HASHED_WHEN_ON = ("cf_history_item", "cf_scale")
-"""Model keys added after models were trained: hashed only when on, so those models keep their
-fingerprint."""
+_HASHED_WHEN_ON = ("cf_history_item", "cf_scale", "max_grad_norm")
+"""Model and train keys added after models were trained: hashed only when on, so those models keep
+their fingerprint."""
 
 
 def stage_meta(cfg: Config, storage: Storage) -> dict[str, str]:
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in _NOT_FINGERPRINTED}
+    train = {
+        k: v for k, v in d["train"].items() if k not in _NOT_FINGERPRINTED and (k not in _HASHED_WHEN_ON or v)
+    }
     model = {k: v for k, v in d["model"].items() if k not in _HASHED_WHEN_ON or v}
     sections = {
         "model": model,
