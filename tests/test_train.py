@@ -355,8 +355,8 @@ def _lora_b_nonzero(adapter_dir: str) -> bool:
     [pytest.param(2, False, id="zero2"), pytest.param(3, True, id="zero3-offload", marks=pytest.mark.slow)],
 )
 def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
-    """DeepSpeed (fp32, torch AdamW, gloo) runs the global phase on 2 CPU workers: ZeRO-2, and ZeRO-3
-    with the optimizer offloaded to CPU."""
+    """DeepSpeed (fp32, torch AdamW, gloo, gradient clipping) runs the global phase on 2 CPU workers:
+    ZeRO-2, and ZeRO-3 with the optimizer offloaded to CPU."""
     from thinkrec.model.base import load_tokenizer
     from thinkrec.train.bench import synthetic_samples
     from thinkrec.train.stage import ensure_base_model, fit_phase
@@ -368,6 +368,7 @@ def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
             "train.zero_stage": zero_stage,
             "train.offload": offload,
             "train.grad_accum": 2,
+            "train.max_grad_norm": 1.0,  # DeepSpeed's gradient_clipping
         },
     )
     base = ensure_base_model(cfg)
@@ -387,6 +388,7 @@ def test_deepspeed_two_cpu_workers(ray_local, tmp_path, zero_stage, offload):
     assert json.loads(Path(os.path.join(d, "curves.json")).read_text()) == curves
     # 16 rows / 2 workers / batch 4 = 2 micro-batches per worker = 1 optimizer step (grad_accum 2).
     assert len(curves["loss"]) == 1 and math.isfinite(curves["loss"][0])
+    assert len(curves["grad_norm"]) == 1 and curves["grad_norm"][0] > 0  # the engine's, before its clip
     assert len(curves["valid"]) == 1
     assert _lora_b_nonzero(os.path.join(d, "adapter"))
 
