@@ -11,7 +11,9 @@ with three: 0.6997 against 0.7017 (passed, 18.5 minutes). One run in six of that
 learn (AUC 0.5489 against 0.6990; bench/results/collm-cf-scale-cpu.md); stage 2 now starts over
 when no epoch's validation AUC is above chance (train.projector_restarts), so such a run takes one
 more stage 2 instead of failing (bench/results/collm-restart-cpu.md: a replayed stall of a
-non-shipped setting went from -0.0860 to -0.0059 against MF)."""
+non-shipped setting went from -0.0860 to -0.0059 against MF). From the stalled run's upstream
+outputs, the rule's attempts 1 and 2 ended -0.1193 and -0.0141 (bench/results/collm-grad-norm-cpu.md),
+so on that draw of the upstream stages this test would fail."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # to +0.0012 AUC against MF on the same upstream outputs, and seed 1 to -0.0009
     # (bench/results/collm-projector-epochs-cpu.md). One run in six of this setting did not learn at
     # all (bench/results/collm-cf-scale-cpu.md); stage 2 now starts over when that happens
-    # (train.projector_restarts, bench/results/collm-restart-cpu.md).
+    # (train.projector_restarts, bench/results/collm-restart-cpu.md), though from that run's upstream
+    # outputs the restarts' own draws fell short too (bench/results/collm-grad-norm-cpu.md).
     "collm": {
         "model.cf_tokens": True,
         "model.cf_history": False,

@@ -415,11 +415,14 @@ class TrainConfig:
     scores on the same validation rows); at most this many times. Whether stage 2 picks the CF
     tokens up can hang on rounding: one CoLLM-style run in six on ML-100K never did, and reruns of it
     did (bench/results/collm-restart-cpu.md). A run that learns never restarts. Needs validation rows
-    (``max_valid_samples``)."""
+    (``max_valid_samples``). One restart is not always enough: that run's attempts 1 and 2 did not
+    reach MF either (bench/results/collm-grad-norm-cpu.md)."""
     max_grad_norm: float | None = Field(None, gt=0)
     """Clip the trainable parameters' gradient to this total L2 norm before each optimizer step
     (``torch.nn.utils.clip_grad_norm_``; DeepSpeed's ``gradient_clipping``). None: no clipping. The
-    pre-clip norm of every step is recorded in the curves (``grad_norm``) either way."""
+    pre-clip norm of every step is recorded in the curves (``grad_norm``) either way. A clip above
+    every norm of a run changes nothing; two CoLLM-style stage-2 collapses on ML-100K each followed
+    one gradient spike (bench/results/collm-grad-norm-cpu.md)."""
     expert_epochs: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     """Per-worker micro-batch."""
