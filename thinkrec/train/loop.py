@@ -407,7 +407,8 @@ def _train_phase(
 
     model.to(device)
     lr = float(spec["lr"])
-    params: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    flat = [p for p in model.parameters() if p.requires_grad]  # also what the clip measures
+    params: list[Any] = flat
     if spec.get("lora_lr") is not None:  # projector phase with the LoRA: one lr each
         lora = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")]
         proj = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")]
@@ -423,7 +424,6 @@ def _train_phase(
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             engine = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    flat = [p for n, p in model.named_parameters() if p.requires_grad]  # what the clip measures
     inner_opt = optimizer.optimizer if use_ds and hasattr(optimizer, "optimizer") else optimizer
     if ckpt_dir is not None:
         opt_file = os.path.join(ckpt_dir, f"optimizer-rank{rank}.pt" if use_ds else "optimizer.pt")
