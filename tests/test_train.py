@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -234,53 +232,6 @@ def test_mix_samples_ratio_and_determinism(n_label, n_reason, ratio, cap, want_r
     assert mixed == D.mix_samples(label, reason, ratio=ratio, cap=cap, seed=3)
     if want_total > 1:
         assert mixed != D.mix_samples(label, reason, ratio=ratio, cap=cap, seed=4)
-
-
-def _inputs_with_cold_users() -> D.Inputs:
-    """Users 1-4 have train rows; users 5 and 6 only valid/test rows (cold to the CF model)."""
-    rows = [(u, 1 + u % 3, "train") for u in (1, 2, 3, 4) for _ in range(3)]
-    rows += [(6, 2, "valid"), (5, 3, "valid"), (1, 2, "valid"), (5, 1, "test")]
-    table = pa.table(
-        {
-            S.USER_ID: pa.array([r[0] for r in rows], pa.int64()),
-            S.ITEM_ID: pa.array([r[1] for r in rows], pa.int64()),
-            S.SPLIT: pa.array([r[2] for r in rows]),
-        }
-    )
-    return D.Inputs(table, ITEMS, {})
-
-
-def test_cold_user_tokens_replace_the_user_slot_of_a_seeded_share(tiny_qwen, caplog):
-    inputs = _inputs_with_cold_users()
-    samples = [D.Sample(1 + k % 4, 1 + k % 3, k % 2, (1, 2), (1, 0)) for k in range(40)]
-    with caplog.at_level("INFO", logger="thinkrec.train.data"):
-        cold = D.cold_user_tokens(inputs, samples, share=0.25, seed=3)
-    assert "66.7% of the validation rows have a cold user" in caplog.text  # users 6 and 5 of 1, 5, 6
-    changed = [k for k, (a, b) in enumerate(zip(samples, cold, strict=True)) if a != b]
-    assert len(changed) == 10
-    # Only the CF token's id changes, to the smallest cold user: the row, its label and history stay.
-    assert all(cold[k] == dataclasses.replace(samples[k], cf_user=5) for k in changed)
-    assert cold == D.cold_user_tokens(inputs, samples, share=0.25, seed=3)
-    assert cold != D.cold_user_tokens(inputs, samples, share=0.25, seed=4)
-    assert D.cold_user_tokens(inputs, samples, share=0.0, seed=3) == samples
-
-    pb = PromptBuilder(_tokenizer(tiny_qwen), cf_tokens=True)
-    k = changed[0]
-    (own, dropped) = D.encode_rows(pb, [samples[k], cold[k]], ITEMS, history_len=10, max_answer_tokens=8)
-    assert dropped["prompt_ids"] == own["prompt_ids"] and dropped["user_id"] == own["user_id"]
-    user_slot = own["cf_kind"].index(CF_USER)
-    assert own["cf_id"][user_slot] == samples[k].user_id and dropped["cf_id"][user_slot] == 5
-    assert [i for j, i in enumerate(dropped["cf_id"]) if j != user_slot] == [
-        i for j, i in enumerate(own["cf_id"]) if j != user_slot
-    ]
-
-
-def test_cold_user_tokens_without_a_cold_user_change_nothing(caplog):
-    inputs = _inputs_with_cold_users()
-    warm = D.Inputs(inputs.interactions.filter(pc.less(inputs.interactions[S.USER_ID], 5)), ITEMS, {})
-    samples = [D.Sample(1, 2, 1, (), ())] * 4
-    assert D.cold_user_tokens(warm, samples, share=0.5, seed=0) == samples
-    assert "ignored: every user has train rows" in caplog.text
 
 
 # -- loss -------------------------------------------------------------------------------------------
@@ -763,7 +714,6 @@ def test_history_summary_on_the_item_slot_by_hand(tmp_path):
         ("model.cf_history_item", False, True),
         ("model.cf_scale", False, True),
         ("train.max_grad_norm", None, 1.0),
-        ("train.cf_user_dropout", 0.0, 0.5),
     ],
 )
 def test_late_keys_enter_the_train_fingerprint_only_when_on(prepared, monkeypatch, key, off, on):

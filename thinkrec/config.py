@@ -435,15 +435,6 @@ class TrainConfig:
     rec_weight_label: float = 0.9
     """L = w_rec * L_rec + (1 - w_rec) * L_think, w_rec by sample kind."""
     max_train_samples: int | None = Field(None, ge=1)
-    cf_user_dropout: float = Field(0.0, ge=0, lt=1)
-    """Share of the training samples whose user CF token reads a cold user's vector (that of a user
-    with no train rows, which the CF model leaves without a trained vector) instead of the user's
-    own. Every training row's user is warm and its CF vector in-sample, while on a time split most
-    valid and test rows have a cold user (ML-100K: 85% of them); without this the CF-token model never
-    sees one in training. As DropoutNet (Volkovs et al., 2017) drops preference inputs to teach a
-    model the cold start. The samples are drawn by ``seed`` and keep their cold token in every
-    epoch; validation rows are left as they are. Needs a user without train rows in the data. The
-    train stage logs the validation rows' cold share, the natural value."""
     expert_last_layers: int = Field(8, ge=1)
     """Experts train only the LoRA of the last N transformer layers."""
     n_groups: int | None = Field(None, ge=1, le=10)

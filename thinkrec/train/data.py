@@ -21,8 +21,6 @@ the mix is capped at ``train.max_train_samples`` and fully determined by ``seed`
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,8 +36,6 @@ from thinkrec.model.prompt import Encoded, ItemInfo, PromptBuilder
 
 KIND_LABEL = 0
 KIND_REASONING = 1
-
-log = logging.getLogger(__name__)
 
 INTERACTIONS = "prepare/interactions"
 ITEMS = "prepare/items"
@@ -69,7 +65,6 @@ class Sample:
     history_items: tuple[int, ...]
     history_labels: tuple[int, ...]
     reasoning: str | None = None
-    cf_user: int | None = None  # the id the user's CF token reads (train.cf_user_dropout); None: user_id
 
     @property
     def kind(self) -> int:
@@ -163,35 +158,6 @@ def train_samples(inputs: Inputs, cfg: Any) -> list[Sample]:
     )
 
 
-def cold_user_tokens(inputs: Inputs, samples: list[Sample], *, share: float, seed: int) -> list[Sample]:
-    """``train.cf_user_dropout``: ``share`` of the samples (drawn by ``seed``) get the user CF token of
-    a user with no train rows, whose CF vector is the cold one (thinkrec/cf/stage.py zeroes every
-    cold user's row alike). Logs the validation rows' cold share beside it. No cold user in the data:
-    the samples are returned unchanged, with a warning."""
-    import pyarrow.compute as pc
-
-    train_users = pc.unique(inputs.split("train").column(S.USER_ID)).to_numpy()
-    valid_users = inputs.split("valid").column(S.USER_ID).to_numpy()
-    if len(valid_users):
-        log.info(
-            "train: %.1f%% of the validation rows have a cold user (no train rows); cf_user_dropout %.2f",
-            100 * float(np.mean(~np.isin(valid_users, train_users))), share,
-        )  # fmt: skip
-    if not share:
-        return samples
-    users = pc.unique(inputs.interactions.column(S.USER_ID)).to_numpy()
-    cold = np.setdiff1d(users, train_users)
-    if not len(cold):
-        log.warning("train.cf_user_dropout %.2f ignored: every user has train rows", share)
-        return samples
-    rng = np.random.default_rng([seed, 13])
-    drop = rng.permutation(len(samples))[: int(round(share * len(samples)))]
-    out = list(samples)
-    for k in drop:
-        out[k] = dataclasses.replace(out[k], cf_user=int(cold.min()))
-    return out
-
-
 def valid_samples(inputs: Inputs, cfg: Any) -> list[Sample]:
     """Up to ``train.max_valid_samples`` validation rows (label samples), chosen by seed."""
     pool = _samples(inputs.split("valid"))
@@ -211,9 +177,8 @@ def encode(
     """(prompt, answer ids) for one sample, through the prompt builder only."""
     unknown = ItemInfo("unknown")
     hist = list(zip(sample.history_items, sample.history_labels, strict=True))[-history_len:]
-    cf_user = sample.user_id if sample.cf_user is None else sample.cf_user
     prefix = builder.encode_prefix(
-        cf_user, [(int(i), items.get(int(i), unknown), int(lab)) for i, lab in hist]
+        sample.user_id, [(int(i), items.get(int(i), unknown), int(lab)) for i, lab in hist]
     )
     cand = builder.encode_candidate(sample.item_id, items.get(sample.item_id, unknown))
     answer = builder.answer_ids(sample.label, sample.reasoning, max_answer_tokens)

@@ -74,7 +74,7 @@ _NOT_FINGERPRINTED = (
 )
 
 
-_HASHED_WHEN_ON = ("cf_history_item", "cf_scale", "max_grad_norm", "cf_user_dropout")
+_HASHED_WHEN_ON = ("cf_history_item", "cf_scale", "max_grad_norm")
 """Model and train keys added after models were trained: hashed only when on, so those models keep
 their fingerprint."""
 
@@ -241,8 +241,6 @@ def run(cfg: Config) -> dict[str, Any]:
     inputs = D.load_inputs(storage, with_traces=t.reasoning)
     samples = D.train_samples(inputs, cfg)
     vsamples = D.valid_samples(inputs, cfg)
-    if cfg.model.cf_tokens:
-        samples = D.cold_user_tokens(inputs, samples, share=t.cf_user_dropout, seed=cfg.seed)
 
     def builder(cf_tokens: bool) -> PromptBuilder:
         return PromptBuilder(
