@@ -34,10 +34,13 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --config configs/demo.yaml
 
+# Two pytest-xdist workers, each module whole on one of them, the longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(VENV)/bin/thinkrec bench scoring --json bench/results/scoring-cpu.json

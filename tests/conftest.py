@@ -13,30 +13,107 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("THINKREC_PROGRESS", "0")
 # Set before anything starts: every process the session starts (Ray's raylet and workers, servers,
 # subprocess jobs) inherits it, so pytest_sessionfinish finds what outlived the session.
+# Under pytest-xdist each worker is its own session with its own mark (set here, as the worker imports
+# this file), and reports what outlived it to the controller (pytest_testnodedown).
 SESSION_MARK = "THINKREC_TEST_SESSION"
 os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 from thinkrec import config as C  # noqa: E402
 from thinkrec.runtime import size_local_shuffles, start_local_ray  # noqa: E402
 
+_WORKER_SURVIVORS: list[str] = []  # on the xdist controller: what each worker's session left behind
+
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures and the local Ray are torn down
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No process the session started outlives it (the session fixtures are torn down by now, the
-    local Ray shut down): survivors are listed, killed, and fail the run."""
+    local Ray shut down): survivors are listed, killed, and fail the run. An xdist worker hands its
+    list to the controller, which fails the run; the controller's own children are the workers, which
+    xdist shuts down after this hook, so it checks nothing itself."""
     from tests.processes import describe, survivors
 
-    left = survivors(SESSION_MARK, os.environ[SESSION_MARK])
-    if not left:
+    config = session.config
+    if _is_xdist_controller(config):
+        text = "\n".join(_WORKER_SURVIVORS)
+    else:
+        left = survivors(SESSION_MARK, os.environ[SESSION_MARK])
+        text = describe(left) if left else ""
+        for p in left:
+            with contextlib.suppress(Exception):
+                p.kill()
+        if text and hasattr(config, "workerinput"):
+            config.workeroutput["survivors"] = text  # sent to the controller after this hook
+    if not text:
         return
-    text = describe(left)
-    for p in left:
-        with contextlib.suppress(Exception):
-            p.kill()
-    session.config.get_terminal_writer().line(
+    config.get_terminal_writer().line(
         f"\nprocesses started by this test session outlived it (killed now):\n{text}", red=True
     )
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist: a worker finished; keep what its session left running (its pytest_sessionfinish)."""
+    text = getattr(node, "workeroutput", {}).get("survivors")
+    if text:
+        _WORKER_SURVIVORS.append(f"[{node.gateway.id}]\n{text}")
+
+
+# -- parallel runs: `make test` runs pytest -n 2 (pytest-xdist) ------------------------------------------
+# A module's tests share its module-scoped fixtures (a vLLM engine, a two-node cluster, a trained
+# model), so each module runs whole on one worker. Modules that start from one costly session fixture
+# share a unit, so it is built once. (xdist's own --dist loadgroup marks units by rewriting node ids,
+# which pytest 9 no longer allows, so the scheduler below groups them itself.)
+SHARED_GROUP = {"test_ablation": "pipeline_run", "test_pipeline": "pipeline_run"}
+# Started first, longest first (seconds in one serial run, 2-core CPU, 2026-12-08), so that no long
+# module starts last while the other worker sits idle; the rest keep their order.
+LONGEST_FIRST = (
+    "pipeline_run",  # 300 s: the shared pipeline run, then the ablation runs from it
+    "test_planted",  # 300 s
+    "test_train",  # 230 s
+    "test_generation_openai",  # 190 s: one `vllm serve` start, then its tests
+    "test_generic",  # 140 s
+    "test_cf_models",  # 160 s
+    "test_prepare_cluster",  # 150 s: a two-node cluster
+    "test_s3",  # 130 s
+    "test_generation_vllm",  # 110 s: one vLLM engine start
+    "test_keywords",  # 105 s
+    "test_no_orphans",  # 100 s
+    "test_scoring_hf",  # 100 s
+    "test_explain",  # 90 s
+    "test_scoring_vllm",  # 75 s
+)
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return SHARED_GROUP.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Work units of whole modules (or shared groups), handed out in collection order."""
+    if config.getvalue("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False  # keep LONGEST_FIRST's order, not the units' test counts
+    return ModuleGroups(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # only xdist's workers: a serial run keeps the file order
+        return
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,10 @@ def test_compiled_full_prompts_build_no_causal_mask(scoring_setup, monkeypatch):
 
     monkeypatch.setattr(causal_attn, "sdpa_mask", spy)
     monkeypatch.setitem(AttentionMaskInterface._global_mapping, "sdpa", spy)
+    # Masks are built while dynamo traces, whatever backend then compiles the graph: the eager backend
+    # skips inductor's code generation (most of this test's time; test_compiled_scorer_equals_eager
+    # runs inductor).
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
     def masks_built(scorer) -> list[int]:
         torch._dynamo.reset()  # a fresh trace, so every mask build runs the spy
