@@ -69,8 +69,9 @@ def pytest_testnodedown(node, error) -> None:
 # share a unit, so it is built once. (xdist's own --dist loadgroup marks units by rewriting node ids,
 # which pytest 9 no longer allows, so the scheduler below groups them itself.)
 SHARED_GROUP = {"test_ablation": "pipeline_run", "test_pipeline": "pipeline_run"}
-# Started first, longest first (seconds in one serial run, 2-core CPU, 2026-12-08), so that no long
-# module starts last while the other worker sits idle; the rest keep their order.
+# Started first, roughly longest first, so that no long module starts last while the other worker
+# sits idle; the rest keep their order. Seconds: estimates for an idle 2-core CPU from one serial run
+# on 2026-12-08 whose first half shared the machine with a training run.
 LONGEST_FIRST = (
     "pipeline_run",  # 300 s: the shared pipeline run, then the ablation runs from it
     "test_planted",  # 300 s
